@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Create or refresh the project environment in `.venv/` (idempotent; stdlib only).
+
+Steps, each skipped when already satisfied:
+1. create `.venv/` (with `--system-site-packages` when NST_DET_SYSTEM_SITE_PACKAGES=1, so that a
+   detectron2 you built from source in your base Python is visible);
+2. install torch / torchvision at the pinned versions (unless torch already imports);
+3. install detectron2: keep one that already imports; otherwise fetch the `pb1-detectron2==0.6`
+   sdist from PyPI, check its sha256, apply `third_party/detectron2/patches/*.patch` in order and
+   install it without the (missing) C++ extension;
+4. install nst_det in editable mode with its dev extras.
+
+A stamp file records a hash of every input of these steps, so a second run costs a hash and a stat.
+Run with `--force` to redo everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv"
+VENV_PY = VENV / "bin" / "python"
+STAMP = VENV / ".nst_det_setup_stamp"
+D2_STAMP = VENV / ".nst_det_detectron2_stamp"
+CACHE = ROOT / ".cache"
+D2_DIR = ROOT / "third_party" / "detectron2"
+TORCH_PINS = ["torch==2.14.1", "torchvision==0.29.1"]
+
+
+def log(msg: str) -> None:
+    print(f"[setup_env] {msg}", flush=True)
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    log("$ " + " ".join(str(c) for c in cmd))
+    subprocess.run([str(c) for c in cmd], check=True, **kwargs)
+
+
+def imports_ok(module: str) -> bool:
+    """True when `module` imports in the venv's interpreter."""
+    probe = subprocess.run(
+        [str(VENV_PY), "-c", f"import {module}"], capture_output=True, text=True
+    )
+    return probe.returncode == 0
+
+
+def inputs_hash() -> str:
+    """Hash of everything that decides what the environment contains."""
+    h = hashlib.sha256()
+    files = [Path(__file__), ROOT / "pyproject.toml", *sorted(D2_DIR.rglob("*"))]
+    for f in files:
+        if f.is_file():
+            h.update(f.relative_to(ROOT).as_posix().encode())
+            h.update(f.read_bytes())
+    h.update(os.environ.get("NST_DET_SYSTEM_SITE_PACKAGES", "0").encode())
+    return h.hexdigest()
+
+
+def pip(*args: str) -> None:
+    run([VENV_PY, "-m", "pip", "--disable-pip-version-check", "-q", *args])
+
+
+def create_venv() -> None:
+    if VENV_PY.exists():
+        return
+    cmd = [sys.executable, "-m", "venv", str(VENV)]
+    if os.environ.get("NST_DET_SYSTEM_SITE_PACKAGES") == "1":
+        cmd.append("--system-site-packages")
+    run(cmd)
+
+
+def install_torch() -> None:
+    if imports_ok("torchvision"):
+        log("torch/torchvision already import: keeping them")
+        return
+    pip("install", *TORCH_PINS)
+
+
+def read_pinned_sdist() -> tuple[str, str]:
+    """(requirement, sha256) from third_party/detectron2/SOURCE."""
+    fields = {}
+    for line in (D2_DIR / "SOURCE").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            fields[key.strip()] = value.strip()
+    return fields["requirement"], fields["sha256"]
+
+
+def fetch_sdist(requirement: str, sha256: str) -> Path:
+    """Download (or reuse from .cache/) the detectron2 sdist and verify its checksum."""
+    CACHE.mkdir(exist_ok=True)
+    cached = [p for p in CACHE.glob("*.tar.gz") if sha256_of(p) == sha256]
+    if cached:
+        return cached[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        # --no-build-isolation: the sdist's setup.py imports torch, which the venv already has
+        pip("download", "--no-deps", "--no-build-isolation",
+            "-d", tmp, requirement)
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        got = sha256_of(sdist)
+        if got != sha256:
+            raise SystemExit(
+                f"checksum mismatch for {sdist.name}: got {got}, pinned {sha256} in "
+                f"{D2_DIR / 'SOURCE'}. Refusing to install an unreviewed detectron2."
+            )
+        target = CACHE / sdist.name
+        shutil.move(str(sdist), target)
+        return target
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def patches_hash() -> str:
+    h = hashlib.sha256()
+    for f in sorted(D2_DIR.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def install_detectron2() -> None:
+    ours = imports_ok("importlib.metadata as m; m.distribution('pb1-detectron2')")
+    if imports_ok("detectron2") and not ours:
+        log("detectron2 already imports (not installed by this script): keeping it")
+        return
+    if ours and D2_STAMP.exists() and D2_STAMP.read_text() == patches_hash():
+        log("patched detectron2 v0.6 is up to date")
+        return
+    requirement, sha256 = read_pinned_sdist()
+    sdist = fetch_sdist(requirement, sha256)
+    # the sdist's build needs these in the venv because we build without isolation
+    pip("install", "setuptools", "wheel")
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        (src,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
+        for patch in sorted((D2_DIR / "patches").glob("*.patch")):
+            log(f"applying {patch.name}")
+            # git apply works outside a repository and fails on any hunk that does not apply
+            run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=src)
+        pip("install", "--no-build-isolation", str(src))
+    if not imports_ok("detectron2"):
+        raise SystemExit("detectron2 was installed but does not import; see the log above")
+    D2_STAMP.write_text(patches_hash())
+
+
+def install_nst_det() -> None:
+    pip("install", "-e", f"{ROOT}[dev]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="ignore the stamp and redo all steps")
+    args = parser.parse_args()
+
+    digest = inputs_hash()
+    if not args.force and STAMP.exists() and STAMP.read_text() == digest and VENV_PY.exists():
+        log("environment up to date (.venv)")
+        return
+    create_venv()
+    install_torch()
+    install_detectron2()
+    install_nst_det()
+    STAMP.write_text(digest)
+    log("environment ready: .venv")
+
+
+if __name__ == "__main__":
+    main()
