@@ -1,0 +1,47 @@
+"""nst_det's config keys, added to a detectron2 config by `add_nst_config(cfg)`.
+
+Only new keys live here, each in its own namespace; detectron2's defaults are never copied.
+"""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_nst_config(cfg: CN) -> None:
+    """Add nst_det's keys (with their defaults) to `cfg` in place."""
+    # Which trainer tools/train_net.py uses (a name in nst_det.engine.TRAINER_REGISTRY).
+    cfg.NST_DET = CN()
+    cfg.NST_DET.TRAINER = "DetectionTrainer"
+
+    # The frozen teacher. Detection: a detectron2 config file + weights + overrides, built and
+    # loaded strictly. Classification: ARCH names a torchvision classifier, WEIGHTS its state dict.
+    cfg.MODEL.TEACHER = CN()
+    cfg.MODEL.TEACHER.CONFIG_FILE = ""
+    cfg.MODEL.TEACHER.WEIGHTS = ""
+    cfg.MODEL.TEACHER.OPTS = []  # e.g. ["MODEL.RESNETS.DEPTH", "50"]
+    cfg.MODEL.TEACHER.ARCH = ""  # classification only, e.g. "resnet101"
+
+    # Neuron Selectivity Transfer: LOSS_WEIGHT * MMD^2 between normalised channel maps of paired
+    # student/teacher features. The paper's lambda enters as L = CE + lambda/2 * MMD^2, so the
+    # paper's lambda = 50 is LOSS_WEIGHT = 25. 0 disables NST.
+    cfg.MODEL.NST = CN()
+    cfg.MODEL.NST.LOSS_WEIGHT = 0.0
+    cfg.MODEL.NST.KERNEL = "poly"  # "linear" | "poly" | "gaussian"
+    cfg.MODEL.NST.POLY_DEGREE = 2
+    cfg.MODEL.NST.POLY_C = 0.0
+    cfg.MODEL.NST.GAUSSIAN_SIGMA2 = 0.0  # <= 0: data-driven bandwidth (see nst_det.losses.nst)
+    # Feature names paired position by position, with one weight per pair.
+    cfg.MODEL.NST.STUDENT_FEATURES = ["res4"]
+    cfg.MODEL.NST.TEACHER_FEATURES = ["res4"]
+    cfg.MODEL.NST.FEATURE_WEIGHTS = [1.0]
+
+    # Hinton KD on class logits: LOSS_WEIGHT * T^2 * KL(teacher || student) at TEMPERATURE T.
+    # Detection: on the RoI head's class logits, the teacher's box head run on student proposals.
+    cfg.MODEL.KD = CN()
+    cfg.MODEL.KD.LOSS_WEIGHT = 0.0
+    cfg.MODEL.KD.TEMPERATURE = 4.0
+
+    # The other transfer losses of nst_det.losses (registry names, e.g. "at", "sp", "fitnet"),
+    # each with its weight, applied to the same feature pairs as NST. Empty: none.
+    cfg.MODEL.TRANSFER = CN()
+    cfg.MODEL.TRANSFER.NAMES = []
+    cfg.MODEL.TRANSFER.WEIGHTS = []

@@ -1,0 +1,53 @@
+"""Dataset registration: the built-in toy VOC2007 set (generated on first use).
+
+Real PASCAL VOC is registered by detectron2 itself (`voc_2007_trainval`, `voc_2007_test`, ... under
+`$DETECTRON2_DATASETS`); the toy set goes through the same loader (`load_voc_instances`) and the
+same metadata (year 2007), so `PascalVOCDetectionEvaluator` applies the VOC07 11-point metric.
+"""
+
+from __future__ import annotations
+
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+from .toy_data import make_toy_voc
+from .toy_world import TOY_CLASSES
+
+
+def datasets_root() -> str:
+    """detectron2's convention: `$DETECTRON2_DATASETS`, default `./datasets`."""
+    return os.getenv("DETECTRON2_DATASETS", "datasets")
+
+
+def register_toy_voc(prefix: str, dirname: str, seed: int = 0, num_trainval: int = 300,
+                     num_test: int = 150) -> list[str]:
+    """Register `<prefix>_trainval` and `<prefix>_test`, generating the data on first load.
+
+    Returns:
+        the registered dataset names.
+    """
+    names = []
+    for split in ("trainval", "test"):
+        name = f"{prefix}_{split}"
+
+        def load(split=split):
+            make_toy_voc(dirname, seed=seed, num_trainval=num_trainval, num_test=num_test)
+            return load_voc_instances(dirname, split, TOY_CLASSES)
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(
+            thing_classes=list(TOY_CLASSES), dirname=dirname, year=2007, split=split,
+            evaluator_type="pascal_voc",
+        )
+        names.append(name)
+    return names
+
+
+def register_builtin_toy_datasets() -> None:
+    """The toy sets the configs in configs/**/quick_schedules refer to."""
+    register_toy_voc("toy_voc_2007", os.path.join(datasets_root(), "toy", "VOC2007"))
+
+
+register_builtin_toy_datasets()

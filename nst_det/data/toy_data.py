@@ -1,0 +1,169 @@
+"""Write the toy data sets to disk: a VOC2007-layout detection set and an ImageFolder set.
+
+Both are deterministic: every image has its own generator seeded by (seed, split, index), and
+JPEGs are written with fixed settings, so the same arguments give the same bytes. A data set is
+written into a temporary folder and renamed into place, so an interrupted run never leaves a
+half-written data set at the final path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import numpy as np
+from PIL import Image
+
+from .toy_world import TOY_CLASSES, ToyObject, draw_clutter, draw_object, textured_background
+
+SPEC_FILE = "toy_spec.json"
+_SPLIT_IDS = {"trainval": 0, "test": 1, "train": 2, "val": 3}
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SPLIT_IDS[split], index])
+
+
+def _save_jpeg(img: np.ndarray, path: Path) -> None:
+    Image.fromarray(img).save(path, format="JPEG", quality=92, subsampling=0, optimize=False)
+
+
+def render_detection_image(
+    seed: int, split: str, index: int, min_size: int = 128, max_size: int = 224
+) -> tuple[np.ndarray, list[ToyObject], list[bool]]:
+    """Render one detection image with 2-6 objects of varied sizes.
+
+    Returns:
+        (image uint8 (H, W, 3) RGB, objects, difficult flags). An object is `difficult` when it is
+        tiny (radius < 7 px) or more than 40% of its box is covered by later objects, as in VOC
+        where difficult objects are hard to recognise.
+    """
+    rng = _rng(seed, split, index)
+    height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+    img = textured_background(rng, height, width)
+    draw_clutter(rng, img, int(rng.integers(1, 5)))
+    objects: list[ToyObject] = []
+    masks: list[np.ndarray] = []
+    radii: list[float] = []
+    for _ in range(int(rng.integers(2, 7))):
+        r = float(np.exp(rng.uniform(np.log(5), np.log(min(height, width) * 0.3))))
+        cx, cy = rng.uniform(r * 0.6, width - r * 0.6), rng.uniform(r * 0.6, height - r * 0.6)
+        obj = draw_object(rng, img, int(rng.integers(len(TOY_CLASSES))), cx, cy, r)
+        mask = np.zeros((height, width), bool)
+        x0, y0, x1, y1 = obj.box
+        mask[y0 : y1 + 1, x0 : x1 + 1] = True
+        for earlier in masks:
+            earlier &= ~mask  # the new object hides what lies under its box
+        objects.append(obj)
+        masks.append(mask)
+        radii.append(r)
+    difficult = []
+    for obj, mask, r in zip(objects, masks, radii):
+        x0, y0, x1, y1 = obj.box
+        visible = mask.sum() / max(1, (x1 - x0 + 1) * (y1 - y0 + 1))
+        difficult.append(bool(r < 7 or visible < 0.6))
+    return img, objects, difficult
+
+
+def _voc_xml(file_id: str, height: int, width: int, objects, difficult) -> bytes:
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "VOC2007"
+    ET.SubElement(root, "filename").text = f"{file_id}.jpg"
+    size = ET.SubElement(root, "size")
+    for key, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, key).text = str(value)
+    for obj, diff in zip(objects, difficult):
+        node = ET.SubElement(root, "object")
+        ET.SubElement(node, "name").text = TOY_CLASSES[obj.label]
+        ET.SubElement(node, "pose").text = "Unspecified"
+        ET.SubElement(node, "truncated").text = "0"
+        ET.SubElement(node, "difficult").text = str(int(diff))
+        box = ET.SubElement(node, "bndbox")
+        # VOC boxes are 1-based and inclusive; detectron2's loader subtracts 1 from xmin/ymin
+        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), obj.box):
+            ET.SubElement(box, key).text = str(int(value) + 1)
+    return ET.tostring(root)
+
+
+def _write_voc(out: Path, seed: int, num_trainval: int, num_test: int) -> None:
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for split, count in (("trainval", num_trainval), ("test", num_test)):
+        ids = []
+        for index in range(count):
+            file_id = f"{_SPLIT_IDS[split]}{index:05d}"
+            img, objects, difficult = render_detection_image(seed, split, index)
+            _save_jpeg(img, out / "JPEGImages" / f"{file_id}.jpg")
+            xml = _voc_xml(file_id, img.shape[0], img.shape[1], objects, difficult)
+            (out / "Annotations" / f"{file_id}.xml").write_bytes(xml)
+            ids.append(file_id)
+        (out / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+
+def render_classification_image(seed: int, split: str, index: int, label: int, size: int):
+    """One image whose class is its single large, roughly centred object (uint8 (S, S, 3))."""
+    rng = _rng(seed, split, index)
+    img = textured_background(rng, size, size)
+    draw_clutter(rng, img, int(rng.integers(0, 4)))
+    r = rng.uniform(0.22, 0.4) * size
+    cx, cy = size / 2 + rng.uniform(-0.12, 0.12, size=2) * size
+    draw_object(rng, img, label, cx, cy, r)
+    return img
+
+
+def _write_imagefolder(out: Path, seed: int, per_class: dict[str, int], size: int) -> None:
+    for split, count in per_class.items():
+        for label, name in enumerate(TOY_CLASSES):
+            folder = out / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                index = label * count + k
+                img = render_classification_image(seed, split, index, label, size)
+                _save_jpeg(img, folder / f"{index:05d}.jpg")
+
+
+def _materialise(final: Path, spec: dict, writer) -> Path:
+    """Write a data set into a temp folder beside `final`, then rename it into place."""
+    spec_path = final / SPEC_FILE
+    if spec_path.exists() and json.loads(spec_path.read_text()) == spec:
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        writer(tmp)
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
+        if final.exists():
+            # a different spec was asked for: replace the old set only once the new one is whole
+            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            os.replace(final, stale / "set")
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def make_toy_voc(root: str | os.PathLike, seed: int = 0, num_trainval: int = 300,
+                 num_test: int = 150) -> Path:
+    """Write (or reuse) the toy VOC2007-layout set at `root` (the folder holding Annotations/).
+
+    Returns:
+        the data set folder, usable as the `dirname` of detectron2's `register_pascal_voc`.
+    """
+    spec = {"kind": "voc2007", "seed": seed, "trainval": num_trainval, "test": num_test,
+            "classes": list(TOY_CLASSES)}
+    return _materialise(Path(root), spec, lambda d: _write_voc(d, seed, num_trainval, num_test))
+
+
+def make_toy_imagefolder(root: str | os.PathLike, seed: int = 0, train_per_class: int = 300,
+                         val_per_class: int = 100, size: int = 96) -> Path:
+    """Write (or reuse) the toy ImageFolder set at `root` ({train,val}/<class>/*.jpg)."""
+    per_class = {"train": train_per_class, "val": val_per_class}
+    spec = {"kind": "imagefolder", "seed": seed, "per_class": per_class, "size": size,
+            "classes": list(TOY_CLASSES)}
+    return _materialise(Path(root), spec, lambda d: _write_imagefolder(d, seed, per_class, size))

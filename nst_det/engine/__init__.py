@@ -1,0 +1,4 @@
+from .detection_trainer import DetectionTrainer
+from .registry import TRAINER_REGISTRY
+
+__all__ = ["TRAINER_REGISTRY", "DetectionTrainer"]

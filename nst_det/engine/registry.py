@@ -1,0 +1,8 @@
+"""Registry of trainers, so a config picks its trainer by name (cfg.NST_DET.TRAINER)."""
+
+from fvcore.common.registry import Registry
+
+TRAINER_REGISTRY = Registry("NST_TRAINER")
+TRAINER_REGISTRY.__doc__ = """
+Trainers (DefaultTrainer subclasses) selectable by `cfg.NST_DET.TRAINER`.
+"""

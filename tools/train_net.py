@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Train or evaluate any nst_det config: classification distillation or detection.
+
+detectron2's CLI and launch semantics, e.g.
+    tools/train_net.py --config-file configs/quick_schedules/faster_rcnn_R_18_FPN_toy.yaml
+    tools/train_net.py --config-file ... --num-gpus 8 SOLVER.IMS_PER_BATCH 16
+    tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+The trainer class is the config's `NST_DET.TRAINER` (a name in nst_det.engine.TRAINER_REGISTRY).
+"""
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+from nst_det import add_nst_config
+from nst_det.engine import TRAINER_REGISTRY
+
+
+def setup(args):
+    """Build the frozen config from the file and command-line overrides."""
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
+    if args.eval_only:
+        model = trainer_cls.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return trainer_cls.test(cfg, model)
+    trainer = trainer_cls(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
