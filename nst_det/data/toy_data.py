@@ -136,15 +136,24 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
     try:
         writer(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
+        if final.exists() and not spec_path.exists():
+            raise FileExistsError(
+                f"{final} exists but holds no {SPEC_FILE}: it is not a toy data set written by "
+                "nst_det. Move it away or point DETECTRON2_DATASETS elsewhere."
+            )
         if final.exists():
             # a different spec was asked for: replace the old set only once the new one is whole
             stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
             os.replace(final, stale / "set")
             shutil.rmtree(stale)
-        os.replace(tmp, final)
-    except BaseException:
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # another process (e.g. a second rank) renamed its identical copy into place first
+            if not (spec_path.exists() and json.loads(spec_path.read_text()) == spec):
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

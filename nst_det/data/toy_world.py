@@ -91,6 +91,6 @@ def draw_clutter(rng: np.random.Generator, img: np.ndarray, count: int) -> None:
     height, width = img.shape[:2]
     for _ in range(count):
         centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
-        axes = (int(rng.integers(2, max(3, width // 10))), int(rng.integers(2, max(3, height // 10))))
+        axes = tuple(int(rng.integers(2, max(3, side // 10))) for side in (width, height))
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
         cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
