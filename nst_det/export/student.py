@@ -1,0 +1,111 @@
+"""Student-only detector checkpoints: stock-detectron2 config + weights, no teacher, no optimizer.
+
+A distillation meta-architecture's state_dict never contains the teacher (it is held outside the
+module tree), so the student's weights are the model's weights; what changes is the config: only
+keys that stock detectron2 knows are kept, and the meta-architecture becomes the detectron2 class
+the distiller derives from (its inference path is unchanged).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY, build_model
+
+from ..utils.atomic import atomic_write
+
+# keys a student-only checkpoint must never carry (teacher weights live under these prefixes)
+TEACHER_KEY_PREFIXES = ("teacher.", "_teacher.", "teacher_model.")
+
+
+def _stock_subset(ours: CfgNode, stock: CfgNode) -> CfgNode:
+    """The keys of `ours` that also exist in `stock` (recursively), with the values of `ours`."""
+    out = CfgNode()
+    for key, default in stock.items():
+        if key not in ours:
+            out[key] = default
+        elif isinstance(default, CfgNode):
+            out[key] = _stock_subset(ours[key], default)
+        else:
+            out[key] = ours[key]
+    return out
+
+
+def detectron2_meta_architecture(name: str) -> str:
+    """The nearest class in `name`'s MRO that is a meta-architecture of detectron2 itself."""
+    cls = META_ARCH_REGISTRY.get(name)
+    for base in cls.__mro__:
+        if base.__module__.startswith("detectron2.") and base.__name__ in META_ARCH_REGISTRY:
+            return base.__name__
+    raise ValueError(
+        f"MODEL.META_ARCHITECTURE={name} does not derive from a detectron2 meta-architecture; "
+        "it cannot be exported as a stock detectron2 model"
+    )
+
+
+def student_config(cfg: CfgNode) -> CfgNode:
+    """A config that stock detectron2 (`get_cfg()`, no nst_det) can merge and build.
+
+    Teacher and distillation keys are dropped; the meta-architecture is mapped back to detectron2's.
+    A backbone registered by nst_det (e.g. Inception-BN) still needs `import nst_det` to build.
+    """
+    out = _stock_subset(cfg, get_cfg())
+    out.MODEL.META_ARCHITECTURE = detectron2_meta_architecture(cfg.MODEL.META_ARCHITECTURE)
+    out.MODEL.WEIGHTS = ""
+    return out
+
+
+def student_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights, checked to contain no teacher tensor."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    leaked = [k for k in state if k.startswith(TEACHER_KEY_PREFIXES)]
+    if leaked:
+        raise RuntimeError(f"teacher tensors found in the student's state_dict: {leaked[:5]}")
+    return state
+
+
+def save_student_checkpoint(
+    cfg: CfgNode, state: Mapping[str, torch.Tensor], out_dir: str
+) -> tuple[str, str]:
+    """Write `model_final.pth` ({"model": state}) and `config.yaml` atomically into out_dir.
+
+    Returns:
+        (checkpoint path, config path). The config's MODEL.WEIGHTS points at the checkpoint.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "model_final.pth")
+    cfg_path = os.path.join(out_dir, "config.yaml")
+    with atomic_write(ckpt_path) as f:
+        torch.save({"model": dict(state)}, f)
+    exported = student_config(cfg)
+    exported.MODEL.WEIGHTS = os.path.abspath(ckpt_path)
+    with atomic_write(cfg_path, "w") as f:
+        f.write(exported.dump())
+    return ckpt_path, cfg_path
+
+
+def load_student_detector(cfg: CfgNode) -> torch.nn.Module:
+    """Build the student-only detector of `cfg` and load cfg.MODEL.WEIGHTS into it strictly.
+
+    Teacher tensors in the file (if any) are dropped. Raises FileNotFoundError for a missing file
+    and KeyError naming the keys when the weights do not match the student.
+    """
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or not os.path.isfile(weights):
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS={weights!r} is not a file: pass the trained checkpoint (.pth)"
+        )
+    model = build_model(student_config(cfg))
+    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    state = checkpoint.get("model", checkpoint)
+    state = {k: v for k, v in state.items() if not k.startswith(TEACHER_KEY_PREFIXES)}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError(
+            f"{weights} does not match the student of {cfg.MODEL.META_ARCHITECTURE}: "
+            f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+        )
+    return model.eval()

@@ -1,0 +1,161 @@
+"""Export: student-only checkpoint, TorchScript and ONNX, each verified against the eager model."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+R18_TOY = REPO / "configs" / "quick_schedules" / "faster_rcnn_R_18_FPN_toy.yaml"
+SMALL = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "200",
+         "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20"]
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def toy_detector(tiny_voc, tmp_path_factory):
+    """An untrained toy R-18 FPN detector saved as a training run would, plus 2 teacher tensors.
+
+    Untrained is enough: export must reproduce whatever the eager model computes; a score
+    threshold of 0 keeps plenty of detections to compare.
+    """
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from nst_det import add_nst_config
+
+    _, test, _ = tiny_voc
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_file(str(R18_TOY))
+    cfg.merge_from_list(SMALL)
+    cfg.DATASETS.TEST = (test,)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    state = dict(model.state_dict())
+    # what a careless distillation checkpoint might hold: export must drop it
+    state["teacher.backbone.stem.conv1.weight"] = torch.zeros(2, 3, 1, 1)
+    state["teacher.roi_heads.box_predictor.cls_score.bias"] = torch.zeros(6)
+    weights = tmp_path_factory.mktemp("run") / "model_final.pth"
+    torch.save({"model": state, "iteration": 1}, weights)
+    opts = [*SMALL, "DATASETS.TEST", f"('{test}',)", "MODEL.WEIGHTS", str(weights)]
+    # the training config carries distillation keys that a stock config does not know
+    opts += ["MODEL.NST.LOSS_WEIGHT", "25.0", "MODEL.TEACHER.WEIGHTS", "teacher.pth"]
+    return opts
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "torchscript", "onnx"])
+def test_export_round_trip_matches_eager(toy_detector, tmp_path, fmt):
+    export_model = _load_tool("export_model")
+    out = tmp_path / fmt
+    rc = export_model.main(["--config-file", str(R18_TOY), "--format", fmt,
+                            "--output", str(out), "--num-images", "2", *toy_detector])
+    summary = json.loads((out / "verification.json").read_text())
+    assert rc == 0 and summary["passed"], summary
+    assert summary["total_detections"] > 0
+    assert summary["max_box_dev"] <= summary["box_atol_px"]
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["size_bytes"] == os.path.getsize(out / info["file"]) > 1_000_000
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not leftovers, leftovers
+
+
+def test_checkpoint_export_has_no_teacher_and_loads_in_stock_detectron2(
+    toy_detector, tiny_voc, tmp_path
+):
+    export_model = _load_tool("export_model")
+    out = tmp_path / "ckpt"
+    assert export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
+                              "--output", str(out), *toy_detector]) == 0
+    state = torch.load(out / "model_final.pth", weights_only=True)
+    assert set(state) == {"model"}  # no optimizer, scheduler or iteration
+    assert not [k for k in state["model"] if "teacher" in k]
+    cfg_text = (out / "config.yaml").read_text()
+    for key in ("TEACHER", "NST:", "KD:", "NST_DET", "DistillationRCNN"):
+        assert key not in cfg_text, key
+
+    # reference detections from nst_det's eager runner, in original-image pixels
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+
+    from nst_det.export import eager_runner, preprocess, rescale_boxes
+    from nst_det.export.student import load_student_detector
+
+    _, test, _ = tiny_voc
+    files = [r["file_name"] for r in DatasetCatalog.get(test)[:2]]
+    export_cfg = _exported_cfg(out / "config.yaml")
+    runner = eager_runner(load_student_detector(export_cfg))
+    expected = []
+    for f in files:
+        image = read_image(f, format="RGB")
+        tensor = preprocess(image, 128, 200)
+        det = runner(tensor)
+        expected.append(rescale_boxes(det["boxes"], tensor.shape[1:], image.shape[:2]).tolist())
+
+    script = textwrap.dedent(f"""
+        import json, sys
+        import cv2
+        from detectron2.config import get_cfg
+        from detectron2.engine import DefaultPredictor
+        cfg = get_cfg()
+        cfg.merge_from_file({str(out / "config.yaml")!r})
+        cfg.MODEL.DEVICE = "cpu"
+        predictor = DefaultPredictor(cfg)
+        boxes = [predictor(cv2.imread(f))["instances"].pred_boxes.tensor.tolist()
+                 for f in {files!r}]
+        assert "nst_det" not in sys.modules
+        print(json.dumps(boxes))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd="/", env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for exp, boxes in zip(expected, got):
+        assert len(boxes) == len(exp) > 0
+        np.testing.assert_allclose(np.array(boxes), np.array(exp), atol=1e-3)
+
+
+def _exported_cfg(path):
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(path))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def test_failed_export_leaves_no_partial_file(toy_detector, tmp_path, monkeypatch):
+    export_model = _load_tool("export_model")
+
+    def broken_export(model, args, f, **kwargs):
+        f.write(b"half an onnx file")
+        raise RuntimeError("simulated crash during export")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    out = tmp_path / "onnx"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "onnx",
+                           "--output", str(out), *toy_detector])
+    assert not (out / "model.onnx").exists()
+    assert not [p for p in out.iterdir()]  # no temp file, no verification of a broken export
+
+
+def test_missing_weights_is_a_clear_error(tiny_voc, tmp_path):
+    export_model = _load_tool("export_model")
+    with pytest.raises(SystemExit, match="MODEL.WEIGHTS=.*is not a file"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
+                           "--output", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "no.pth")])

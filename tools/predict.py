@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Run a detector on images and write them with detections drawn, plus detections.json.
+
+    # an exported model (reads export_info.json beside it)
+    tools/predict.py --model out/export/model.onnx --input img.jpg dir/ --output out/pred
+    # an eager model from a config and weights
+    tools/predict.py --config-file cfg.yaml --input dir/ --output out/pred MODEL.WEIGHTS m.pth
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from detectron2.config import get_cfg
+from detectron2.data import Metadata, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.visualizer import Visualizer
+from PIL import Image
+
+from nst_det import add_nst_config
+from nst_det.export import eager_runner, onnx_runner, preprocess, rescale_boxes, torchscript_runner
+from nst_det.export.student import load_student_detector
+from nst_det.utils.atomic import atomic_write
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model.ts or model.onnx written by tools/export_model.py")
+    source.add_argument("--config-file", help="a config; the eager model loads MODEL.WEIGHTS")
+    parser.add_argument("--input", nargs="+", required=True, help="images and/or folders")
+    parser.add_argument("--output", required=True, help="folder for drawn images + detections.json")
+    parser.add_argument("--score-thresh", type=float, default=0.5)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def list_images(inputs):
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            sys.exit(f"--input {item}: no such file or folder")
+    if not files:
+        sys.exit(f"--input {inputs}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def build_runner(args):
+    """(runner, input format, min size, max size, class names) for --model or --config-file."""
+    if args.model:
+        info_path = Path(args.model).with_name("export_info.json")
+        if not info_path.is_file():
+            sys.exit(f"{info_path} is missing: export the model with tools/export_model.py")
+        info = json.loads(info_path.read_text())
+        runner = onnx_runner(args.model) if args.model.endswith(".onnx") else torchscript_runner(
+            args.model
+        )
+        return (runner, info["input_format"], info["min_size_test"], info["max_size_test"],
+                info["class_names"])
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.MODEL.DEVICE = "cpu"
+    try:
+        model = load_student_detector(cfg)
+    except (FileNotFoundError, KeyError) as e:
+        sys.exit(str(e))
+    names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) if (
+        cfg.DATASETS.TEST) else []
+    return eager_runner(model), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, \
+        cfg.INPUT.MAX_SIZE_TEST, names
+
+
+def draw(image_rgb, detections, class_names):
+    """The image with boxes, class names and scores drawn by detectron2's Visualizer."""
+    h, w = image_rgb.shape[:2]
+    instances = Instances((h, w), pred_boxes=Boxes(detections["boxes"]),
+                          scores=detections["scores"], pred_classes=detections["classes"])
+    visualizer = Visualizer(image_rgb, Metadata(thing_classes=list(class_names)))
+    return visualizer.draw_instance_predictions(instances).get_image()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runner, input_format, min_size, max_size, class_names = build_runner(args)
+    os.makedirs(args.output, exist_ok=True)
+    results = []
+    for path in list_images(args.input):
+        image = read_image(str(path), format=input_format)
+        tensor = preprocess(image, min_size, max_size)
+        det = runner(tensor)
+        keep = det["scores"] >= args.score_thresh
+        det = {k: v[keep] for k, v in det.items()}
+        det["boxes"] = rescale_boxes(det["boxes"], tensor.shape[1:], image.shape[:2])
+        rgb = image[:, :, ::-1] if input_format == "BGR" else image
+        drawn = draw(np.ascontiguousarray(rgb), det, class_names)
+        with atomic_write(Path(args.output) / f"{path.stem}.jpg") as f:
+            Image.fromarray(drawn).save(f, format="JPEG", quality=90)
+        results.append({
+            "file": str(path),
+            "detections": [
+                {"box": [round(float(v), 2) for v in box], "score": round(float(score), 4),
+                 "class": int(cls), "class_name": class_names[cls] if cls < len(class_names)
+                 else str(cls)}
+                for box, score, cls in zip(det["boxes"], det["scores"], det["classes"])
+            ],
+        })
+    with atomic_write(Path(args.output) / "detections.json", "w") as f:
+        json.dump(results, f, indent=2)
+    total = sum(len(r["detections"]) for r in results)
+    print(f"[predict] {len(results)} images, {total} detections >= {args.score_thresh} -> "
+          f"{args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
