@@ -11,6 +11,9 @@ def add_nst_config(cfg: CN) -> None:
     # Which trainer tools/train_net.py uses (a name in nst_det.engine.TRAINER_REGISTRY).
     cfg.NST_DET = CN()
     cfg.NST_DET.TRAINER = "DetectionTrainer"
+    # A training image that cannot be read or mapped: False stops with an error naming the file;
+    # True skips it, counts it and lists the skipped files at the end of training.
+    cfg.NST_DET.SKIP_BAD_IMAGES = False
 
     # The frozen teacher. Detection: a detectron2 config file + weights + overrides, built and
     # loaded strictly. Classification: ARCH names a torchvision classifier, WEIGHTS its state dict.
@@ -45,3 +48,37 @@ def add_nst_config(cfg: CN) -> None:
     cfg.MODEL.TRANSFER = CN()
     cfg.MODEL.TRANSFER.NAMES = []
     cfg.MODEL.TRANSFER.WEIGHTS = []
+
+    # ---- Classification pretraining stage (issue 4) ----
+    # The student classifier (a name in nst_det.modeling.classification.CLASSIFIER_REGISTRY:
+    # resnet18 | resnet34 | resnet50 | resnet101 | inception_bn) and its number of classes,
+    # which the classification teacher (MODEL.TEACHER.ARCH) shares.
+    cfg.MODEL.CLASSIFIER = CN()
+    cfg.MODEL.CLASSIFIER.ARCH = "resnet18"
+    cfg.MODEL.CLASSIFIER.NUM_CLASSES = 1000
+    # Optional local state dict (torchvision layout or our checkpoint) loaded strictly into the
+    # student when it is built; MODEL.WEIGHTS still loads/resumes whole-distiller checkpoints.
+    cfg.MODEL.CLASSIFIER.WEIGHTS = ""
+    # Transfer features taken before the last ReLU of their stage (the paper's choice).
+    cfg.MODEL.CLASSIFIER.PRE_RELU_FEATURES = True
+
+    # Inception-BN detection backbone: its output stages (C4: ["stage4"]; FPN: stage2..stage5)
+    # and the norm of every conv (a detectron2 norm name).
+    cfg.MODEL.INCEPTION_BN = CN()
+    cfg.MODEL.INCEPTION_BN.OUT_FEATURES = ["stage4"]
+    cfg.MODEL.INCEPTION_BN.NORM = "FrozenBN"
+
+    # ImageFolder transforms. Train: RandomResizedCrop(TRAIN_CROP_SIZE, TRAIN_SCALE, TRAIN_RATIO)
+    # + optional horizontal flip; test: Resize(shorter side TEST_RESIZE) + CenterCrop.
+    cfg.INPUT.CLS = CN()
+    cfg.INPUT.CLS.TRAIN_CROP_SIZE = 224
+    cfg.INPUT.CLS.TRAIN_SCALE = (0.08, 1.0)  # crop area as a fraction of the image area
+    cfg.INPUT.CLS.TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # crop aspect ratio range
+    cfg.INPUT.CLS.HFLIP = True  # random horizontal flip in training
+    cfg.INPUT.CLS.TEST_RESIZE = 256  # shorter side before the centre crop
+    cfg.INPUT.CLS.TEST_CROP_SIZE = 224
+
+    # Classification evaluation: images per batch per process, and the reported top-k.
+    cfg.TEST.CLS = CN()
+    cfg.TEST.CLS.IMS_PER_BATCH = 64
+    cfg.TEST.CLS.TOPK = (1, 5)

@@ -1,0 +1,106 @@
+"""A DetectionCheckpointer that writes atomically, resumes past corrupt files, and inits strictly.
+
+- Every checkpoint and the `last_checkpoint` tag are written to a temp file, fsynced and renamed,
+  so a crash mid-save leaves the previous checkpoint intact and loadable.
+- `resume_or_load(resume=True)` tries the tagged checkpoint, then older `model_*.pth` files newest
+  first, skipping (with a warning naming it) any file that is truncated or unreadable.
+- Initialising from MODEL.WEIGHTS (not resuming) fails when backbone weights are missing or any
+  tensor has the wrong shape: detectron2 only warns, and a silently half-initialised student
+  makes every later number meaningless.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from ..utils.atomic import atomic_write
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, not a checkpoint, ...)."""
+
+
+class ReliableCheckpointer(DetectionCheckpointer):
+    """DetectionCheckpointer with atomic saves, corrupt-file fallback on resume, strict init."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        with atomic_write(path) as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
+            f.write(last_filename_basename)
+
+    def _load_file(self, filename: str):
+        try:
+            return super()._load_file(filename)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # torch.load raises many types for a damaged zip/pickle
+            raise CorruptCheckpointError(
+                f"{filename} is not a readable checkpoint ({type(e).__name__}: {e})"
+            ) from e
+
+    def _resume_candidates(self) -> list[str]:
+        """The tagged checkpoint first, then every other checkpoint in save_dir, newest first."""
+        tagged = self.get_checkpoint_file()
+        others = sorted(glob.glob(os.path.join(self.save_dir, "model_*.pth")),
+                        key=os.path.getmtime, reverse=True)
+        return [p for p in dict.fromkeys([tagged, *others]) if p and os.path.isfile(p)]
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+        if resume and self.has_checkpoint():
+            for candidate in self._resume_candidates():
+                try:
+                    return self._load_checked(candidate, "resume")
+                except CorruptCheckpointError as e:
+                    self.logger.warning(f"Skipping checkpoint on resume: {e}")
+            self.logger.warning(f"No readable checkpoint in {self.save_dir}; not resuming")
+        if path and not os.path.isfile(path) and "://" not in path:
+            raise FileNotFoundError(
+                f"MODEL.WEIGHTS={path} does not exist. Point it at a checkpoint or at converted "
+                "backbone weights (tools/convert_student_to_d2.py), or set it to '' to train "
+                "from scratch"
+            )
+        return self._load_checked(path, "init", checkpointables=[])
+
+    def _load_checked(self, path: str, mode: str, **kwargs) -> dict:
+        self._check_mode, self._checked_path = mode, path
+        try:
+            return self.load(path, **kwargs)
+        finally:
+            self._check_mode = None
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        super()._log_incompatible_keys(incompatible)
+        mode = getattr(self, "_check_mode", None)
+        shapes = [f"{k}: {tuple(a)} in file vs {tuple(b)} in model"
+                  for k, a, b in incompatible.incorrect_shapes]
+        if mode == "resume" and (shapes or incompatible.missing_keys):
+            # a resumed run must continue the same model: anything else is a changed config
+            raise KeyError(
+                f"checkpoint {self._checked_path} does not match the model built from the current "
+                f"config: wrong shapes {shapes[:5]}, missing keys {incompatible.missing_keys[:5]}."
+                " Resume with the config the run started with, or use a new OUTPUT_DIR"
+            )
+        missing_backbone = [k for k in incompatible.missing_keys if k.startswith("backbone.")]
+        if mode == "init" and (shapes or missing_backbone):
+            raise KeyError(
+                f"MODEL.WEIGHTS={self._checked_path} does not match the model's backbone: "
+                f"wrong shapes {shapes[:10]}, missing backbone keys {missing_backbone[:10]}. "
+                "Check MODEL.RESNETS.DEPTH / the backbone name against the weights file"
+            )
