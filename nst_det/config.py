@@ -82,3 +82,25 @@ def add_nst_config(cfg: CN) -> None:
     cfg.TEST.CLS = CN()
     cfg.TEST.CLS.IMS_PER_BATCH = 64
     cfg.TEST.CLS.TOPK = (1, 5)
+
+
+def load_config(config_file: str, opts=()) -> CN:
+    """get_cfg() + add_nst_config + the file + `opts` (KEY VALUE ...), with errors that name them.
+
+    yacs reports an unknown key as a bare KeyError or AssertionError; here the message also names
+    the file (or the command line) and the usual causes.
+    """
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    for source, merge in ((f"config file {config_file}", lambda: cfg.merge_from_file(config_file)),
+                          ("command-line overrides", lambda: cfg.merge_from_list(list(opts)))):
+        try:
+            merge()
+        except (KeyError, AssertionError) as e:
+            raise KeyError(
+                f"{source}: {e.args[0] if e.args else e}. Check the spelling against "
+                "detectron2's defaults and nst_det/config.py (add_nst_config)"
+            ) from None
+    return cfg

@@ -22,7 +22,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
-from nst_det import add_nst_config
+from nst_det.config import load_config
 from nst_det.export import (
     eager_runner,
     export_onnx,
@@ -48,12 +48,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_config(args):
-    cfg = get_cfg()
-    add_nst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.MODEL.DEVICE = "cpu"
+def export_config(args):
+    cfg = load_config(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = "cpu"  # export and its verification run on the CPU
     return cfg
 
 
@@ -113,7 +110,7 @@ def export(cfg, fmt, out_dir, num_images):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args)
+    cfg = export_config(args)
     summary = export(cfg, args.format, args.output, args.num_images)
     print(
         f"[export] {args.format}: {summary['file']} {summary['size_bytes'] / 1e6:.2f} MB; "

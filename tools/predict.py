@@ -14,14 +14,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data import Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
-from nst_det import add_nst_config
+from nst_det.config import load_config
 from nst_det.export import eager_runner, onnx_runner, preprocess, rescale_boxes, torchscript_runner
 from nst_det.export.student import load_student_detector
 from nst_det.utils.atomic import atomic_write
@@ -68,10 +67,7 @@ def build_runner(args):
         )
         return (runner, info["input_format"], info["min_size_test"], info["max_size_test"],
                 info["class_names"])
-    cfg = get_cfg()
-    add_nst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     try:
         model = load_student_detector(cfg)

@@ -9,19 +9,15 @@ The trainer class is the config's `NST_DET.TRAINER` (a name in nst_det.engine.TR
 """
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 
-from nst_det import add_nst_config
+from nst_det.config import load_config
 from nst_det.engine import TRAINER_REGISTRY
 
 
 def setup(args):
     """Build the frozen config from the file and command-line overrides."""
-    cfg = get_cfg()
-    add_nst_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg

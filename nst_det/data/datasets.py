@@ -1,8 +1,9 @@
-"""Dataset registration: the built-in toy VOC2007 set (generated on first use).
+"""Dataset registration: the built-in toy VOC2007 set (generated on first use), and checked VOC.
 
 Real PASCAL VOC is registered by detectron2 itself (`voc_2007_trainval`, `voc_2007_test`, ... under
-`$DETECTRON2_DATASETS`); the toy set goes through the same loader (`load_voc_instances`) and the
-same metadata (year 2007), so `PascalVOCDetectionEvaluator` applies the VOC07 11-point metric.
+`$DETECTRON2_DATASETS`); nst_det swaps their loader for `load_voc_checked` (same records, clear
+errors on bad files). The toy set uses the same loader and metadata (year 2007), so
+`PascalVOCDetectionEvaluator` applies the VOC07 11-point metric to it as well.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.pascal_voc import load_voc_instances
 
 from .toy_data import make_toy_voc
 from .toy_world import TOY_CLASSES
+from .voc_checked import load_voc_checked
 
 
 def datasets_root() -> str:
@@ -34,7 +35,7 @@ def register_toy_voc(prefix: str, dirname: str, seed: int = 0, num_trainval: int
 
         def load(split=split):
             make_toy_voc(dirname, seed=seed, num_trainval=num_trainval, num_test=num_test)
-            return load_voc_instances(dirname, split, TOY_CLASSES)
+            return load_voc_checked(dirname, split, TOY_CLASSES)
 
         DatasetCatalog.register(name, load)
         MetadataCatalog.get(name).set(
@@ -50,4 +51,17 @@ def register_builtin_toy_datasets() -> None:
     register_toy_voc("toy_voc_2007", os.path.join(datasets_root(), "toy", "VOC2007"))
 
 
+def check_builtin_voc_datasets() -> None:
+    """Make detectron2's built-in `voc_*` data sets load through `load_voc_checked`."""
+    for name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if name.startswith("voc_") and meta.get("evaluator_type") == "pascal_voc":
+            dirname, split, classes = meta.dirname, meta.split, meta.thing_classes
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(
+                name, lambda d=dirname, s=split, c=classes: load_voc_checked(d, s, c)
+            )
+
+
 register_builtin_toy_datasets()
+check_builtin_voc_datasets()

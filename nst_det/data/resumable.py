@@ -74,12 +74,14 @@ class PositionSeededDataset(Dataset):
 
     A mapper that returns None (an image it cannot use) is retried on the next indices; with
     `skip_bad=False` any exception from the mapper is re-raised naming the file, with
-    `skip_bad=True` the image is skipped and counted (see `skipped`).
+    `skip_bad=True` the image is skipped, and its name appended to the text file `skip_log`
+    (one line per skip, from whichever worker process met it).
     """
 
-    def __init__(self, dataset, mapper: Callable, seed: int, skip_bad: bool = False):
-        self._dataset, self._mapper, self._seed, self._skip_bad = dataset, mapper, seed, skip_bad
-        self.skipped: list[str] = []
+    def __init__(self, dataset, mapper: Callable, seed: int, skip_bad: bool = False,
+                 skip_log: str | None = None):
+        self._dataset, self._mapper, self._seed = dataset, mapper, seed
+        self._skip_bad, self._skip_log = skip_bad, skip_log
 
     def __len__(self):
         return len(self._dataset)
@@ -99,7 +101,9 @@ class PositionSeededDataset(Dataset):
                         "count such images"
                     ) from e
                 logger.warning(f"skipping bad training image {name}: {e}")
-                self.skipped.append(name)
+                if self._skip_log:
+                    with open(self._skip_log, "a") as f:
+                        f.write(f"{name}\t{type(e).__name__}: {e}\n")
                 return None
 
     def __getitem__(self, item: tuple[int, int]):
@@ -119,6 +123,7 @@ def build_resumable_train_loader(
     start_iter: int = 0,
     num_workers: int = 0,
     skip_bad: bool = False,
+    skip_log: str | None = None,
     collate_fn: Callable | None = None,
 ):
     """A DataLoader of per-rank batches that starts at iteration `start_iter` of the stream.
@@ -137,7 +142,7 @@ def build_resumable_train_loader(
         )
     start = start_iter * total_batch_size
     sampler = ResumableTrainingSampler(len(dataset_dicts), seed, start=start)
-    dataset = PositionSeededDataset(dataset_dicts, mapper, seed, skip_bad=skip_bad)
+    dataset = PositionSeededDataset(dataset_dicts, mapper, seed, skip_bad, skip_log)
     per_rank = total_batch_size // world
     batch_sampler = torch.utils.data.BatchSampler(sampler, per_rank, drop_last=True)
     return torch.utils.data.DataLoader(

@@ -12,9 +12,12 @@ records). Then:
 
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 
-from detectron2.data import get_detection_dataset_dicts
+from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.engine import hooks
 from detectron2.utils import comm
 
 from ..data.resumable import build_resumable_train_loader
@@ -32,6 +35,25 @@ def _replace_data_loader(simple_trainer, loader) -> None:
         simple_trainer._data_loader_iter = iter(loader)
 
 
+def _skip_log_path(cfg) -> str | None:
+    if not cfg.NST_DET.SKIP_BAD_IMAGES:
+        return None
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    return os.path.join(cfg.OUTPUT_DIR, f"skipped_images.rank{comm.get_rank()}.txt")
+
+
+def _report_skipped_images(trainer) -> None:
+    """At the end of training, say how many bad images were skipped and where they are listed."""
+    path = _skip_log_path(trainer.cfg)
+    if path and os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        logging.getLogger(__name__).warning(
+            f"Skipped {len(lines)} unreadable training image loads (NST_DET.SKIP_BAD_IMAGES); "
+            f"the files are listed in {path}"
+        )
+
+
 class ReliableTrainerMixin:
     """Exact resume, atomic checkpoints and a NaN guard for DefaultTrainer subclasses."""
 
@@ -42,7 +64,14 @@ class ReliableTrainerMixin:
 
     @classmethod
     def build_train_records(cls, cfg) -> list:
-        """The training records; detection records by default."""
+        """The training records; detection records by default (class count checked)."""
+        for name in cfg.DATASETS.TRAIN:
+            classes = MetadataCatalog.get(name).get("thing_classes")
+            if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+                raise ValueError(
+                    f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but data set "
+                    f"{name} has {len(classes)} classes {classes}: set NUM_CLASSES to match"
+                )
         return get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
@@ -60,7 +89,7 @@ class ReliableTrainerMixin:
         loader = build_resumable_train_loader(
             cls.build_train_records(cfg), cls.build_train_mapper(cfg), cfg.SOLVER.IMS_PER_BATCH,
             seed=seed, start_iter=start_iter, num_workers=cfg.DATALOADER.NUM_WORKERS,
-            skip_bad=cfg.NST_DET.SKIP_BAD_IMAGES,
+            skip_bad=cfg.NST_DET.SKIP_BAD_IMAGES, skip_log=_skip_log_path(cfg),
         )
         loader.nst_data_seed = seed  # remembered in checkpoints so resume replays the same stream
         return loader
@@ -71,7 +100,7 @@ class ReliableTrainerMixin:
             self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self._nan_guard = install_nan_guard(self._trainer.model)
-        return super().build_hooks()
+        return [*super().build_hooks(), hooks.CallbackHook(after_train=_report_skipped_images)]
 
     def state_dict(self):
         state = super().state_dict()

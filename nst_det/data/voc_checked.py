@@ -1,0 +1,107 @@
+"""PASCAL VOC loading that names the file and the problem instead of failing later or silently.
+
+detectron2's `load_voc_instances` trusts its input: a malformed XML raises a bare ParseError, an
+unknown class a bare ValueError, and a missing image, an inverted box or a box outside the image
+pass unnoticed until they crash or quietly poison training. `load_voc_checked` returns the same
+records for a valid data set and raises `VOCDataError` naming the file and what to do otherwise.
+Images without objects are kept (VOC has none, but they are legal); detectron2 drops them from
+training when DATALOADER.FILTER_EMPTY_ANNOTATIONS is on, and logs how many.
+"""
+
+from __future__ import annotations
+
+import os
+from xml.etree import ElementTree as ET
+
+from detectron2.structures import BoxMode
+
+
+class VOCDataError(ValueError):
+    """A VOC-layout data set that cannot be used as it is."""
+
+
+def _read_split(dirname: str, split: str) -> list[str]:
+    if not os.path.isdir(dirname):
+        raise VOCDataError(
+            f"data set root {dirname} does not exist. Put the data there (see datasets/README.md)"
+            f" or set DETECTRON2_DATASETS (now {os.getenv('DETECTRON2_DATASETS', 'datasets')!r})"
+        )
+    path = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    if not os.path.isfile(path):
+        raise VOCDataError(f"split file {path} is missing: the '{split}' split needs it")
+    with open(path) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    if not ids:
+        raise VOCDataError(f"split file {path} is empty: it should list one image id per line")
+    return ids
+
+
+def _text(node, tag: str, xml_path: str) -> str:
+    child = node.find(tag)
+    if child is None or child.text is None:
+        raise VOCDataError(f"{xml_path}: <{tag}> is missing in <{node.tag}>")
+    return child.text.strip()
+
+
+def _parse_box(obj, xml_path: str, width: int, height: int) -> list[float]:
+    node = obj.find("bndbox")
+    if node is None:
+        raise VOCDataError(f"{xml_path}: an <object> has no <bndbox>")
+    try:
+        x0, y0, x1, y1 = (float(_text(node, k, xml_path)) for k in ("xmin", "ymin", "xmax", "ymax"))
+    except ValueError as e:
+        raise VOCDataError(f"{xml_path}: a box coordinate is not a number ({e})") from None
+    if x1 < x0 or y1 < y0:
+        raise VOCDataError(f"{xml_path}: inverted box {[x0, y0, x1, y1]} (xmax < xmin or "
+                           "ymax < ymin). Fix the annotation")
+    if x1 == x0 or y1 == y0:
+        raise VOCDataError(f"{xml_path}: zero-area box {[x0, y0, x1, y1]}. Fix or remove it")
+    # VOC coordinates are 1-based and inclusive: valid range is [1, width] x [1, height]
+    if x0 < 0 or y0 < 0 or x1 > width + 1 or y1 > height + 1:
+        raise VOCDataError(f"{xml_path}: box {[x0, y0, x1, y1]} lies outside the {width}x{height}"
+                           " image. Fix the annotation (or the <size> element)")
+    return [x0 - 1.0, y0 - 1.0, x1, y1]  # the same convention as detectron2's loader
+
+
+def load_voc_checked(dirname: str, split: str, class_names) -> list[dict]:
+    """Load a VOC-layout split as detectron2 records, validating every file it reads.
+
+    Returns:
+        list of dicts with file_name, image_id, height, width and annotations (category_id,
+        bbox in XYXY_ABS, bbox_mode), exactly as `load_voc_instances` would for valid data.
+    Raises:
+        VOCDataError: naming the file, the problem and the fix.
+    """
+    class_names = list(class_names)
+    records = []
+    for file_id in _read_split(dirname, split):
+        xml_path = os.path.join(dirname, "Annotations", f"{file_id}.xml")
+        image_path = os.path.join(dirname, "JPEGImages", f"{file_id}.jpg")
+        if not os.path.isfile(xml_path):
+            raise VOCDataError(f"{xml_path} is missing (listed in the '{split}' split)")
+        if not os.path.isfile(image_path):
+            raise VOCDataError(f"image {image_path} is missing (listed in the '{split}' split)")
+        try:
+            tree = ET.parse(xml_path)
+        except ET.ParseError as e:
+            raise VOCDataError(f"{xml_path} is not valid XML ({e}). Fix or regenerate it") from None
+        size = tree.find("size")
+        if size is None:
+            raise VOCDataError(f"{xml_path}: <size> is missing")
+        width, height = int(_text(size, "width", xml_path)), int(_text(size, "height", xml_path))
+        annotations = []
+        for obj in tree.findall("object"):
+            name = _text(obj, "name", xml_path)
+            if name not in class_names:
+                raise VOCDataError(
+                    f"{xml_path}: unknown class '{name}'; the data set's classes are "
+                    f"{class_names}. Fix the annotation or register the data set with this class"
+                )
+            annotations.append({
+                "category_id": class_names.index(name),
+                "bbox": _parse_box(obj, xml_path, width, height),
+                "bbox_mode": BoxMode.XYXY_ABS,
+            })
+        records.append({"file_name": image_path, "image_id": file_id, "height": height,
+                        "width": width, "annotations": annotations})
+    return records

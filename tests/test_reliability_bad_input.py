@@ -1,0 +1,176 @@
+"""The bad-input catalogue: every entry fails loudly, naming the file or key and the fix."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper
+
+from nst_det import add_nst_config
+from nst_det.data.resumable import PositionSeededDataset
+from nst_det.data.toy_world import TOY_CLASSES
+from nst_det.data.voc_checked import VOCDataError, load_voc_checked
+
+REPO = Path(__file__).resolve().parents[1]
+R18_TOY = REPO / "configs" / "quick_schedules" / "faster_rcnn_R_18_FPN_toy.yaml"
+
+
+@pytest.fixture
+def voc(tiny_voc, tmp_path):
+    """A private copy of the tiny toy VOC set that a test may damage."""
+    _, _, dirname = tiny_voc
+    copy = tmp_path / "VOC2007"
+    shutil.copytree(dirname, copy)
+    return copy
+
+
+def _first_id(voc):
+    return (voc / "ImageSets/Main/trainval.txt").read_text().split()[0]
+
+
+def _edit_xml(voc, pattern, replacement):
+    xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
+    text = xml.read_text()
+    new = re.sub(pattern, replacement, text, count=1)
+    assert new != text
+    xml.write_text(new)
+    return xml
+
+
+def _load(voc, split="trainval"):
+    return load_voc_checked(str(voc), split, TOY_CLASSES)
+
+
+def test_valid_set_loads_like_detectron2(voc):
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+    ours, theirs = _load(voc), load_voc_instances(str(voc), "trainval", TOY_CLASSES)
+    assert [r["annotations"] for r in ours] == [r["annotations"] for r in theirs]
+    assert [r["file_name"] for r in ours] == [r["file_name"] for r in theirs]
+
+
+def test_missing_image(voc):
+    image = voc / "JPEGImages" / f"{_first_id(voc)}.jpg"
+    image.unlink()
+    with pytest.raises(VOCDataError, match=re.escape(str(image)) + ".*missing"):
+        _load(voc)
+
+
+def test_malformed_xml(voc):
+    xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
+    xml.write_text(xml.read_text()[:-20])
+    with pytest.raises(VOCDataError, match=re.escape(str(xml)) + " is not valid XML"):
+        _load(voc)
+
+
+def test_unknown_class_name(voc):
+    xml = _edit_xml(voc, r"<name>\w+</name>", "<name>unicorn</name>")
+    with pytest.raises(VOCDataError, match=re.escape(str(xml)) + ": unknown class 'unicorn'"):
+        _load(voc)
+
+
+@pytest.mark.parametrize("box, problem", [
+    ("<xmin>50</xmin><ymin>50</ymin><xmax>40</xmax><ymax>60</ymax>", "inverted box"),
+    ("<xmin>50</xmin><ymin>50</ymin><xmax>50</xmax><ymax>60</ymax>", "zero-area box"),
+    ("<xmin>50</xmin><ymin>50</ymin><xmax>5000</xmax><ymax>60</ymax>", "outside the"),
+])
+def test_bad_boxes(voc, box, problem):
+    xml = _edit_xml(voc, r"<xmin>.*?</ymax>", box)
+    with pytest.raises(VOCDataError, match=re.escape(str(xml)) + ".*" + problem):
+        _load(voc)
+
+
+def test_image_without_objects_is_kept(voc):
+    xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
+    xml.write_text(re.sub(r"<object>.*</object>", "", xml.read_text(), flags=re.S))
+    records = _load(voc)
+    assert records[0]["annotations"] == [] and len(records) == 8
+
+
+def test_empty_and_missing_split_file(voc):
+    split = voc / "ImageSets/Main/trainval.txt"
+    split.write_text("\n")
+    with pytest.raises(VOCDataError, match=re.escape(str(split)) + " is empty"):
+        _load(voc)
+    split.unlink()
+    with pytest.raises(VOCDataError, match=re.escape(str(split)) + " is missing"):
+        _load(voc)
+
+
+def test_missing_dataset_root(tmp_path):
+    with pytest.raises(VOCDataError, match="does not exist.*DETECTRON2_DATASETS"):
+        load_voc_checked(str(tmp_path / "nowhere"), "trainval", TOY_CLASSES)
+
+
+def _cfg(**overrides):
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_file(str(R18_TOY))
+    for key, value in overrides.items():
+        cfg.merge_from_list([key, value])
+    return cfg
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_jpeg_names_the_file_or_is_skipped_and_counted(voc, tmp_path, damage):
+    records = _load(voc)
+    image = Path(records[0]["file_name"])
+    data = image.read_bytes()
+    image.write_bytes(b"not a jpeg at all" if damage == "garbage" else data[: len(data) // 3])
+    mapper = DatasetMapper(_cfg(), is_train=True)
+
+    strict = PositionSeededDataset(records, mapper, seed=0)
+    with pytest.raises(RuntimeError, match=f"cannot load training image {re.escape(str(image))}"
+                       ".*SKIP_BAD_IMAGES"):
+        strict[(0, 0)]
+
+    log = tmp_path / "skipped.txt"
+    lenient = PositionSeededDataset(records, mapper, seed=0, skip_bad=True, skip_log=str(log))
+    sample = lenient[(0, 0)]
+    assert sample["file_name"] == records[1]["file_name"]  # moved on to the next image
+    assert log.read_text().splitlines()[0].startswith(str(image))
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    from nst_det.config import load_config
+
+    with pytest.raises(KeyError, match="command-line overrides: Non-existent key: MODEL.NST.LOS"):
+        load_config(str(R18_TOY), ["MODEL.NST.LOSS_WEIGTH", "1.0"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_BASE_: {R18_TOY}\nMODEL:\n  NST:\n    KERNAL: poly\n")
+    with pytest.raises(KeyError, match=f"config file {bad}: .*MODEL.NST.KERNAL"):
+        load_config(str(bad))
+
+
+def _trainer(cfg, train, out):
+    from nst_det.engine import DetectionTrainer
+
+    cfg.merge_from_list(["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+                         "DATASETS.TEST", "()", "OUTPUT_DIR", str(out)])
+    cfg.DATASETS.TRAIN = (train,)
+    return DetectionTrainer(cfg)
+
+
+def test_num_classes_disagreeing_with_dataset(tiny_voc, tmp_path):
+    train, _, _ = tiny_voc
+    with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NUM_CLASSES=7 but data set"):
+        _trainer(_cfg(**{"MODEL.ROI_HEADS.NUM_CLASSES": "7"}), train, tmp_path)
+
+
+def test_student_init_weights_that_do_not_match_the_backbone(tiny_voc, tmp_path):
+    train, _, _ = tiny_voc
+    trainer = _trainer(_cfg(), train, tmp_path / "a")
+    state = trainer.model.state_dict()
+    wrong = {k: v for k, v in state.items() if not k.startswith("backbone.bottom_up.res5")}
+    wrong["backbone.bottom_up.stem.conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save({"model": wrong}, tmp_path / "wrong.pth")
+    bad = _trainer(_cfg(**{"MODEL.WEIGHTS": str(tmp_path / "wrong.pth")}), train, tmp_path / "b")
+    with pytest.raises(KeyError, match=r"stem.conv1.weight.*missing backbone keys.*res5"):
+        bad.resume_or_load(resume=False)
+
+    missing = _trainer(_cfg(**{"MODEL.WEIGHTS": str(tmp_path / "no.pth")}), train, tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS=.*no.pth does not exist"):
+        missing.resume_or_load(resume=False)
