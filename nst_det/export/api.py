@@ -1,0 +1,73 @@
+"""Export a student detector in one format and verify it against the eager model."""
+
+import json
+import os
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+
+from ..utils.atomic import atomic_write
+from .runtime import eager_runner, onnx_runner, preprocess, torchscript_runner
+from .student import load_student_detector, save_student_checkpoint, student_state_dict
+from .tracing import export_onnx, export_torchscript
+from .verify import verify
+
+
+def sample_images(cfg, count):
+    """The first `count` images of the first test set, preprocessed like at test time."""
+    if not cfg.DATASETS.TEST:
+        raise ValueError("DATASETS.TEST is empty: the export is verified on test images")
+    records = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:count]
+    return [
+        preprocess(read_image(r["file_name"], format=cfg.INPUT.FORMAT),
+                   cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        for r in records
+    ]
+
+
+def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
+    """Write one export ("checkpoint" | "torchscript" | "onnx") of cfg's student into out_dir.
+
+    The export is compared with the eager model on the first `num_images` test images;
+    `verification.json` and `export_info.json` are written next to it (atomically).
+    Returns:
+        the verification summary (see `verify`), with format, file and size_bytes added.
+    """
+    model = load_student_detector(cfg)
+    images = sample_images(cfg, num_images)
+    os.makedirs(out_dir, exist_ok=True)
+    if fmt == "checkpoint":
+        path, cfg_path = save_student_checkpoint(cfg, student_state_dict(model), out_dir)
+        reloaded_cfg = get_cfg()
+        reloaded_cfg.merge_from_file(cfg_path)  # stock keys only: must merge into get_cfg()
+        reloaded = build_model(reloaded_cfg)
+        reloaded.load_state_dict(torch.load(path, weights_only=True)["model"], strict=True)
+        candidate = eager_runner(reloaded)
+    elif fmt == "torchscript":
+        path = os.path.join(out_dir, "model.ts")
+        export_torchscript(model, images[0], path)
+        candidate = torchscript_runner(path)
+    else:
+        path = os.path.join(out_dir, "model.onnx")
+        export_onnx(model, images[0], path)
+        candidate = onnx_runner(path)
+    summary = verify(eager_runner(model), candidate, images)
+    summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path))
+    info = {
+        "format": fmt,
+        "file": os.path.basename(path),
+        "size_bytes": os.path.getsize(path),
+        "input_format": cfg.INPUT.FORMAT,
+        "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+        "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+        "class_names": list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", [])),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    with atomic_write(os.path.join(out_dir, "export_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    with atomic_write(os.path.join(out_dir, "verification.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
