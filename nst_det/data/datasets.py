@@ -49,6 +49,9 @@ def register_toy_voc(prefix: str, dirname: str, seed: int = 0, num_trainval: int
 def register_builtin_toy_datasets() -> None:
     """The toy sets the configs in configs/**/quick_schedules refer to."""
     register_toy_voc("toy_voc_2007", os.path.join(datasets_root(), "toy", "VOC2007"))
+    # a reduced copy for the pipeline's CI-scale run (tools/run_pipeline.py --scale ci)
+    register_toy_voc("toy_voc_tiny", os.path.join(datasets_root(), "toy", "VOC2007_tiny"),
+                     num_trainval=16, num_test=8)
 
 
 def check_builtin_voc_datasets() -> None:

@@ -4,9 +4,10 @@
   so a crash mid-save leaves the previous checkpoint intact and loadable.
 - `resume_or_load(resume=True)` tries the tagged checkpoint, then older `model_*.pth` files newest
   first, skipping (with a warning naming it) any file that is truncated or unreadable.
-- Initialising from MODEL.WEIGHTS (not resuming) fails when backbone weights are missing or any
-  tensor has the wrong shape: detectron2 only warns, and a silently half-initialised student
-  makes every later number meaningless.
+- Initialising from MODEL.WEIGHTS (not resuming) fails when weights of the pretrained part of
+  the backbone (the bottom-up network; FPN layers are new) are missing or any tensor has the
+  wrong shape: detectron2 only warns, and a silently half-initialised student makes every later
+  number meaningless.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ class ReliableCheckpointer(DetectionCheckpointer):
         finally:
             self._check_mode = None
 
+    def _pretrained_prefix(self) -> str:
+        """Keys that pretrained weights must cover: the bottom-up network (FPN layers are new)."""
+        model = getattr(self.model, "module", self.model)
+        backbone = getattr(model, "backbone", None)
+        return "backbone.bottom_up." if hasattr(backbone, "bottom_up") else "backbone."
+
     def _log_incompatible_keys(self, incompatible) -> None:
         super()._log_incompatible_keys(incompatible)
         mode = getattr(self, "_check_mode", None)
@@ -97,7 +104,8 @@ class ReliableCheckpointer(DetectionCheckpointer):
                 f"config: wrong shapes {shapes[:5]}, missing keys {incompatible.missing_keys[:5]}."
                 " Resume with the config the run started with, or use a new OUTPUT_DIR"
             )
-        missing_backbone = [k for k in incompatible.missing_keys if k.startswith("backbone.")]
+        prefix = self._pretrained_prefix()
+        missing_backbone = [k for k in incompatible.missing_keys if k.startswith(prefix)]
         if mode == "init" and (shapes or missing_backbone):
             raise KeyError(
                 f"MODEL.WEIGHTS={self._checked_path} does not match the model's backbone: "

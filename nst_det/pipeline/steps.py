@@ -1,0 +1,47 @@
+"""The non-training stages of the pipeline: conversion, export of the best student, report."""
+
+from __future__ import annotations
+
+import os
+
+from ..checkpoint import convert_student, detect_family, save_d2_weights
+from ..modeling.classification.weights import read_classifier_file
+from .plan import Stage
+from .run import stage_result
+
+
+def convert_stage(stage: Stage) -> dict:
+    """Classification checkpoint -> detectron2 backbone weights (classifier head dropped)."""
+    state, _ = read_classifier_file(stage.inputs["src"])
+    family = detect_family(state)
+    converted, skipped = convert_student(state, family)
+    save_d2_weights(converted, stage.inputs["dst"])
+    return {"converted": len(converted), "not_converted": sorted(skipped)}
+
+
+def best_student(stages: list) -> Stage:
+    """The finished student detector with the highest AP50."""
+    students = [s for s in stages if s.kind == "train" and s.meta.get("stage") == "det"
+                and s.meta.get("role") == "student" and stage_result(s)]
+    if not students:
+        raise RuntimeError("no finished student detector to export")
+    return max(students, key=lambda s: stage_result(s)["metrics"]["bbox"]["AP50"])
+
+
+def export_stage(stage: Stage, stages: list) -> dict:
+    """Export the best student as a student-only checkpoint and as ONNX, both verified."""
+    from ..config import load_config
+    from ..export.api import export_and_verify
+
+    best = best_student(stages)
+    cfg = load_config(os.path.join(best.out_dir, "config.yaml"),
+                      ["MODEL.WEIGHTS", os.path.join(best.out_dir, "model_final.pth"),
+                       "MODEL.DEVICE", "cpu"])
+    results = {"student": best.name}
+    for fmt in ("checkpoint", "onnx"):
+        summary = export_and_verify(cfg, fmt, os.path.join(stage.out_dir, fmt))
+        if not summary["passed"]:
+            raise RuntimeError(f"{fmt} export of {best.name} failed verification: {summary}")
+        results[fmt] = {k: summary[k] for k in ("file", "size_bytes", "max_box_dev",
+                                                  "max_score_dev", "passed")}
+    return results
