@@ -9,7 +9,7 @@ setup:
 	@$(PYTHON) tools/setup_env.py
 
 demo: setup
-	$(VENV_PY) tools/train_net.py --config-file configs/quick_schedules/faster_rcnn_R_18_FPN_toy.yaml
+	$(VENV_PY) tools/run_pipeline.py --output output/pipeline
 
 test: setup
 	$(VENV_PY) -m pytest

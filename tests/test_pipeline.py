@@ -1,0 +1,81 @@
+"""The main job at reduced size: every stage runs, every artefact exists, every reported number
+is finite and comes from a run's metrics file, and a second run skips what is done."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(root / "datasets"))
+    cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
+           "--output", str(root / "out")]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
+    return root / "out", first.stdout, second.stdout
+
+
+def _stage(out, name):
+    return json.loads((out / name / "stage.json").read_text())
+
+
+def test_every_stage_and_artefact_exists(pipeline_run):
+    out, log, _ = pipeline_run
+    assert "pipeline finished" in log and "ETA" in log
+    for name in ("cls_teacher", "cls_plain_s0", "cls_nst_s0", "cls_kd_nst_s0", "det_teacher",
+                 "det_plain_s0", "det_plain_detnst_s0", "det_nst_s0", "det_nst_detnst_s0",
+                 "det_kd_nst_s0", "det_kd_nst_detnst_s0"):
+        assert (out / name / "model_final.pth").is_file(), name
+        assert _stage(out, name)["kind"] == "train"
+    for name in ("cls_teacher", "cls_plain_s0", "cls_nst_s0", "cls_kd_nst_s0"):
+        assert (out / name / "backbone_d2.pth").is_file()
+    export = _stage(out, "export")["metrics"]
+    for fmt in ("checkpoint", "onnx"):
+        verification = json.loads((out / "export" / fmt / "verification.json").read_text())
+        assert verification["passed"] and export[fmt]["passed"]
+    for fig in ("curves", "per_class_ap50", "detections", "selectivity"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 10_000, fig
+
+
+def test_report_numbers_are_finite_and_traceable(pipeline_run):
+    out, _, _ = pipeline_run
+    report = (out / "report.md").read_text()
+    assert report.startswith("# nst_det reproduction report")
+    rows = [line for line in report.splitlines() if line.startswith("| Teacher")
+            or line.startswith("| R-18")]
+    assert len(rows) == 1 + 3 * 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        for cell in cells:
+            assert math.isfinite(float(cell.split(" ± ")[0])), row
+    # the teacher row and one student row, against the files they were read from
+    teacher = [c.strip() for c in rows[0].strip("|").split("|")]
+    cls_top1 = _stage(out, "cls_teacher")["metrics"]["classification"]["top1"]
+    det = _stage(out, "det_teacher")["metrics"]["bbox"]
+    assert teacher[1:4] == [f"{cls_top1:.1f}", f"{det['AP50']:.1f}", f"{det['AP']:.1f}"]
+    nst_row = next(r for r in rows if "R-18 NST → NST" in r)
+    ap50 = _stage(out, "det_nst_detnst_s0")["metrics"]["bbox"]["AP50"]
+    assert f"| {ap50:.1f} |" in nst_row
+    # the final metrics file detectron2's evaluation wrote is what stage.json carries
+    final = json.loads((out / "det_nst_detnst_s0" / "final_metrics.json").read_text())
+    assert final["bbox"]["AP50"] == ap50
+    assert re.search(r"MMD² \(poly\).*: [0-9.]+ without .*, [0-9.]+ with it", report)
+
+
+def test_second_run_skips_finished_stages(pipeline_run):
+    _, _, second = pipeline_run
+    assert second.count("done earlier: skipped") == 17
+    assert "starting" not in second
