@@ -1,0 +1,150 @@
+"""What distillation costs: a DistillationRCNN step against a plain student step + teacher forward.
+
+    .venv/bin/python benchmarks/bench_distill_overhead.py                 # toy configs, CPU
+    .venv/bin/python benchmarks/bench_distill_overhead.py --paper-shapes  # + NST at 800x1333 FPN
+    .venv/bin/python benchmarks/bench_distill_overhead.py --device cuda --iters 50
+
+All variants run on the same batch and are interleaved iteration by iteration, so machine noise
+hits them alike; the figures are ratios of medians measured in this one run:
+- overhead = distillation step / (student step + teacher backbone forward): the distiller needs
+  only the teacher's backbone features, so this is the cost it cannot avoid (target <= 1.10);
+  the same against the teacher's full inference forward is printed too;
+- NST share = nst_loss forward + backward on the step's own feature pairs / distillation step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from nst_det.config import load_config
+from nst_det.losses import nst_loss
+
+REPO = Path(__file__).resolve().parents[1]
+Q = REPO / "configs" / "quick_schedules"
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def build(device: str, tmp: str):
+    """Student, distiller (same initial weights) and a batch of two toy training images."""
+    opts = ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0"]
+    teacher_cfg = load_config(str(Q / "faster_rcnn_R_50_FPN_toy_teacher.yaml"), opts)
+    teacher_weights = str(Path(tmp) / "teacher.pth")
+    torch.save({"model": build_model(teacher_cfg).state_dict()}, teacher_weights)
+    distill_cfg = load_config(str(Q / "faster_rcnn_R_18_FPN_toy_nst.yaml"), [
+        *opts, "MODEL.TEACHER.WEIGHTS", teacher_weights,
+        "MODEL.TEACHER.CONFIG_FILE", str(Q / "faster_rcnn_R_50_FPN_toy_teacher.yaml")])
+    distill = build_model(distill_cfg)
+    # the plain student: the very same detector without the distillation
+    student = build_model(load_config(str(Q / "faster_rcnn_R_18_FPN_toy_nst.yaml"),
+                                      [*opts, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"]))
+    distill.load_state_dict(student.state_dict())
+    mapper = DatasetMapper(distill_cfg, is_train=True)
+    batch = [mapper(r) for r in DatasetCatalog.get(distill_cfg.DATASETS.TRAIN[0])[:2]]
+    return student.train(), distill.train(), batch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--paper-shapes", action="store_true",
+                        help="also time nst_loss on FPN p2-p6 of an 800x1333 input (C=256)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        student, distill, batch = build(args.device, tmp)
+    teacher = distill.teacher
+    optimizers = {m: torch.optim.SGD(m.parameters(), lr=1e-5) for m in (student, distill)}
+
+    def train_step(model):
+        losses = model(batch)
+        optimizers[model].zero_grad()
+        sum(losses.values()).backward()
+        optimizers[model].step()
+
+    images = distill.preprocess_image(batch).tensor
+    pairs = [(p.student, p.teacher) for p in distill.feature_pairs]
+
+    def teacher_backbone():
+        with torch.no_grad():
+            teacher.backbone(images)
+
+    def teacher_inference():
+        with torch.no_grad():
+            teacher.inference([{"image": b["image"]} for b in batch])
+
+    def nst_only():
+        s_feats = {k: v.detach().requires_grad_() for k, v in student.backbone(images).items()}
+        with torch.no_grad():
+            t_feats = teacher.backbone(images)
+        start = time.perf_counter()
+        loss = sum(nst_loss(s_feats[s], t_feats[t]) for s, t in pairs)
+        loss.backward()
+        _sync(args.device)
+        return time.perf_counter() - start
+
+    names = ["student step", "teacher backbone fwd", "teacher inference fwd", "distill step"]
+    times = {n: [] for n in names + ["nst loss fwd+bwd"]}
+    with EventStorage(0):
+        for model in (student, distill):
+            train_step(model)  # warm-up
+        for _ in range(args.iters):
+            times["student step"].append(_timed(lambda: train_step(student), args.device))
+            times["teacher backbone fwd"].append(_timed(teacher_backbone, args.device))
+            times["teacher inference fwd"].append(_timed(teacher_inference, args.device))
+            times["distill step"].append(_timed(lambda: train_step(distill), args.device))
+            times["nst loss fwd+bwd"].append(nst_only())
+    med = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    shapes = {s: tuple(v.shape) for s, v in student.backbone(images).items()}
+    print(f"device {args.device}, {args.iters} interleaved iterations, batch of 2 toy images "
+          f"{tuple(images.shape)}; NST pairs {pairs}; student feature shapes {shapes}")
+    for name, value in med.items():
+        print(f"  {name:24s} {value:9.1f} ms (median)")
+    base = med["student step"] + med["teacher backbone fwd"]
+    print(f"overhead = distill / (student + teacher backbone fwd) = "
+          f"{med['distill step'] / base:.3f} (target <= 1.10)")
+    print(f"         = distill / (student + teacher inference fwd) = "
+          f"{med['distill step'] / (med['student step'] + med['teacher inference fwd']):.3f}")
+    print(f"NST share of the distillation step: "
+          f"{100 * med['nst loss fwd+bwd'] / med['distill step']:.2f}% (target <= 5%)")
+
+    if args.paper_shapes:
+        paper_nst(args.device)
+
+
+def paper_nst(device: str, repeats: int = 3):
+    """nst_loss on FPN p2..p6 of one 800x1333 image (the paper's VOC input), C=256 both sides."""
+    sizes = [(200, 336), (100, 168), (50, 84), (25, 42), (13, 21)]
+    feats_s = [torch.randn(1, 256, h, w, device=device, requires_grad=True) for h, w in sizes]
+    feats_t = [torch.randn(1, 256, h, w, device=device) for h, w in sizes]
+    runs = []
+    for _ in range(repeats + 1):
+        runs.append(_timed(lambda: sum(
+            nst_loss(s, t) for s, t in zip(feats_s, feats_t)).backward(), device))
+    print(f"paper shapes (p2-p6 of 800x1333, 256 ch, per image): nst_loss fwd+bwd "
+          f"{1e3 * statistics.median(runs[1:]):.1f} ms (median of {repeats})")
+
+
+if __name__ == "__main__":
+    main()
