@@ -1,0 +1,72 @@
+"""Knowledge-transfer losses: pure, vectorised functions plus a registry by name.
+
+Importing this package registers every loss in ``TRANSFER_LOSS_REGISTRY``:
+
+====================  ===============================  ====================================
+name                  function                         paper
+====================  ===============================  ====================================
+nst                   nst_loss(f_s, f_t, kernel=...)   Huang & Wang 2017 (NST)
+kd                    kd_loss(logits_s, logits_t, T)   Hinton et al. 2015
+fitnet                fitnet_loss(f_s, f_t, regressor) Romero et al. 2015
+at                    at_loss(f_s, f_t, p=2)           Zagoruyko & Komodakis 2017
+sp                    sp_loss(f_s, f_t)                Tung & Mori 2019
+mmd                   mmd_loss(x_s, x_t, kernel=...)   KD^2M, Montesuma 2025
+gaussian_w2           gaussian_w2_loss(x_s, x_t)       KD^2M
+gaussian_kl           gaussian_kl_loss(x_s, x_t)       KD^2M
+class_gaussian_w2     class_gaussian_w2_loss(..., labels)  KD^2M
+class_gaussian_kl     class_gaussian_kl_loss(..., labels)  KD^2M
+w2                    w2_loss(x_s, x_t)                KD^2M (exact OT via POT)
+class_w2              class_w2_loss(..., labels)       KD^2M (exact OT via POT)
+sinkhorn              sinkhorn_loss(x_s, x_t, reg)     KD^2M / Cuturi 2013 (via POT)
+====================  ===============================  ====================================
+
+Conventions: student first, teacher second; the teacher is detached inside every loss; losses
+return unweighted scalars computed in float32 (float64 inputs stay float64) even under autocast.
+"""
+
+from .attention import at_loss, attention_map
+from .fitnet import FitNetRegressor, fitnet_loss
+from .gaussian import (
+    class_gaussian_kl_loss,
+    class_gaussian_w2_loss,
+    diag_gaussian_kl,
+    diag_gaussian_w2,
+    gaussian_kl_loss,
+    gaussian_w2_loss,
+)
+from .kd import kd_loss
+from .mmd import gaussian_kernel, linear_kernel, mean_pairwise_sq_dist, mmd2, mmd_loss, poly_kernel
+from .nst import nst_loss, nst_samples
+from .registry import TRANSFER_LOSS_REGISTRY, build_transfer_loss, get_transfer_loss
+from .similarity import sp_loss
+from .transport import class_w2_loss, sinkhorn_loss, sq_dist_matrix, w2_loss
+
+__all__ = [
+    "TRANSFER_LOSS_REGISTRY",
+    "build_transfer_loss",
+    "get_transfer_loss",
+    "nst_loss",
+    "nst_samples",
+    "mmd2",
+    "mmd_loss",
+    "linear_kernel",
+    "poly_kernel",
+    "gaussian_kernel",
+    "mean_pairwise_sq_dist",
+    "kd_loss",
+    "fitnet_loss",
+    "FitNetRegressor",
+    "at_loss",
+    "attention_map",
+    "sp_loss",
+    "diag_gaussian_w2",
+    "diag_gaussian_kl",
+    "gaussian_w2_loss",
+    "gaussian_kl_loss",
+    "class_gaussian_w2_loss",
+    "class_gaussian_kl_loss",
+    "sq_dist_matrix",
+    "w2_loss",
+    "class_w2_loss",
+    "sinkhorn_loss",
+]
