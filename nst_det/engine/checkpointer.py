@@ -29,6 +29,10 @@ class CorruptCheckpointError(RuntimeError):
 class ReliableCheckpointer(DetectionCheckpointer):
     """DetectionCheckpointer with atomic saves, corrupt-file fallback on resume, strict init."""
 
+    # saves that are not the latest state: BestCheckpointer's model_best must not become the
+    # resume point (detectron2 would tag it, and a resume would repeat the iterations after it)
+    UNTAGGED = ("model_best",)
+
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
@@ -40,7 +44,8 @@ class ReliableCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {path}")
         with atomic_write(path) as f:
             torch.save(data, f)
-        self.tag_last_checkpoint(basename)
+        if name not in self.UNTAGGED:
+            self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
@@ -59,7 +64,8 @@ class ReliableCheckpointer(DetectionCheckpointer):
     def _resume_candidates(self) -> list[str]:
         """The tagged checkpoint first, then every other checkpoint in save_dir, newest first."""
         tagged = self.get_checkpoint_file()
-        others = sorted(glob.glob(os.path.join(self.save_dir, "model_*.pth")),
+        others = sorted((p for p in glob.glob(os.path.join(self.save_dir, "model_*.pth"))
+                         if os.path.basename(p)[:-4] not in self.UNTAGGED),
                         key=os.path.getmtime, reverse=True)
         return [p for p in dict.fromkeys([tagged, *others]) if p and os.path.isfile(p)]
 
