@@ -68,12 +68,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="student and teacher in channels_last layout (NST_DET.CHANNELS_LAST)")
     parser.add_argument("--paper-shapes", action="store_true",
                         help="also time nst_loss on FPN p2-p6 of an 800x1333 input (C=256)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         student, distill, batch = build(args.device, tmp)
+    if args.channels_last:
+        for model in (student, distill):  # DistillationRCNN converts its teacher too
+            model.to(memory_format=torch.channels_last)
     teacher = distill.teacher
     optimizers = {m: torch.optim.SGD(m.parameters(), lr=1e-5) for m in (student, distill)}
 
@@ -117,7 +122,8 @@ def main():
             times["nst loss fwd+bwd"].append(nst_only())
     med = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     shapes = {s: tuple(v.shape) for s, v in student.backbone(images).items()}
-    print(f"device {args.device}, {args.iters} interleaved iterations, batch of 2 toy images "
+    print(f"device {args.device}{' channels_last' if args.channels_last else ''}, "
+          f"{args.iters} interleaved iterations, batch of 2 toy images "
           f"{tuple(images.shape)}; NST pairs {pairs}; student feature shapes {shapes}")
     for name, value in med.items():
         print(f"  {name:24s} {value:9.1f} ms (median)")

@@ -14,6 +14,9 @@ def add_nst_config(cfg: CN) -> None:
     # A training image that cannot be read or mapped: False stops with an error naming the file;
     # True skips it, counts it and lists the skipped files at the end of training.
     cfg.NST_DET.SKIP_BAD_IMAGES = False
+    # Convert the model (student and teacher) to channels_last memory layout: faster convolutions
+    # on tensor-core GPUs, usually with AMP (SOLVER.AMP.ENABLED). See benchmarks/README.md.
+    cfg.NST_DET.CHANNELS_LAST = False
 
     # The frozen teacher. Detection: a detectron2 config file + weights + overrides, built and
     # loaded strictly. Classification: ARCH names a torchvision classifier, WEIGHTS its state dict.
@@ -82,6 +85,11 @@ def add_nst_config(cfg: CN) -> None:
     cfg.TEST.CLS = CN()
     cfg.TEST.CLS.IMS_PER_BATCH = 64
     cfg.TEST.CLS.TOPK = (1, 5)
+
+    # Classification optimizer: "SGD" (detectron2's, with SOLVER.MOMENTUM/NESTEROV: the paper's)
+    # or "AdamW" (SOLVER.BASE_LR, SOLVER.WEIGHT_DECAY; the toy schedules, too short for SGD).
+    cfg.SOLVER.CLS = CN()
+    cfg.SOLVER.CLS.OPTIMIZER = "SGD"
 
 
 def load_config(config_file: str, opts=()) -> CN:

@@ -16,6 +16,7 @@ import logging
 import os
 import weakref
 
+import torch
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.engine import hooks
 from detectron2.utils import comm
@@ -56,6 +57,14 @@ def _report_skipped_images(trainer) -> None:
 
 class ReliableTrainerMixin:
     """Exact resume, atomic checkpoints and a NaN guard for DefaultTrainer subclasses."""
+
+    @classmethod
+    def build_model(cls, cfg):
+        """DefaultTrainer's model, in channels_last layout when NST_DET.CHANNELS_LAST is set."""
+        model = super().build_model(cfg)
+        if cfg.NST_DET.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)  # DistillationRCNN moves its teacher too
+        return model
 
     @classmethod
     def build_train_mapper(cls, cfg):
