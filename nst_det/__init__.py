@@ -4,7 +4,7 @@ Importing the package registers its datasets, backbones, meta-architectures and 
 detectron2's registries.
 """
 
-from . import data, engine  # noqa: F401  (registration side effects)
+from . import data, engine, modeling  # noqa: F401  (registration side effects)
 from .config import add_nst_config
 
 __version__ = "0.1.0"

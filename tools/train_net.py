@@ -10,6 +10,8 @@ The trainer class is the config's `NST_DET.TRAINER` (a name in nst_det.engine.TR
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from nst_det.config import load_config
 from nst_det.engine import TRAINER_REGISTRY
@@ -20,6 +22,8 @@ def setup(args):
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # nst_det's own INFO logs (teacher loading and evaluation, ...) next to detectron2's
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nst_det")
     return cfg
 
 

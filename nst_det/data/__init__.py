@@ -1,4 +1,4 @@
-from . import datasets  # noqa: F401  (registers the built-in toy datasets)
+from . import datasets, imagefolder  # noqa: F401  (register the toy VOC, ImageFolder sets)
 from .toy_data import make_toy_imagefolder, make_toy_voc
 from .toy_world import TOY_CLASSES
 

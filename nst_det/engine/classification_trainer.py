@@ -1,0 +1,83 @@
+"""The classification trainer: DefaultTrainer on ImageFolder data, evaluated by top-k accuracy."""
+
+from __future__ import annotations
+
+import torch
+from detectron2.data import (
+    DatasetFromList,
+    MapDataset,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.data.build import trivial_batch_collator
+from detectron2.data.samplers import InferenceSampler
+from detectron2.engine import DefaultTrainer
+from detectron2.solver import get_default_optimizer_params
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+from ..data.classification_mapper import ClassificationDatasetMapper
+from ..evaluation import ClassificationEvaluator
+from .registry import TRAINER_REGISTRY
+
+__all__ = ["ClassificationTrainer"]
+
+
+def _dataset_dicts(cfg, names) -> list[dict]:
+    """The dicts of `names`, checked against cfg.MODEL.CLASSIFIER.NUM_CLASSES."""
+    dicts = get_detection_dataset_dicts(names, filter_empty=False)
+    top = max(d["label"] for d in dicts)
+    if top >= cfg.MODEL.CLASSIFIER.NUM_CLASSES:
+        raise ValueError(f"{names} has label {top} but MODEL.CLASSIFIER.NUM_CLASSES is "
+                         f"{cfg.MODEL.CLASSIFIER.NUM_CLASSES}")
+    return dicts
+
+
+@TRAINER_REGISTRY.register()
+class ClassificationTrainer(DefaultTrainer):
+    """DefaultTrainer for `ClassificationDistiller`: ImageFolder loaders, top-k evaluation.
+
+    Training batches are cfg.SOLVER.IMS_PER_BATCH images (over all processes) of
+    cfg.INPUT.CLS.TRAIN_CROP_SIZE; test batches cfg.TEST.CLS.IMS_PER_BATCH per process. The
+    optimizer is detectron2's SGD or AdamW (cfg.SOLVER.CLS.OPTIMIZER).
+    """
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        if cfg.SOLVER.CLS.OPTIMIZER == "SGD":
+            return super().build_optimizer(cfg, model)
+        if cfg.SOLVER.CLS.OPTIMIZER != "AdamW":
+            raise ValueError(f"SOLVER.CLS.OPTIMIZER must be 'SGD' or 'AdamW'; "
+                             f"got {cfg.SOLVER.CLS.OPTIMIZER!r}")
+        params = get_default_optimizer_params(  # detectron2's per-parameter groups, as for SGD
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(
+            cfg,
+            mapper=ClassificationDatasetMapper(cfg, is_train=True),
+            dataset=_dataset_dicts(cfg, cfg.DATASETS.TRAIN),
+            aspect_ratio_grouping=False,  # every crop has the same size
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        dataset = MapDataset(DatasetFromList(_dataset_dicts(cfg, [dataset_name]), copy=False),
+                             ClassificationDatasetMapper(cfg, is_train=False))
+        batches = torch.utils.data.BatchSampler(
+            InferenceSampler(len(dataset)), cfg.TEST.CLS.IMS_PER_BATCH, drop_last=False)
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=cfg.DATALOADER.NUM_WORKERS,
+            collate_fn=trivial_batch_collator)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        del output_folder  # nothing is written
+        return ClassificationEvaluator(dataset_name, topk=cfg.TEST.CLS.TOPK)

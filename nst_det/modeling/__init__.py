@@ -1,0 +1,13 @@
+"""Models. Importing registers them with detectron2's registries.
+
+Detection: BasicRes5ROIHeads (ROI_HEADS_REGISTRY, C4 heads for ResNet-18/34), DistillationRCNN
+(META_ARCH_REGISTRY) and its frozen teacher (teacher.py). ResNet-18/34 C4 and FPN students use
+detectron2's own `build_resnet_backbone` / `build_resnet_fpn_backbone` (depths 18 and 34 built in).
+"""
+
+from . import backbone, classification  # noqa: F401  (registration side effects)
+from .distill_rcnn import DistillationRCNN
+from .roi_heads import BasicRes5ROIHeads
+from .teacher import TeacherWeightsError, build_teacher
+
+__all__ = ["BasicRes5ROIHeads", "DistillationRCNN", "TeacherWeightsError", "build_teacher"]

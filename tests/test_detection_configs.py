@@ -1,0 +1,66 @@
+"""Every detection config builds its student, and its teacher pairing is valid (no weights)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+from _detection_common import REPO
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from nst_det import add_nst_config
+from nst_det.modeling.feature_pairs import build_feature_pairs
+from nst_det.modeling.roi_logits import check_kd_heads
+from nst_det.modeling.teacher import build_teacher_cfg
+
+CONFIGS = sorted(
+    [p for p in (REPO / "configs" / "VOC-Detection").rglob("*.yaml") if "Base" not in p.name]
+    + [p for p in (REPO / "configs" / "quick_schedules").glob("faster_rcnn_*.yaml")]
+)
+
+
+def _load(path):
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_file(str(path))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+@functools.cache
+def _build_teacher(config_yaml: str):
+    """A teacher built from its dumped config (cached: a few teachers serve many students)."""
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_other_cfg(cfg.load_cfg(config_yaml))
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_detection_config_builds(path):
+    cfg = _load(path)
+    distill = cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN"
+    student_cfg = cfg.clone()
+    student_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # no teacher weights needed here
+    student = build_model(student_cfg)
+    assert student.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if not distill:
+        return
+    cwd = os.getcwd()
+    os.chdir(REPO)  # teacher config paths are relative to the repository root
+    try:
+        tcfg = build_teacher_cfg(cfg)
+    finally:
+        os.chdir(cwd)
+    teacher = _build_teacher(tcfg.dump())
+    pairs = build_feature_pairs(
+        cfg.MODEL.NST.STUDENT_FEATURES, cfg.MODEL.NST.TEACHER_FEATURES,
+        cfg.MODEL.NST.FEATURE_WEIGHTS, student.backbone.output_shape(),
+        teacher.backbone.output_shape(),
+    )
+    assert pairs and cfg.MODEL.NST.LOSS_WEIGHT > 0
+    if cfg.MODEL.KD.LOSS_WEIGHT > 0:
+        check_kd_heads(student.roi_heads, teacher.roi_heads)

@@ -1,0 +1,86 @@
+"""Toy distillation runs end to end: VOC evaluation, teacher vs student, resume, 2-process gloo."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from _detection_common import (
+    NST_TOY,
+    distill_opts,
+    distributed_worker,
+    load_train_net,
+    make_cfg,
+    write_teacher,
+)
+from detectron2.engine import launch
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(output_dir):
+    with open(output_dir / "metrics.json") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _run(train_net, config_file, *extra):
+    args = train_net.default_argument_parser().parse_args(["--config-file", str(config_file),
+                                                           *extra])
+    return train_net.main(args)
+
+
+def test_toy_distillation_run_evaluates_and_resumes(tmp_path, tiny_voc):
+    teacher = write_teacher(tmp_path)
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        NST_TOY,  # the real toy distillation config, with a tiny teacher, data and schedule
+        distill_opts(*teacher, kd=1.0) + [
+            "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+            "MODEL.WEIGHTS", "",  # no classification-stage weights in tests
+        ],
+        data=tiny_voc[:2], output_dir=out,
+    )
+    config_file = tmp_path / "nst.yaml"
+    config_file.write_text(cfg.dump())
+    train_net = load_train_net()
+
+    _run(train_net, config_file)
+    teacher_metrics = json.loads((out / "teacher_metrics.json").read_text())
+    assert math.isfinite(teacher_metrics["bbox/AP50"])
+    metrics = _metrics(out)
+    assert any("teacher/bbox/AP50" in m for m in metrics)
+    evals = {m["iteration"]: m["bbox/AP50"] for m in metrics if "bbox/AP50" in m}
+    assert sorted(evals) == [1, 4] and all(math.isfinite(v) for v in evals.values())  # 2, end
+    nst = [m["loss_nst"] for m in metrics if "loss_nst" in m]
+    assert nst and all(math.isfinite(v) and v > 0 for v in nst)
+    assert any("loss_kd" in m for m in metrics)
+    assert "Teacher vs student" in (out / "log.txt").read_text()  # the side-by-side table
+    for name in ("model_final.pth", "model_best.pth", "model_0000001.pth"):
+        state = torch.load(out / name, weights_only=True)["model"]
+        assert state and not any("teacher" in k for k in state), name
+
+    # --resume continues from the last checkpoint (model_final, iteration 3) to MAX_ITER 6
+    teacher_mtime = (out / "teacher_metrics.json").stat().st_mtime_ns
+    _run(train_net, config_file, "--resume", "SOLVER.MAX_ITER", "6")
+    iterations = [m["iteration"] for m in _metrics(out) if "loss_nst" in m]
+    assert sorted(set(iterations)) == [3, 5]  # the writer's last line of each run: 3, then 5
+    assert (out / "teacher_metrics.json").stat().st_mtime_ns == teacher_mtime  # evaluated once
+
+
+def test_two_process_gloo_distillation(tmp_path, tiny_voc):
+    teacher = write_teacher(tmp_path)
+    out = tmp_path / "ddp"
+    cfg = make_cfg(NST_TOY, distill_opts(*teacher, kd=1.0) + ["SOLVER.MAX_ITER", "2",
+                                                             "MODEL.WEIGHTS", ""],
+                   data=tiny_voc[:2], output_dir=out)
+    config_file = tmp_path / "ddp.yaml"
+    config_file.write_text(cfg.dump())
+    prefix = tiny_voc[0][: -len("_trainval")]
+    launch(distributed_worker, 2, dist_url="auto",
+           args=(str(config_file), prefix, tiny_voc[2], (8, 4)))
+    assert (out / "model_final.pth").exists()
+    assert (out / "teacher_metrics.json").exists()
+    state = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    assert not any("teacher" in k for k in state)

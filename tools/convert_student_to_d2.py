@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Convert a classification student to detectron2 backbone weights (for MODEL.WEIGHTS).
+
+    tools/convert_student_to_d2.py output/toy/cls_R18_NST/model_final.pth r18_nst_d2.pth
+    tools/convert_student_to_d2.py pretrained/torchvision/resnet18-f37072fd.pth r18_tv_d2.pth
+
+The input is a ClassificationTrainer checkpoint or a torchvision-style state dict (ResNet or
+nst_det Inception-BN). The output loads into detectron2's R-18/34/50/101 C4 and FPN models
+(RESNETS.STRIDE_IN_1X1 False) or nst_det's Inception-BN backbones. Keys not converted are printed.
+"""
+
+import argparse
+
+from nst_det.checkpoint import convert_student, detect_family, save_d2_weights
+from nst_det.modeling.classification.weights import read_classifier_file
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("input", help="student checkpoint or torchvision-style state dict")
+    parser.add_argument("output", help="detectron2 weights file to write (.pth)")
+    parser.add_argument("--family", choices=["resnet", "inception_bn"], default=None,
+                        help="network family (default: detected from the keys)")
+    args = parser.parse_args()
+
+    state, not_student = read_classifier_file(args.input)
+    family = args.family or detect_family(state)
+    converted, skipped = convert_student(state, family)
+    skipped.update({k: "not part of the student (distiller-only module)" for k in not_student})
+    save_d2_weights(converted, args.output)
+    print(f"{args.input} ({family}): converted {len(converted)} tensors -> {args.output}")
+    print(f"not converted ({len(skipped)}):")
+    for key, reason in sorted(skipped.items()):
+        print(f"  {key}: {reason}")
+
+
+if __name__ == "__main__":
+    main()
