@@ -6,7 +6,6 @@ import torch
 from detectron2.data import (
     DatasetFromList,
     MapDataset,
-    build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.data.build import trivial_batch_collator
@@ -18,6 +17,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from ..data.classification_mapper import ClassificationDatasetMapper
 from ..evaluation import ClassificationEvaluator
 from .registry import TRAINER_REGISTRY
+from .reliable import ReliableTrainerMixin
 
 __all__ = ["ClassificationTrainer"]
 
@@ -33,8 +33,9 @@ def _dataset_dicts(cfg, names) -> list[dict]:
 
 
 @TRAINER_REGISTRY.register()
-class ClassificationTrainer(DefaultTrainer):
-    """DefaultTrainer for `ClassificationDistiller`: ImageFolder loaders, top-k evaluation.
+class ClassificationTrainer(ReliableTrainerMixin, DefaultTrainer):
+    """DefaultTrainer for `ClassificationDistiller`: ImageFolder loaders, top-k evaluation, and
+    ReliableTrainerMixin's exact resume, atomic checkpoints and NaN guard.
 
     Training batches are cfg.SOLVER.IMS_PER_BATCH images (over all processes) of
     cfg.INPUT.CLS.TRAIN_CROP_SIZE; test batches cfg.TEST.CLS.IMS_PER_BATCH per process. The
@@ -59,13 +60,12 @@ class ClassificationTrainer(DefaultTrainer):
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        return build_detection_train_loader(
-            cfg,
-            mapper=ClassificationDatasetMapper(cfg, is_train=True),
-            dataset=_dataset_dicts(cfg, cfg.DATASETS.TRAIN),
-            aspect_ratio_grouping=False,  # every crop has the same size
-        )
+    def build_train_records(cls, cfg):
+        return _dataset_dicts(cfg, cfg.DATASETS.TRAIN)
+
+    @classmethod
+    def build_train_mapper(cls, cfg):
+        return ClassificationDatasetMapper(cfg, is_train=True)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
