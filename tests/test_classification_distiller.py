@@ -54,7 +54,8 @@ def _cfg(tiny_cls, teacher_file, tmp_path, **overrides):
         "MODEL.NST.LOSS_WEIGHT": 25.0, "MODEL.NST.STUDENT_FEATURES": ["res4", "res5"],
         "MODEL.NST.TEACHER_FEATURES": ["res4", "res5"], "MODEL.NST.FEATURE_WEIGHTS": [0.5, 0.5],
         "MODEL.KD.LOSS_WEIGHT": 1.0,
-        "MODEL.TRANSFER.NAMES": ["at", "fitnet"], "MODEL.TRANSFER.WEIGHTS": [100.0, 1.0],
+        "MODEL.TRANSFER.NAMES": ["at", "fitnet", "class_gaussian_w2"],
+        "MODEL.TRANSFER.WEIGHTS": [100.0, 1.0, 1.0],
         "OUTPUT_DIR": str(tmp_path),
     }
     opts.update(overrides)
@@ -72,7 +73,8 @@ def test_loss_dict_and_inert_teacher(tiny_cls, teacher_file, tmp_path):
     teacher = model.teacher
     model.train()
     losses = model(_batch())
-    assert set(losses) == {"loss_cls", "loss_nst", "loss_kd", "loss_at", "loss_fitnet"}
+    assert set(losses) == {"loss_cls", "loss_nst", "loss_kd", "loss_at", "loss_fitnet",
+                           "loss_class_gaussian_w2"}
     for name, value in losses.items():
         assert value.dim() == 0 and torch.isfinite(value) and value > 0, name
 

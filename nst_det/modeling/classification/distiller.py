@@ -102,7 +102,8 @@ class ClassificationDistiller(nn.Module):
             nst_kernel, nst_kernel_args: the MMD kernel and its arguments (see `nst_loss`).
             kd_weight, kd_temperature: weight and T of loss_kd (`kd_loss` includes the T^2).
             transfer_losses: {registry name: weight} of other feature losses (e.g. "at", "sp",
-                "fitnet"); losses taking a `regressor` get a FitNetRegressor per pair.
+                "fitnet", "mmd"); losses taking a `regressor` get a FitNetRegressor per pair,
+                losses taking `labels` (class-conditional ones) get the batch's labels.
         """
         super().__init__()
         self.student = student
@@ -145,10 +146,13 @@ class ClassificationDistiller(nn.Module):
             teacher.requires_grad_(False)
             self._teacher = (teacher,)  # a tuple: not registered as a submodule
 
-        # FitNet-style losses learn a regressor per pair: student-side modules, trained with it
+        # What each loss takes besides (f_s, f_t): class-conditional losses get the labels, and
+        # FitNet-style losses a learned regressor per pair (student-side modules, trained with it)
+        self._loss_params = {name: inspect.signature(get_transfer_loss(name)).parameters
+                             for name in self.transfer_losses}
         self.regressors = nn.ModuleDict()
         for name in self.transfer_losses:
-            if "regressor" in inspect.signature(get_transfer_loss(name)).parameters:
+            if "regressor" in self._loss_params[name]:
                 for i, (s, t, _) in enumerate(self.feature_pairs):
                     self.regressors[f"{name}_{i}"] = FitNetRegressor(
                         student.feature_channels[s], teacher.feature_channels[t])
@@ -233,10 +237,11 @@ class ClassificationDistiller(nn.Module):
             losses["loss_kd"] = self.kd_weight * kd_loss(logits_s, logits_t, self.kd_temperature)
         for name, weight in self.transfer_losses.items():
             fn = get_transfer_loss(name)
+            extra = {"labels": labels} if "labels" in self._loss_params[name] else {}
             total = 0.0
             for i, (s, t, w) in enumerate(self.feature_pairs):
-                extra = {"regressor": self.regressors[f"{name}_{i}"]} if (
-                    f"{name}_{i}" in self.regressors) else {}
+                if f"{name}_{i}" in self.regressors:
+                    extra["regressor"] = self.regressors[f"{name}_{i}"]
                 total = total + w * fn(feats_s[s], feats_t[t], **extra)
             losses[f"loss_{name}"] = weight * total
         return losses
