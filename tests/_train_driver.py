@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from nst_det import add_nst_config  # noqa: E402
 from nst_det.data.datasets import register_toy_voc  # noqa: E402
+from nst_det.data.imagefolder import register_toy_imagefolder  # noqa: E402
 from nst_det.engine import TRAINER_REGISTRY  # noqa: E402
 
 
@@ -54,19 +55,29 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--trainer", default="DetectionTrainer")
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--task", choices=["det", "cls"], default="det",
+                        help="toy R-18 FPN detector, or toy R-18 classifier")
     args = parser.parse_args()
 
-    train, _ = register_toy_voc("driver_voc", args.data_dir, seed=1, num_trainval=8, num_test=4)
     cfg = get_cfg()
     add_nst_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs/quick_schedules/faster_rcnn_R_18_FPN_toy.yaml"))
-    cfg.merge_from_list([
-        "INPUT.MIN_SIZE_TRAIN", "(96, 128)", "INPUT.MAX_SIZE_TRAIN", "160",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(args.max_iter),
-        "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(5,)", "SOLVER.CHECKPOINT_PERIOD", "3",
-        "DATALOADER.NUM_WORKERS", str(args.num_workers), "SEED", "7",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "NST_DET.TRAINER", args.trainer,
-    ])
+    common = ["SOLVER.MAX_ITER", str(args.max_iter), "SOLVER.WARMUP_ITERS", "2",
+              "SOLVER.CHECKPOINT_PERIOD", "3", "DATALOADER.NUM_WORKERS", str(args.num_workers),
+              "SEED", "7"]
+    if args.task == "det":
+        train, _ = register_toy_voc("driver_voc", args.data_dir, seed=1, num_trainval=8,
+                                    num_test=4)
+        cfg.merge_from_file(str(REPO / "configs/quick_schedules/faster_rcnn_R_18_FPN_toy.yaml"))
+        cfg.merge_from_list([
+            *common, "INPUT.MIN_SIZE_TRAIN", "(96, 128)", "INPUT.MAX_SIZE_TRAIN", "160",
+            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "(5,)",
+            "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "NST_DET.TRAINER", args.trainer,
+        ])
+    else:
+        train, _ = register_toy_imagefolder("driver_cls", args.data_dir, seed=1,
+                                            train_per_class=4, val_per_class=2)
+        cfg.merge_from_file(str(REPO / "configs/quick_schedules/cls_R18_toy.yaml"))
+        cfg.merge_from_list([*common, "SOLVER.IMS_PER_BATCH", "4"])
     cfg.DATASETS.TRAIN = (train,)
     cfg.DATASETS.TEST = ()
     cfg.OUTPUT_DIR = args.out_dir

@@ -29,6 +29,12 @@ def _losses(out_dir):
     return {row.pop("iter"): row for row in rows}
 
 
+def _iterations(out_dir):
+    """Every iteration recorded, in order, repeats included (a restart from 0 would show)."""
+    lines = (Path(out_dir) / "losses.jsonl").read_text().splitlines()
+    return [json.loads(line)["iter"] for line in lines]
+
+
 def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -58,7 +64,7 @@ def test_killed_run_resumes_to_identical_weights_and_losses(reference_run):
     # resume with a data-loader worker this time: the stream must not depend on workers
     _train(killed, root / "data", "--resume", "--num-workers", "1")
     assert _losses(killed) == _losses(root / "full")
-    assert sorted(_losses(killed)) == list(range(8))  # each iteration ran exactly once
+    assert _iterations(killed) == list(range(8))  # resumed at 6: each iteration ran once
     _assert_same_weights(killed / "model_final.pth", root / "full" / "model_final.pth")
 
 
@@ -70,9 +76,8 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(reference_run):
     assert (run / "last_checkpoint").read_text() == "model_0000002.pth"
     torch.load(run / "model_0000002.pth", weights_only=True)  # still loadable
     _train(run, root / "data", "--resume")
-    lines = (run / "losses.jsonl").read_text().splitlines()
-    iterations = [json.loads(line)["iter"] for line in lines]
-    assert iterations == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]  # killed in 5's save; resumed after 2
+    # killed in 5's save; resumed after 2
+    assert _iterations(run) == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]
     assert _losses(run) == _losses(root / "full")
     _assert_same_weights(run / "model_final.pth", root / "full" / "model_final.pth")
 
@@ -86,3 +91,16 @@ def test_truncated_checkpoint_is_skipped_with_warning(reference_run):
     assert "Skipping checkpoint on resume" in log and "model_0000005.pth" in log
     # it fell back to iteration 2 and still ends where the uninterrupted run ended
     _assert_same_weights(run / "model_final.pth", root / "full" / "model_final.pth")
+
+
+def test_classification_killed_run_resumes_exactly(tmp_path):
+    """The classification trainer shares the resumable stream and RNG checkpointing."""
+    data = tmp_path / "cls_data"
+    _train(tmp_path / "full", data, "--task", "cls")
+    _train(tmp_path / "killed", data, "--task", "cls", "--kill-at", "5", expect_kill=True)
+    _train(tmp_path / "killed", data, "--task", "cls", "--resume", "--num-workers", "1")
+    assert _iterations(tmp_path / "killed") == list(range(8))  # resumed at 6
+    assert all("total_loss" in row for row in _losses(tmp_path / "full").values())
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    _assert_same_weights(tmp_path / "killed" / "model_final.pth",
+                         tmp_path / "full" / "model_final.pth")
