@@ -25,6 +25,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
 from ..modeling.backbone.inception_bn import InceptionBNBackbone
+from ..utils.atomic import atomic_write
 
 __all__ = ["RESNET_RENAMES", "INCEPTION_BN_RENAMES", "DROPPED", "convert_student",
            "detect_family", "reference_backbone", "resnet_depth", "save_d2_weights"]
@@ -150,6 +151,8 @@ def convert_student(state: dict, family: str | None = None
 
 
 def save_d2_weights(converted: dict[str, torch.Tensor], path: str) -> None:
-    """Write detectron2-loadable weights (matched by DetectionCheckpointer's heuristics)."""
-    torch.save({"model": {k: v.detach().cpu() for k, v in converted.items()},
-                "__author__": "nst_det", "matching_heuristics": True}, path)
+    """Write detectron2-loadable weights (matched by DetectionCheckpointer's heuristics),
+    atomically: a crash mid-write leaves no partial file at `path`."""
+    with atomic_write(path) as f:
+        torch.save({"model": {k: v.detach().cpu() for k, v in converted.items()},
+                    "__author__": "nst_det", "matching_heuristics": True}, f)
