@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_distill_overhead.py                 # toy configs, CPU
     .venv/bin/python benchmarks/bench_distill_overhead.py --paper-shapes  # + NST at 800x1333 FPN
     .venv/bin/python benchmarks/bench_distill_overhead.py --device cuda --iters 50
+    .venv/bin/python benchmarks/bench_distill_overhead.py --ablations     # what each choice saves
 
 All variants run on the same batch and are interleaved iteration by iteration, so machine noise
 hits them alike; the figures are ratios of medians measured in this one run:
@@ -72,6 +73,8 @@ def main():
                         help="student and teacher in channels_last layout (NST_DET.CHANNELS_LAST)")
     parser.add_argument("--paper-shapes", action="store_true",
                         help="also time nst_loss on FPN p2-p6 of an 800x1333 input (C=256)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also time what each design choice saves (see `ablations`)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,8 +138,64 @@ def main():
     print(f"NST share of the distillation step: "
           f"{100 * med['nst loss fwd+bwd'] / med['distill step']:.2f}% (target <= 5%)")
 
+    if args.ablations:
+        ablations(teacher, student, images, pairs, med, args.device, args.iters)
     if args.paper_shapes:
         paper_nst(args.device)
+
+
+def ablations(teacher, student, images, pairs, med: dict, device: str, iters: int):
+    """The distillation step's cost if one design choice were undone, measured interleaved.
+
+    Each row times the piece that changes (as built vs undone) and adds the difference to the
+    measured distillation step: a teacher run a second time (features not shared by NST and KD),
+    the teacher's whole inference instead of its backbone, the teacher's forward building an
+    autograd graph (parameters left trainable), the NST loss in float64.
+    """
+    s_feats = {k: v.detach() for k, v in student.backbone(images).items()}
+    with torch.no_grad():
+        t_feats = teacher.backbone(images)
+
+    def teacher_with_autograd():
+        for p in teacher.parameters():
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                teacher.backbone(images)
+        finally:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+
+    def nst(dtype):
+        def run():
+            feats = {k: v.to(dtype).requires_grad_() for k, v in s_feats.items()}
+            sum(nst_loss(feats[s], t_feats[t].to(dtype)) for s, t in pairs).backward()
+        return run
+
+    pieces = {"nst fp32": nst(torch.float32), "nst fp64": nst(torch.float64),
+              "teacher fwd autograd": teacher_with_autograd}
+    times = {n: [] for n in pieces}
+    for fn in pieces.values():
+        fn()  # warm-up
+    for _ in range(iters):
+        for name, fn in pieces.items():
+            times[name].append(_timed(fn, device))
+    m = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    extra = {
+        "teacher features computed twice": med["teacher backbone fwd"],
+        "teacher runs its heads (full inference)":
+            med["teacher inference fwd"] - med["teacher backbone fwd"],
+        "teacher forward with autograd": m["teacher fwd autograd"] - med["teacher backbone fwd"],
+        "NST loss in float64": m["nst fp64"] - m["nst fp32"],
+    }
+    base = med["student step"] + med["teacher backbone fwd"]
+    print("\nif a design choice were undone (extra ms measured in this run, added to the step):")
+    print(f"  {'variant':42s} {'extra ms':>9s} {'step ms':>9s} {'overhead':>9s}")
+    print(f"  {'as built':42s} {0:9.1f} {med['distill step']:9.1f} "
+          f"{med['distill step'] / base:9.3f}")
+    for name, ms in extra.items():
+        step = med["distill step"] + ms
+        print(f"  {name:42s} {ms:9.1f} {step:9.1f} {step / base:9.3f}")
 
 
 def paper_nst(device: str, repeats: int = 3):

@@ -25,6 +25,9 @@ def add_nst_config(cfg: CN) -> None:
     cfg.MODEL.TEACHER.WEIGHTS = ""
     cfg.MODEL.TEACHER.OPTS = []  # e.g. ["MODEL.RESNETS.DEPTH", "50"]
     cfg.MODEL.TEACHER.ARCH = ""  # classification only, e.g. "resnet101"
+    # Detection: evaluate the teacher once before training (teacher/* scalars, a side-by-side
+    # table at the end). A pipeline that has just evaluated the same teacher turns it off.
+    cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN = True
 
     # Neuron Selectivity Transfer: LOSS_WEIGHT * MMD^2 between normalised channel maps of paired
     # student/teacher features. The paper's lambda enters as L = CE + lambda/2 * MMD^2, so the

@@ -17,6 +17,10 @@ from _detection_common import (
 )
 from detectron2.engine import launch
 
+from nst_det.data.toy_world import TOY_CLASSES
+from nst_det.engine import DetectionTrainer
+from nst_det.engine.teacher_eval import TeacherEvalHook
+
 pytestmark = pytest.mark.slow
 
 
@@ -53,6 +57,9 @@ def test_toy_distillation_run_evaluates_and_resumes(tmp_path, tiny_voc):
     assert any("teacher/bbox/AP50" in m for m in metrics)
     evals = {m["iteration"]: m["bbox/AP50"] for m in metrics if "bbox/AP50" in m}
     assert sorted(evals) == [1, 4] and all(math.isfinite(v) for v in evals.values())  # 2, end
+    # the trainer's evaluator also reports AP50 per class (the pipeline report's bar chart)
+    per_class = [k for k in metrics[-1] if k.startswith("bbox/AP50-")]
+    assert sorted(per_class) == [f"bbox/AP50-{c}" for c in sorted(TOY_CLASSES)]
     nst = [m["loss_nst"] for m in metrics if "loss_nst" in m]
     assert nst and all(math.isfinite(v) and v > 0 for v in nst)
     assert any("loss_kd" in m for m in metrics)
@@ -67,6 +74,21 @@ def test_toy_distillation_run_evaluates_and_resumes(tmp_path, tiny_voc):
     iterations = [m["iteration"] for m in _metrics(out) if "loss_nst" in m]
     assert sorted(set(iterations)) == [3, 5]  # the writer's last line of each run: 3, then 5
     assert (out / "teacher_metrics.json").stat().st_mtime_ns == teacher_mtime  # evaluated once
+
+
+def test_teacher_evaluation_before_training_can_be_turned_off(tmp_path, tiny_voc):
+    teacher = write_teacher(tmp_path)
+    cfg = make_cfg(NST_TOY, distill_opts(*teacher) + ["MODEL.WEIGHTS", ""],
+                   data=tiny_voc[:2], output_dir=tmp_path / "out")
+    hooks = {flag: DetectionTrainer(_with(cfg, flag))._hooks for flag in (True, False)}
+    assert any(isinstance(h, TeacherEvalHook) for h in hooks[True])
+    assert not any(isinstance(h, TeacherEvalHook) for h in hooks[False])
+
+
+def _with(cfg, eval_teacher: bool):
+    cfg = cfg.clone()
+    cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN = eval_teacher
+    return cfg
 
 
 def test_two_process_gloo_distillation(tmp_path, tiny_voc):

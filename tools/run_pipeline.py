@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The main job: the whole NST method end to end, then a report.
 
-    tools/run_pipeline.py                          # toy data, this CPU, ~10 minutes
+    tools/run_pipeline.py                          # toy data, this CPU
     tools/run_pipeline.py --scale ci               # a few iterations per stage (tests)
     tools/run_pipeline.py --paper --num-gpus 8     # ImageNet + VOC2007 under $DETECTRON2_DATASETS
 
@@ -13,13 +13,25 @@ stages are skipped when the command is run again (same --output), so it can be r
 
 import os
 import sys
+import warnings
 from dataclasses import replace
 
-from detectron2.engine import default_argument_parser
+# upstream deprecation notices (raised while detectron2 imports and at every stage) would bury
+# the progress lines; they are about torch APIs detectron2 v0.6 uses, not about this run
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
+warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release")
 
-from nst_det.pipeline import PAPER_CONFIGS, TOY_CONFIGS, TOY_SCALES, PipelineRunner, build_plan
-from nst_det.pipeline.report import write_report
-from nst_det.pipeline.steps import convert_stage, export_stage
+from detectron2.engine import default_argument_parser  # noqa: E402
+
+from nst_det.pipeline import (  # noqa: E402
+    PAPER_CONFIGS,
+    TOY_CONFIGS,
+    TOY_SCALES,
+    PipelineRunner,
+    build_plan,
+)
+from nst_det.pipeline.report import write_report  # noqa: E402
+from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -32,7 +44,18 @@ def parse_args(argv=None):
     parser.add_argument("--paper", action="store_true",
                         help="ImageNet + VOC2007 (configs/ImageNet-Pretrain, VOC-Detection)")
     parser.add_argument("--seeds", default=None, help="comma-separated student seeds, e.g. 0,1,2")
-    return parser.parse_args(argv)
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training stages run side by side, each in its own process with "
+                             "cpu_count/jobs threads (default: 2 for toy runs on a CPU with 2+ "
+                             "cores, else 1: one stage at a time, launched with --num-gpus)")
+    args = parser.parse_args(argv)
+    if args.jobs is None:
+        cpu_toy = not args.paper and args.num_gpus <= 1 and args.num_machines == 1
+        args.jobs = 2 if cpu_toy and (os.cpu_count() or 1) >= 2 else 1
+    if args.jobs > 1 and (args.num_gpus > 1 or args.num_machines > 1):
+        parser.error("--jobs > 1 runs single-process stages side by side: use it without "
+                     "--num-gpus/--num-machines (those launch one stage at a time)")
+    return args
 
 
 def main(argv=None):
@@ -47,7 +70,7 @@ def main(argv=None):
         "report": lambda stage: write_report(stages, stage.out_dir),
     }
     os.makedirs(args.output, exist_ok=True)
-    PipelineRunner(stages, args, handlers).run()
+    PipelineRunner(stages, args, handlers, jobs=args.jobs).run()
     print(f"report: {os.path.join(args.output, 'report.md')}")
     return 0
 

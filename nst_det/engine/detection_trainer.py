@@ -2,10 +2,10 @@
 
 from detectron2.data import DatasetMapper
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
+from ..evaluation import PerClassVOCEvaluator
 from .registry import TRAINER_REGISTRY
 from .reliable import ReliableTrainerMixin
 from .teacher_eval import TeacherEvalHook
@@ -20,7 +20,8 @@ class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
       - BestCheckpointer: `model_best.pth` whenever AP50 on the first test set improves;
       - TeacherEvalHook, for a model with a `teacher` (DistillationRCNN): the teacher is
         evaluated once before training, logged as `teacher/...` scalars and written to
-        OUTPUT_DIR/teacher_metrics.json, and compared with the student at the end.
+        OUTPUT_DIR/teacher_metrics.json, and compared with the student at the end
+        (MODEL.TEACHER.EVAL_BEFORE_TRAIN False skips it).
     """
 
     # the metric BestCheckpointer tracks (as flattened by EvalHook), per test set
@@ -34,7 +35,7 @@ class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         # the VOC evaluator writes nothing; output_folder is accepted for DefaultTrainer's API
         del output_folder
-        return PascalVOCDetectionEvaluator(dataset_name)
+        return PerClassVOCEvaluator(dataset_name)
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -53,7 +54,7 @@ class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
         if isinstance(model, DistributedDataParallel):
             model = model.module
         teacher = getattr(model, "teacher", None)
-        if teacher is not None:
+        if teacher is not None and self.cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN:
             extra.append(
                 TeacherEvalHook(teacher, lambda m: self.test(self.cfg, m), self.cfg.OUTPUT_DIR)
             )

@@ -34,6 +34,7 @@ class Stage:
     inputs: dict = field(default_factory=dict)  # paths produced by earlier stages
     meta: dict = field(default_factory=dict)  # what the report needs to place the result
     iters: int = 0  # training iterations (for the ETA)
+    after: list = field(default_factory=list)  # names of the stages whose outputs it reads
 
 
 @dataclass
@@ -66,10 +67,10 @@ TOY_SCALES = {
 }
 
 
-def _train(name, out_root, config, opts, iters, **meta) -> Stage:
+def _train(name, out_root, config, opts, iters, after, **meta) -> Stage:
     out_dir = os.path.join(out_root, name)
     opts = [*opts, "OUTPUT_DIR", out_dir, "SOLVER.MAX_ITER", str(iters)]
-    return Stage(name, "train", out_dir, config, opts, meta=meta, iters=iters)
+    return Stage(name, "train", out_dir, config, opts, meta=meta, iters=iters, after=after)
 
 
 def _schedule(iters: int, eval_twice: bool = False) -> list:
@@ -106,10 +107,10 @@ TOY_CONFIGS = PlanConfigs(
                   "nst": "configs/quick_schedules/cls_R18_NST_toy.yaml",
                   "kd_nst": "configs/quick_schedules/cls_R18_KD_NST_toy.yaml"},
     det_teacher="configs/quick_schedules/faster_rcnn_R_50_FPN_toy_teacher.yaml",
-    det_student="configs/quick_schedules/faster_rcnn_R_18_FPN_toy.yaml",
+    # the same base for both student variants (pretrained backbone, FrozenBN, every stage
+    # trained): the _nst config differs only by the distillation loss
+    det_student="configs/quick_schedules/faster_rcnn_R_18_FPN_toy_pretrained.yaml",
     det_student_nst="configs/quick_schedules/faster_rcnn_R_18_FPN_toy_nst.yaml",
-    # the toy detector configs already train every layer with BN (no FREEZE_AT, no FrozenBN):
-    # the toy classifiers saw 64 px images, so their BN statistics must adapt to detection inputs
     det_extra_opts=[],
     # the toy teacher classifier is a ResNet-34 (CPU cost), so the teacher detector is R-34 FPN
     det_teacher_opts=["MODEL.RESNETS.DEPTH", "34", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64"],
@@ -136,9 +137,9 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs) -> list:
     def schedule(iters, eval_twice=False):
         return _schedule(iters, eval_twice) if iters else []
 
-    def train(name, config, opts, iters, **meta):
+    def train(name, config, opts, iters, after=(), **meta):
         data = scale.cls_data_opts if meta["stage"] == "cls" else scale.det_data_opts
-        stage = _train(name, out_root, config, [*data, *opts], iters, **meta)
+        stage = _train(name, out_root, config, [*data, *opts], iters, list(after), **meta)
         if not iters:  # keep the config's MAX_ITER
             stage.opts = stage.opts[:-2]
         return stage
@@ -159,7 +160,7 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs) -> list:
                             meta={"role": "teacher", "stage": "cls"}))
     teacher_d2 = os.path.join(teacher_dir, "backbone_d2.pth")
     stages.append(Stage("convert_cls_teacher", "convert", os.path.join(teacher_dir, "convert"),
-                        inputs={"src": teacher_ckpt, "dst": teacher_d2}))
+                        inputs={"src": teacher_ckpt, "dst": teacher_d2}, after=["cls_teacher"]))
 
     student_d2 = {}
     for seed in scale.seeds:
@@ -169,20 +170,22 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs) -> list:
             if method != "plain":
                 opts += ["MODEL.TEACHER.WEIGHTS", teacher_ckpt]
             stage = train(name, config, opts, scale.cls_student_iters,
+                          after=[] if method == "plain" else ["cls_teacher"],
                           role="student", stage="cls", method=method, seed=seed)
             stages.append(stage)
             student_d2[method, seed] = os.path.join(stage.out_dir, "backbone_d2.pth")
             stages.append(Stage(f"convert_{name}", "convert",
                                 os.path.join(stage.out_dir, "convert"), inputs={
                                     "src": os.path.join(stage.out_dir, "model_final.pth"),
-                                    "dst": student_d2[method, seed]}))
+                                    "dst": student_d2[method, seed]}, after=[name]))
 
     extra = configs.det_extra_opts
     det_teacher = train("det_teacher", configs.det_teacher,
                         [*extra, *configs.det_teacher_opts,
                          *schedule(scale.det_teacher_iters, eval_twice=True),
                          "MODEL.WEIGHTS", teacher_d2, "SEED", "0"],
-                        scale.det_teacher_iters, role="teacher", stage="det")
+                        scale.det_teacher_iters, after=["convert_cls_teacher"],
+                        role="teacher", stage="det")
     stages.append(det_teacher)
     # the distillation runs rebuild the teacher from the very config it was trained with
     teacher_cfg = os.path.join(det_teacher.out_dir, "config.yaml")
@@ -193,12 +196,16 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs) -> list:
                 name = f"det_{method}{'_detnst' if det_nst else ''}_s{seed}"
                 opts = [*extra, *schedule(scale.det_student_iters, eval_twice=True),
                         "MODEL.WEIGHTS", student_d2[method, seed], "SEED", str(seed)]
-                if det_nst:
+                if det_nst:  # the det_teacher stage has evaluated this teacher already
                     opts += ["MODEL.TEACHER.CONFIG_FILE", teacher_cfg,
-                             "MODEL.TEACHER.WEIGHTS", teacher_weights]
+                             "MODEL.TEACHER.WEIGHTS", teacher_weights,
+                             "MODEL.TEACHER.EVAL_BEFORE_TRAIN", "False"]
                 config = configs.det_student_nst if det_nst else configs.det_student
-                stages.append(train(name, config, opts, scale.det_student_iters, role="student",
-                                    stage="det", method=method, seed=seed, det_nst=det_nst))
-    stages.append(Stage("export", "export", os.path.join(out_root, "export")))
-    stages.append(Stage("report", "report", out_root))
+                after = [f"convert_cls_{method}_s{seed}", *(["det_teacher"] if det_nst else [])]
+                stages.append(train(name, config, opts, scale.det_student_iters, after=after,
+                                    role="student", stage="det", method=method, seed=seed,
+                                    det_nst=det_nst))
+    trained = [s.name for s in stages if s.kind in ("train", "evaluate")]
+    stages.append(Stage("export", "export", os.path.join(out_root, "export"), after=trained))
+    stages.append(Stage("report", "report", out_root, after=[*trained, "export"]))
     return stages

@@ -253,6 +253,11 @@ def _verdict(numbers: dict, mmd: dict) -> list[str]:
                      f"R-18 student's {statistics.mean(base):.1f} ({gap:+.1f}); "
                      + ("there is something to transfer." if gap > 1 else
                         "the toy world is too easy for a teacher to help at this scale."))
+        if statistics.mean(base) < 0.25 * teacher:
+            lines.append("The plain student is far from converged at this schedule (under a "
+                         "quarter of the teacher's AP50): the differences below say how much "
+                         "faster each method learns in a short fine-tuning, not where longer "
+                         "training would end.")
     spread = statistics.stdev(base) if len(base) > 1 else None
     for name, values in numbers.items():
         if name in ("teacher", "Student → fine-tune") or not values["AP50"] or not base:

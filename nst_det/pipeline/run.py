@@ -12,6 +12,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 
 from detectron2.engine import HookBase, launch
@@ -124,58 +126,162 @@ def _evaluate_worker(stage_dict: dict) -> None:
             json.dump(results, f, indent=2)
 
 
-class PipelineRunner:
-    """Runs stages in order; `handlers` maps a non-train stage kind to a function(stage) -> dict."""
+SUMMARY_KINDS = ("export", "report")  # stages that summarise every training run
 
-    def __init__(self, stages: list, launch_args: argparse.Namespace, handlers: dict):
+
+def spawn_train_worker(stage: Stage, label: str, later: tuple, threads: int):
+    """Start `nst_det.pipeline.worker` for one training stage; returns the Popen handle."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    payload = json.dumps({"stage": vars(stage), "label": label, "later": list(later),
+                          "threads": threads})
+    return subprocess.Popen([sys.executable, "-m", "nst_det.pipeline.worker", payload], env=env)
+
+
+class PipelineRunner:
+    """Runs each stage of a plan once, in dependency order (`Stage.after`), skipping done ones.
+
+    jobs == 1: one stage at a time, training in this process through detectron2's launch, so
+    --num-gpus / --num-machines apply (paper scale). jobs > 1 (CPU toy runs): up to `jobs`
+    training stages at once, each in its own process with cpu_count // jobs threads: a toy
+    detector's step keeps only ~1.3 of 2 cores busy (python-side RPN/RoI work), so two
+    single-thread runs side by side finish sooner than the same two runs one after the other.
+    Conversion, export and report run in this process. `handlers` maps a non-training stage kind
+    to a function(stage) -> metrics dict; `spawn` starts a training stage's process (tests
+    replace it).
+    """
+
+    def __init__(self, stages: list, launch_args: argparse.Namespace, handlers: dict,
+                 jobs: int = 1, spawn=spawn_train_worker):
         self.stages, self.launch_args, self.handlers = stages, launch_args, handlers
+        self.jobs, self._spawn = max(1, jobs), spawn
+        self._threads = max(1, (os.cpu_count() or 1) // self.jobs)
         self._rate = dict(_PRIOR_SEC_PER_ITER)  # measured seconds per iteration, per stage kind
+        # what export / report were built from: when the plan has grown (e.g. more seeds), they
+        # are redone even if an earlier, smaller run finished them
+        self._trained = sorted(s.name for s in stages if s.kind in ("train", "evaluate"))
+        names = {s.name for s in stages}
+        unknown = {s.name: [d for d in s.after if d not in names] for s in stages}
+        unknown = {k: v for k, v in unknown.items() if v}
+        if unknown:
+            raise ValueError(f"stages wait for stages that are not in the plan: {unknown}")
+
+    def _done(self, stage: Stage) -> bool:
+        result = stage_result(stage)
+        if result is None:
+            return False
+        return stage.kind not in SUMMARY_KINDS or result.get("built_from") == self._trained
 
     def _estimate(self, stage: Stage) -> float:
         if stage.kind == "train":
             return stage.iters * self._rate[stage.meta["stage"]] + _PRIOR_SEC_FIXED["train"]
         return _PRIOR_SEC_FIXED[stage.kind]
 
-    def _later(self, index: int) -> tuple:
+    def _critical_path(self, stage: Stage) -> float:
+        """Estimated seconds of the longest chain of stages from `stage` to the end."""
+        later = [s for s in self.stages if stage.name in s.after]
+        return self._estimate(stage) + max(map(self._critical_path, later), default=0.0)
+
+    def _remaining(self, pending: list) -> float:
+        """Estimated seconds for the pending stages, training shared among the jobs."""
+        train = sum(self._estimate(s) for s in pending if s.kind == "train")
+        return train / self.jobs + sum(self._estimate(s) for s in pending if s.kind != "train")
+
+    def _later(self, stage: Stage, pending: list) -> tuple:
         """(later training seconds, later other seconds, this stage's s/it) for _Progress."""
-        later = [s for s in self.stages[index + 1:] if stage_result(s) is None]
-        train = sum(self._estimate(s) for s in later if s.kind == "train")
+        later = [s for s in pending if s is not stage]
+        train = sum(self._estimate(s) for s in later if s.kind == "train") / self.jobs
         other = sum(self._estimate(s) for s in later if s.kind != "train")
-        return train, other, self._rate[self.stages[index].meta["stage"]]
+        return train, other, self._rate[stage.meta["stage"]]
 
     def run(self) -> None:
         t0 = time.perf_counter()
-        for i, stage in enumerate(self.stages):
-            label = f"[{i + 1}/{len(self.stages)} {stage.name}]"
-            if stage_result(stage) is not None:
-                print(f"{label} done earlier: skipped", flush=True)
+        labels = {s.name: f"[{i + 1}/{len(self.stages)} {s.name}]"
+                  for i, s in enumerate(self.stages)}
+        pending, finished = [], set()
+        for stage in self.stages:
+            if self._done(stage):
+                print(f"{labels[stage.name]} done earlier: skipped", flush=True)
+                finished.add(stage.name)
+            else:
+                pending.append(stage)
+        running = {}  # name -> (process, stage, start time)
+        while pending or running:
+            ready = [s for s in pending if set(s.after) <= finished
+                     and not (s.kind == "train" and self.jobs > 1 and len(running) >= self.jobs)]
+            # the stage heading the longest chain of work first (e.g. the teacher detector
+            # before a student pretraining that nothing waits for)
+            stage = max(ready, key=self._critical_path, default=None)
+            if stage is None:  # everything left waits for a running stage
+                if not running:
+                    raise RuntimeError("the plan's stages wait for each other: "
+                                       f"{[(s.name, s.after) for s in pending]}")
+                finished.add(self._wait_for_one(running, labels))
                 continue
-            remaining = sum(self._estimate(s) for s in self.stages[i:] if stage_result(s) is None)
-            print(f"{label} starting ({stage.kind}); pipeline ETA {_fmt(remaining)}", flush=True)
+            later = self._later(stage, pending) if stage.kind == "train" else None
+            print(f"{labels[stage.name]} starting ({stage.kind}); pipeline ETA "
+                  f"{_fmt(self._remaining(pending))}", flush=True)
+            pending.remove(stage)
             start = time.perf_counter()
+            if stage.kind == "train" and self.jobs > 1:
+                process = self._spawn(stage, labels[stage.name], later, self._threads)
+                running[stage.name] = (process, stage, start)
+                continue
             if stage.kind in ("train", "evaluate"):
-                metrics = self._run_train(i, stage, label)
+                metrics = self._run_in_process(stage, labels[stage.name], later)
             else:
                 metrics = self.handlers[stage.kind](stage) or {}
-            seconds = time.perf_counter() - start
-            if stage.kind == "train" and stage.iters >= 20:
-                # evaluation and start-up ride on the per-iteration rate: good enough for an ETA
-                self._rate[stage.meta["stage"]] = seconds / stage.iters
-            os.makedirs(stage.out_dir, exist_ok=True)
-            with atomic_write(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
-                json.dump({"name": stage.name, "kind": stage.kind, "seconds": seconds,
-                           "meta": stage.meta, "metrics": metrics}, f, indent=2)
-            print(f"{label} finished in {_fmt(seconds)} {_summary(metrics)}", flush=True)
+            self._finish(stage, metrics, time.perf_counter() - start, labels[stage.name])
+            finished.add(stage.name)
         print(f"pipeline finished in {_fmt(time.perf_counter() - t0)}", flush=True)
 
-    def _run_train(self, index: int, stage: Stage, label: str) -> dict:
+    def _wait_for_one(self, running: dict, labels: dict) -> str:
+        """Block until a spawned stage ends; record it, or stop everything if it failed."""
+        while True:
+            for name, (process, stage, start) in list(running.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del running[name]
+                if code != 0:
+                    for other, *_ in running.values():  # their checkpoints let a rerun resume
+                        other.terminate()
+                    for other, *_ in running.values():
+                        other.wait()
+                    raise RuntimeError(
+                        f"stage {name} failed (exit code {code}); its log is in "
+                        f"{os.path.join(stage.out_dir, 'log.rank0.txt')}. Finished stages are "
+                        "kept: run the same command again to resume.")
+                self._finish(stage, _final_metrics(stage), time.perf_counter() - start,
+                             labels[name])
+                return name
+            time.sleep(0.5)
+
+    def _finish(self, stage: Stage, metrics: dict, seconds: float, label: str) -> None:
+        if stage.kind == "train" and stage.iters >= 20:
+            # evaluation and start-up ride on the per-iteration rate: good enough for an ETA
+            self._rate[stage.meta["stage"]] = seconds / stage.iters
+        os.makedirs(stage.out_dir, exist_ok=True)
+        extra = {"built_from": self._trained} if stage.kind in SUMMARY_KINDS else {}
+        with atomic_write(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
+            json.dump({"name": stage.name, "kind": stage.kind, "seconds": seconds,
+                       "meta": stage.meta, "metrics": metrics, **extra}, f, indent=2)
+        print(f"{label} finished in {_fmt(seconds)} {_summary(metrics)}", flush=True)
+
+    def _run_in_process(self, stage: Stage, label: str, later) -> dict:
         a = self.launch_args
-        worker, args = ((_train_worker, (vars(stage), label, self._later(index)))
+        worker, args = ((_train_worker, (vars(stage), label, later))
                         if stage.kind == "train" else (_evaluate_worker, (vars(stage),)))
         launch(worker, a.num_gpus, num_machines=a.num_machines, machine_rank=a.machine_rank,
                dist_url=a.dist_url, args=args)
-        with open(os.path.join(stage.out_dir, "final_metrics.json")) as f:
-            return json.load(f)
+        return _final_metrics(stage)
+
+
+def _final_metrics(stage: Stage) -> dict:
+    path = os.path.join(stage.out_dir, "final_metrics.json")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"stage {stage.name} ended without writing {path}")
+    with open(path) as f:
+        return json.load(f)
 
 
 def _summary(metrics: dict) -> str:

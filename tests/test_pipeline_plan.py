@@ -1,0 +1,51 @@
+"""The pipeline's plan compares like with like: the runs of a comparison differ only by the method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from detectron2.config import CfgNode
+
+from nst_det.config import load_config
+from nst_det.pipeline.plan import PAPER_CONFIGS, TOY_CONFIGS, TOY_SCALES, build_plan
+
+REPO = Path(__file__).resolve().parents[1]
+# what a distillation run may add to its baseline: the method, and where it writes
+DISTILLATION_KEYS = ("MODEL.META_ARCHITECTURE", "MODEL.TEACHER.", "MODEL.NST.", "MODEL.KD.",
+                     "OUTPUT_DIR")
+
+
+def _flat(cfg: CfgNode, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, CfgNode):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _differences(a: str, b: str) -> list[str]:
+    fa, fb = _flat(load_config(str(REPO / a))), _flat(load_config(str(REPO / b)))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+@pytest.mark.parametrize("configs", [TOY_CONFIGS, PAPER_CONFIGS], ids=["toy", "paper"])
+def test_detection_students_differ_only_by_distillation(configs):
+    differences = _differences(configs.det_student, configs.det_student_nst)
+    assert differences, "the NST config must change something"
+    assert [k for k in differences if not k.startswith(DISTILLATION_KEYS)] == []
+
+
+def test_every_detection_student_of_a_seed_starts_from_its_own_pretrained_backbone(tmp_path):
+    stages = build_plan(str(tmp_path), TOY_SCALES["demo"], TOY_CONFIGS)
+    students = [s for s in stages if s.meta.get("stage") == "det" and s.meta["role"] == "student"]
+    assert len(students) == 2 * len(TOY_CONFIGS.cls_students) * len(TOY_SCALES["demo"].seeds)
+    for stage in students:
+        weights = stage.opts[stage.opts.index("MODEL.WEIGHTS") + 1]
+        assert f"cls_{stage.meta['method']}_s{stage.meta['seed']}" in weights
+        # with and without detection-stage NST: the same schedule and seed
+        twin = next(s for s in students if s.meta["method"] == stage.meta["method"]
+                    and s.meta["seed"] == stage.meta["seed"] and s is not stage)
+        assert stage.iters == twin.iters
