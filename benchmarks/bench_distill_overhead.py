@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_distill_overhead.py --paper-shapes  # + NST at 800x1333 FPN
     .venv/bin/python benchmarks/bench_distill_overhead.py --device cuda --iters 50
     .venv/bin/python benchmarks/bench_distill_overhead.py --ablations     # what each choice saves
+    .venv/bin/python benchmarks/bench_distill_overhead.py --setup paper --iters 3  # VOC shapes
 
 All variants run on the same batch and are interleaved iteration by iteration, so machine noise
 hits them alike; the figures are ratios of medians measured in this one run:
@@ -46,22 +47,53 @@ def _timed(fn, device):
     return time.perf_counter() - start
 
 
-def build(device: str, tmp: str):
-    """Student, distiller (same initial weights) and a batch of two toy training images."""
-    opts = ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0"]
-    teacher_cfg = load_config(str(Q / "faster_rcnn_R_50_FPN_toy_teacher.yaml"), opts)
+V = REPO / "configs" / "VOC-Detection"
+SETUPS = {
+    # (student + NST config, teacher config): the toy pair, and the paper's VOC pair (R-18 FPN
+    # with 256-channel FPN, R-50 FPN teacher) at its input size
+    "toy": (Q / "faster_rcnn_R_18_FPN_toy_nst.yaml", Q / "faster_rcnn_R_50_FPN_toy_teacher.yaml"),
+    "paper": (V / "faster_rcnn_R_18_FPN_NST.yaml", V / "faster_rcnn_R_50_FPN_teacher.yaml"),
+}
+
+
+def paper_batch(num_images: int = 1, height: int = 800, width: int = 1333):
+    """Random images at the paper's VOC input size, each with three boxes (20 VOC classes)."""
+    from detectron2.structures import Boxes, Instances
+
+    batch = []
+    for i in range(num_images):
+        g = torch.Generator().manual_seed(i)
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(torch.tensor([[100.0, 80, 500, 400], [600, 300, 1200, 760],
+                                            [300, 500, 520, 700]]))
+        inst.gt_classes = torch.tensor([3, 11, 14])
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
+        batch.append({"image": image, "instances": inst, "height": height, "width": width})
+    return batch
+
+
+def build(device: str, tmp: str, setup: str = "toy"):
+    """Student, distiller (same initial weights, random) and a batch: two toy training images,
+    or one random 800x1333 image for the paper setup."""
+    student_file, teacher_file = SETUPS[setup]
+    # random weights: nothing is downloaded, and timing does not depend on the values
+    opts = ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", ""]
+    teacher_cfg = load_config(str(teacher_file), opts)
     teacher_weights = str(Path(tmp) / "teacher.pth")
     torch.save({"model": build_model(teacher_cfg).state_dict()}, teacher_weights)
-    distill_cfg = load_config(str(Q / "faster_rcnn_R_18_FPN_toy_nst.yaml"), [
+    distill_cfg = load_config(str(student_file), [
         *opts, "MODEL.TEACHER.WEIGHTS", teacher_weights,
-        "MODEL.TEACHER.CONFIG_FILE", str(Q / "faster_rcnn_R_50_FPN_toy_teacher.yaml")])
+        "MODEL.TEACHER.CONFIG_FILE", str(teacher_file), "MODEL.TEACHER.OPTS", str(opts)])
     distill = build_model(distill_cfg)
     # the plain student: the very same detector without the distillation
-    student = build_model(load_config(str(Q / "faster_rcnn_R_18_FPN_toy_nst.yaml"),
+    student = build_model(load_config(str(student_file),
                                       [*opts, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"]))
     distill.load_state_dict(student.state_dict())
-    mapper = DatasetMapper(distill_cfg, is_train=True)
-    batch = [mapper(r) for r in DatasetCatalog.get(distill_cfg.DATASETS.TRAIN[0])[:2]]
+    if setup == "paper":
+        batch = paper_batch()
+    else:
+        mapper = DatasetMapper(distill_cfg, is_train=True)
+        batch = [mapper(r) for r in DatasetCatalog.get(distill_cfg.DATASETS.TRAIN[0])[:2]]
     return student.train(), distill.train(), batch
 
 
@@ -73,12 +105,16 @@ def main():
                         help="student and teacher in channels_last layout (NST_DET.CHANNELS_LAST)")
     parser.add_argument("--paper-shapes", action="store_true",
                         help="also time nst_loss on FPN p2-p6 of an 800x1333 input (C=256)")
+    parser.add_argument("--setup", choices=sorted(SETUPS), default="toy",
+                        help="toy: the toy configs on two toy images; paper: the VOC configs "
+                             "(R-18 FPN student, R-50 FPN teacher, 256-ch FPN) on one random "
+                             "800x1333 image, random weights")
     parser.add_argument("--ablations", action="store_true",
                         help="also time what each design choice saves (see `ablations`)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        student, distill, batch = build(args.device, tmp)
+        student, distill, batch = build(args.device, tmp, args.setup)
     if args.channels_last:
         for model in (student, distill):  # DistillationRCNN converts its teacher too
             model.to(memory_format=torch.channels_last)
@@ -126,7 +162,7 @@ def main():
     med = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     shapes = {s: tuple(v.shape) for s, v in student.backbone(images).items()}
     print(f"device {args.device}{' channels_last' if args.channels_last else ''}, "
-          f"{args.iters} interleaved iterations, batch of 2 toy images "
+          f"{args.iters} interleaved iterations, {args.setup} setup, batch of {len(batch)} "
           f"{tuple(images.shape)}; NST pairs {pairs}; student feature shapes {shapes}")
     for name, value in med.items():
         print(f"  {name:24s} {value:9.1f} ms (median)")

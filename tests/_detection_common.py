@@ -95,4 +95,4 @@ def distributed_worker(config_file: str, data_prefix: str, data_dir: str, num_im
                      num_test=num_images[1])
     train_net = load_train_net()
     args = train_net.default_argument_parser().parse_args(["--config-file", config_file])
-    return train_net.main(args)
+    return train_net.launched_main(args)

@@ -1,4 +1,4 @@
-"""The pipeline's plan compares like with like: the runs of a comparison differ only by the method."""
+"""The pipeline plan compares like with like: runs of a comparison differ only by the method."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from detectron2.utils.logger import setup_logger
 
 from nst_det.config import load_config
 from nst_det.engine import TRAINER_REGISTRY
+from nst_det.utils.dist import release_process_group
 
 
 def setup(args):
@@ -41,11 +42,19 @@ def main(args):
     return trainer.train()
 
 
+def launched_main(args):
+    """main() in each launched process, ending its process group cleanly."""
+    try:
+        return main(args)
+    finally:
+        release_process_group()
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
-        main,
+        launched_main,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,

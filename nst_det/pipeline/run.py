@@ -23,6 +23,7 @@ from detectron2.utils.env import seed_all_rng
 from ..config import load_config
 from ..engine import TRAINER_REGISTRY
 from ..utils.atomic import atomic_write
+from ..utils.dist import release_process_group
 from .plan import Stage
 
 STAGE_FILE = "stage.json"
@@ -110,6 +111,7 @@ def _train_worker(stage_dict: dict, progress_label: str, later: tuple) -> None:
     if comm.is_main_process():
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
             json.dump(results, f, indent=2)
+    release_process_group()
 
 
 def _evaluate_worker(stage_dict: dict) -> None:
@@ -124,6 +126,7 @@ def _evaluate_worker(stage_dict: dict) -> None:
     if comm.is_main_process():
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
             json.dump(results, f, indent=2)
+    release_process_group()
 
 
 SUMMARY_KINDS = ("export", "report")  # stages that summarise every training run
@@ -134,7 +137,11 @@ def spawn_train_worker(stage: Stage, label: str, later: tuple, threads: int):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     payload = json.dumps({"stage": vars(stage), "label": label, "later": list(later),
                           "threads": threads})
-    return subprocess.Popen([sys.executable, "-m", "nst_det.pipeline.worker", payload], env=env)
+    # the upstream deprecation notices tools/run_pipeline.py silences; given as -W options
+    # because they are raised while the package imports, before the worker's own code runs
+    quiet = ["-W", "ignore:`torch.jit.script` is deprecated", "-W", "ignore:torch.meshgrid"]
+    return subprocess.Popen([sys.executable, *quiet, "-m", "nst_det.pipeline.worker", payload],
+                            env=env)
 
 
 class PipelineRunner:

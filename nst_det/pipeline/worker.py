@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
-
-# the same upstream deprecation notices tools/run_pipeline.py silences
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
-warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release")
 
 
 def main(argv=None) -> int:
