@@ -24,6 +24,7 @@ from detectron2.utils import comm
 from ..data.resumable import build_resumable_train_loader
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpointer import ReliableCheckpointer
+from .cpu_amp import autocast_training_forward
 from .nan_guard import install_nan_guard
 
 
@@ -56,7 +57,25 @@ def _report_skipped_images(trainer) -> None:
 
 
 class ReliableTrainerMixin:
-    """Exact resume, atomic checkpoints and a NaN guard for DefaultTrainer subclasses."""
+    """Exact resume, atomic checkpoints and a NaN guard for DefaultTrainer subclasses.
+
+    Also: SOLVER.AMP.ENABLED on a CPU trains under bfloat16 autocast (see cpu_amp.py) instead of
+    stopping at detectron2's CUDA-only AMPTrainer.
+    """
+
+    def __init__(self, cfg):
+        cpu_amp = cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda")
+        d2_cfg = cfg
+        if cpu_amp:  # DefaultTrainer would build the AMPTrainer: build a SimpleTrainer instead
+            d2_cfg = cfg.clone()
+            d2_cfg.defrost()
+            d2_cfg.SOLVER.AMP.ENABLED = False
+        super().__init__(d2_cfg)
+        self.cfg = cfg
+        if cpu_amp:
+            model = self._trainer.model
+            model = model.module if hasattr(model, "module") else model  # inside DDP, if any
+            autocast_training_forward(model, "cpu", torch.bfloat16)
 
     @classmethod
     def build_model(cls, cfg):
