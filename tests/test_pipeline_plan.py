@@ -49,3 +49,13 @@ def test_every_detection_student_of_a_seed_starts_from_its_own_pretrained_backbo
         twin = next(s for s in students if s.meta["method"] == stage.meta["method"]
                     and s.meta["seed"] == stage.meta["seed"] and s is not stage)
         assert stage.iters == twin.iters
+
+
+def test_train_opts_reach_every_training_stage(tmp_path):
+    amp = ["SOLVER.AMP.ENABLED", "True"]
+    stages = build_plan(str(tmp_path), TOY_SCALES["ci"], TOY_CONFIGS, train_opts=amp)
+    trained = [s for s in stages if s.kind == "train"]
+    assert len(trained) == 11  # 1 + 3 classification, 1 + 6 detection
+    for stage in trained:
+        assert stage.opts[:2] == amp  # first, so a stage's own overrides still win
+        assert load_config(str(REPO / stage.config), stage.opts).SOLVER.AMP.ENABLED

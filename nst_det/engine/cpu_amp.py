@@ -31,3 +31,12 @@ def autocast_training_forward(model: nn.Module, device_type: str = "cpu",
 
     model.forward = forward_under_autocast
     return model
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 / AMX); without it,
+    bfloat16 autocast is emulated and slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -129,17 +129,19 @@ PAPER_CONFIGS = PlanConfigs(
 )
 
 
-def build_plan(out_root: str, scale: Scale, configs: PlanConfigs) -> list:
+def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=()) -> list:
     """The stages of one reproduction: pretraining, conversion, detection, export, report.
 
     A scale with iteration counts of 0 keeps each config's own schedule (paper scale).
+    `train_opts` are config overrides for every training stage (e.g. SOLVER.AMP.ENABLED).
     """
     def schedule(iters, eval_twice=False):
         return _schedule(iters, eval_twice) if iters else []
 
     def train(name, config, opts, iters, after=(), **meta):
         data = scale.cls_data_opts if meta["stage"] == "cls" else scale.det_data_opts
-        stage = _train(name, out_root, config, [*data, *opts], iters, list(after), **meta)
+        stage = _train(name, out_root, config, [*train_opts, *data, *opts], iters, list(after),
+                       **meta)
         if not iters:  # keep the config's MAX_ITER
             stage.opts = stage.opts[:-2]
         return stage

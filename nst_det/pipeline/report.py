@@ -242,6 +242,15 @@ class Report:
         return path
 
 
+def _precision(stage: Stage) -> str:
+    cfg = load_config(os.path.join(stage.out_dir, "config.yaml"))
+    if not cfg.SOLVER.AMP.ENABLED:
+        return "float32"
+    if cfg.MODEL.DEVICE.startswith("cuda"):
+        return "float16 autocast (SOLVER.AMP.ENABLED, detectron2's AMPTrainer)"
+    return "bfloat16 autocast on the CPU (SOLVER.AMP.ENABLED), evaluation in float32"
+
+
 def _verdict(numbers: dict, mmd: dict) -> list[str]:
     """Plain statements about what the numbers do and do not show (computed, not hand-written)."""
     lines = []
@@ -297,6 +306,7 @@ def write_report(stages: list, out_dir: str) -> dict:
         "below was read from those runs' `stage.json` / `metrics.json` files or measured while "
         "writing this report (parameters, CPU time per image, MMD).", "",
         "## Results (the paper's detection-table layout)", "", table,
+        f"Training precision: {_precision(students[0])}. "
         f"Student rows: mean ± standard deviation over seeds {seeds}. Top-1 is the pretrained "
         "classification backbone's, on the toy classification val split. CPU ms/img: median "
         "eager inference at the test size, teacher and student timed in the same run.", "",
