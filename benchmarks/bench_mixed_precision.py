@@ -43,7 +43,8 @@ def classification_setup(device: str, tmp: str):
     batch = [{"image": torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8), "label": i % 5}
              for i in range(cfg.SOLVER.IMS_PER_BATCH)]
     model = build_model(cfg)
-    return model, batch, (model.student.layer4, model.teacher.layer4)
+    # forward_features calls the blocks one by one: watch the first block of the last stage
+    return model, batch, (model.student.layer4[0], model.teacher.layer4[0])
 
 
 def detection_setup(device: str, tmp: str):

@@ -50,9 +50,10 @@ def parse_args(argv=None):
                              "cpu_count/jobs threads (default: 2 for toy runs on a CPU with 2+ "
                              "cores, else 1: one stage at a time, launched with --num-gpus)")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                        help="SOLVER.AMP.ENABLED for every training stage; auto: on for toy runs "
-                             "on a CPU with native bfloat16 (bfloat16 autocast, ~1.5x faster "
-                             "steps, benchmarks/bench_mixed_precision.py), else as configured")
+                        help="SOLVER.AMP.ENABLED for every training stage; auto: on, with "
+                             "NST_DET.CHANNELS_LAST, for toy runs on a CPU with native bfloat16 "
+                             "(1.4-1.7x faster steps there, benchmarks/bench_mixed_precision.py), "
+                             "else as configured")
     args = parser.parse_args(argv)
     if args.jobs is None:
         cpu_toy = not args.paper and args.num_gpus <= 1 and args.num_machines == 1
@@ -66,8 +67,9 @@ def parse_args(argv=None):
 def amp_opts(choice: str, paper: bool) -> list:
     """Config overrides for --amp."""
     if choice == "auto":
+        # channels_last: only faster than NCHW together with bfloat16 on the CPUs measured
         on = not paper and cpu_has_native_bfloat16()
-        return ["SOLVER.AMP.ENABLED", "True"] if on else []
+        return ["SOLVER.AMP.ENABLED", "True", "NST_DET.CHANNELS_LAST", "True"] if on else []
     return ["SOLVER.AMP.ENABLED", str(choice == "on")]
 
 

@@ -244,11 +244,12 @@ class Report:
 
 def _precision(stage: Stage) -> str:
     cfg = load_config(os.path.join(stage.out_dir, "config.yaml"))
+    layout = ", channels_last" if cfg.NST_DET.CHANNELS_LAST else ""
     if not cfg.SOLVER.AMP.ENABLED:
-        return "float32"
+        return f"float32{layout}"
     if cfg.MODEL.DEVICE.startswith("cuda"):
-        return "float16 autocast (SOLVER.AMP.ENABLED, detectron2's AMPTrainer)"
-    return "bfloat16 autocast on the CPU (SOLVER.AMP.ENABLED), evaluation in float32"
+        return f"float16 autocast (SOLVER.AMP.ENABLED, detectron2's AMPTrainer){layout}"
+    return f"bfloat16 autocast on the CPU (SOLVER.AMP.ENABLED){layout}; evaluation in float32"
 
 
 def _verdict(numbers: dict, mmd: dict) -> list[str]:
