@@ -124,3 +124,24 @@ def test_the_stage_heading_the_longest_chain_starts_first(tmp_path):
     tail = Stage("tail", "convert", str(tmp_path / "tail"), after=["head"])
     _run([lone, head, tail], calls)
     assert calls == ["head", "lone", "tail"]  # plan order would have run "lone" first
+
+
+def test_a_failure_in_the_runner_stops_the_stage_processes_it_started(tmp_path):
+    log, started = [], []
+    slow = _train(tmp_path, "slow")
+    broken = Stage("broken", "convert", str(tmp_path / "broken"))
+
+    def spawn(stage, *_):
+        started.append(_Spawned(stage, log, seconds=30))
+        return started[-1]
+
+    def convert(stage):
+        raise OSError("disk full")
+
+    runner = PipelineRunner([slow, broken], argparse.Namespace(), {"convert": convert}, jobs=2,
+                            spawn=spawn)
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="disk full"):
+        runner.run()
+    assert time.perf_counter() - start < 20
+    assert started and started[0].process.poll() is not None  # terminated, not left running

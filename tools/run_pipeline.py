@@ -12,6 +12,7 @@ stages are skipped when the command is run again (same --output), so it can be r
 """
 
 import os
+import signal
 import sys
 import warnings
 from dataclasses import replace
@@ -76,6 +77,8 @@ def amp_opts(choice: str, paper: bool) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
+    # a plain `kill` becomes SystemExit, so the runner stops the stage processes it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     scale = TOY_SCALES[args.scale or ("paper" if args.paper else "demo")]
     if args.seeds:
         scale = replace(scale, seeds=tuple(int(s) for s in args.seeds.split(",")))

@@ -212,6 +212,17 @@ class PipelineRunner:
             else:
                 pending.append(stage)
         running = {}  # name -> (process, stage, start time)
+        try:
+            self._run_pending(pending, finished, running, labels)
+        except BaseException:  # incl. Ctrl-C: no stage process may outlive the runner
+            for process, *_ in running.values():
+                process.terminate()
+            for process, *_ in running.values():
+                process.wait()
+            raise
+        print(f"pipeline finished in {_fmt(time.perf_counter() - t0)}", flush=True)
+
+    def _run_pending(self, pending: list, finished: set, running: dict, labels: dict) -> None:
         while pending or running:
             ready = [s for s in pending if set(s.after) <= finished
                      and not (s.kind == "train" and self.jobs > 1 and len(running) >= self.jobs)]
@@ -239,7 +250,6 @@ class PipelineRunner:
                 metrics = self.handlers[stage.kind](stage) or {}
             self._finish(stage, metrics, time.perf_counter() - start, labels[stage.name])
             finished.add(stage.name)
-        print(f"pipeline finished in {_fmt(time.perf_counter() - t0)}", flush=True)
 
     def _wait_for_one(self, running: dict, labels: dict) -> str:
         """Block until a spawned stage ends; record it, or stop everything if it failed."""
@@ -249,11 +259,7 @@ class PipelineRunner:
                 if code is None:
                     continue
                 del running[name]
-                if code != 0:
-                    for other, *_ in running.values():  # their checkpoints let a rerun resume
-                        other.terminate()
-                    for other, *_ in running.values():
-                        other.wait()
+                if code != 0:  # run() stops the other stages (a rerun resumes them)
                     raise RuntimeError(
                         f"stage {name} failed (exit code {code}); its log is in "
                         f"{os.path.join(stage.out_dir, 'log.rank0.txt')}. Finished stages are "
