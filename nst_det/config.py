@@ -17,6 +17,10 @@ def add_nst_config(cfg: CN) -> None:
     # Convert the model (student and teacher) to channels_last memory layout: faster convolutions
     # on tensor-core GPUs, usually with AMP (SOLVER.AMP.ENABLED). See benchmarks/README.md.
     cfg.NST_DET.CHANNELS_LAST = False
+    # Save model_final.pth with the model and iteration only (no optimizer/scheduler state): half
+    # the disk, but the run cannot be extended with --resume. The pipeline, which never extends a
+    # finished stage, turns it on. model_best.pth is always weights-only.
+    cfg.NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY = False
 
     # The frozen teacher. Detection: a detectron2 config file + weights + overrides, built and
     # loaded strictly. Classification: ARCH names a torchvision classifier, WEIGHTS its state dict.

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny generated data sets, so tests never need real VOC/ImageNet."""
 
 import itertools
+import shutil
 
 import pytest
 
@@ -18,3 +19,17 @@ def tiny_voc(tmp_path_factory):
     train, test = register_toy_voc(prefix, dirname, seed=1, num_trainval=8, num_test=4)
     make_toy_voc(dirname, seed=1, num_trainval=8, num_test=4)  # write it now, not on first load
     return train, test, dirname
+
+
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory):
+    """A folder shared by one test module's tests, deleted after the module when they all passed.
+
+    Module fixtures hold checkpoints of real ResNets (tens of MB each); keeping every module's
+    folder until the session ends (pytest's default) piles up gigabytes on CI's disk.
+    """
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    failed_before = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)

@@ -18,9 +18,9 @@ _counter = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def tiny_cls(tmp_path_factory):
+def tiny_cls(module_tmp_path):
     """A registered 4-train / 2-val-per-class toy ImageFolder set of 32 px images."""
-    root = tmp_path_factory.mktemp("tiny_cls")
+    root = module_tmp_path / "tiny_cls"
     prefix = f"tiny_cls_{next(_counter)}"
     train, val = register_toy_imagefolder(prefix, str(root / "cls"), seed=3, train_per_class=4,
                                           val_per_class=2, size=32)
@@ -28,14 +28,14 @@ def tiny_cls(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
+def teacher_file(module_tmp_path):
     """A ResNet-18 'teacher' (random weights, random BN statistics), torchvision layout."""
     torch.manual_seed(1)
     teacher = build_classifier("resnet18", 5)
     for m in teacher.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("teacher") / "teacher_r18.pth"
+    path = module_tmp_path / "teacher_r18.pth"
     torch.save(teacher.state_dict(), path)
     return str(path)
 

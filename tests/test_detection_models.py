@@ -83,13 +83,13 @@ def _step(model, batch):
 
 
 @pytest.fixture(scope="module")
-def teacher_fpn(tmp_path_factory):
-    return write_teacher(tmp_path_factory.mktemp("teacher_fpn"))
+def teacher_fpn(module_tmp_path):
+    return write_teacher(module_tmp_path)
 
 
 @pytest.fixture(scope="module")
-def teacher_c4(tmp_path_factory):
-    return write_teacher(tmp_path_factory.mktemp("teacher_c4"), C4, name="teacher_c4")
+def teacher_c4(module_tmp_path):
+    return write_teacher(module_tmp_path, C4, name="teacher_c4")
 
 
 def test_distillation_step_fpn_gradients_only_in_student(tiny_voc, teacher_fpn):

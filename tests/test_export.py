@@ -26,7 +26,7 @@ def _load_tool(name):
 
 
 @pytest.fixture(scope="module")
-def toy_detector(tiny_voc, tmp_path_factory):
+def toy_detector(tiny_voc, module_tmp_path):
     """An untrained toy R-18 FPN detector saved as a training run would, plus 2 teacher tensors.
 
     Untrained is enough: export must reproduce whatever the eager model computes; a score
@@ -49,7 +49,7 @@ def toy_detector(tiny_voc, tmp_path_factory):
     # what a careless distillation checkpoint might hold: export must drop it
     state["teacher.backbone.stem.conv1.weight"] = torch.zeros(2, 3, 1, 1)
     state["teacher.roi_heads.box_predictor.cls_score.bias"] = torch.zeros(6)
-    weights = tmp_path_factory.mktemp("run") / "model_final.pth"
+    weights = module_tmp_path / "model_final.pth"
     torch.save({"model": state, "iteration": 1}, weights)
     opts = [*SMALL, "DATASETS.TEST", f"('{test}',)", "MODEL.WEIGHTS", str(weights)]
     # the training config carries distillation keys that a stock config does not know

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+def pipeline_run(module_tmp_path):
+    root = module_tmp_path
     env = dict(os.environ, DETECTRON2_DATASETS=str(root / "datasets"))
     cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
            "--output", str(root / "out")]

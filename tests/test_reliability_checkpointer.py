@@ -21,3 +21,55 @@ def test_saves_leave_no_temporary_files(tmp_path):
     ckpt = ReliableCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
     ckpt.save("model_0000001")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+
+class _State:
+    """A checkpointable standing in for the optimizer/trainer state."""
+
+    def state_dict(self):
+        return {"momentum": torch.ones(3)}
+
+
+def test_weights_only_names_keep_model_and_iteration_but_drop_trainer_state(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ckpt = ReliableCheckpointer(model, str(tmp_path), weights_only=["model_best", "model_final"],
+                                trainer=_State())
+    ckpt.save("model_0000003", iteration=3)
+    ckpt.save("model_final", iteration=4)
+    ckpt.save("model_best", iteration=2)
+    load = lambda name: torch.load(tmp_path / f"{name}.pth", weights_only=True)  # noqa: E731
+    assert sorted(load("model_0000003")) == ["iteration", "model", "trainer"]
+    for name, iteration in (("model_final", 4), ("model_best", 2)):
+        data = load(name)
+        assert sorted(data) == ["iteration", "model"] and data["iteration"] == iteration
+        assert torch.equal(data["model"]["weight"], model.weight)
+    # a weights-only model_final still is the resume point, with its iteration
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert ckpt.resume_or_load("", resume=True)["iteration"] == 4
+
+
+def test_by_default_only_model_best_is_weights_only(tmp_path):
+    ckpt = ReliableCheckpointer(torch.nn.Linear(2, 2), str(tmp_path), trainer=_State())
+    ckpt.save("model_final", iteration=1)
+    ckpt.save("model_best", iteration=1)
+    assert "trainer" in torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert "trainer" not in torch.load(tmp_path / "model_best.pth", weights_only=True)
+
+
+def test_best_saved_at_the_final_iteration_links_to_model_final(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    ckpt = ReliableCheckpointer(model, str(tmp_path), weights_only=["model_best", "model_final"])
+    ckpt.save("model_best", iteration=1)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # a training step
+    ckpt.save("model_final", iteration=5)
+    best, final = tmp_path / "model_best.pth", tmp_path / "model_final.pth"
+    assert best.stat().st_ino != final.stat().st_ino
+    ckpt.save("model_best", iteration=5)  # after the final evaluation
+    assert best.stat().st_ino == final.stat().st_ino
+    assert torch.load(best, weights_only=True)["iteration"] == 5
+    assert torch.equal(torch.load(best, weights_only=True)["model"]["weight"], model.weight)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # a later save under one name replaces that name only
+    ckpt.save("model_final", iteration=6)
+    assert torch.load(best, weights_only=True)["iteration"] == 5

@@ -47,9 +47,9 @@ def _assert_same_weights(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(module_tmp_path):
     """An uninterrupted 8-iteration run (checkpoints after iterations 2 and 5)."""
-    root = tmp_path_factory.mktemp("resume")
+    root = module_tmp_path
     _train(root / "full", root / "data")
     return root
 
@@ -66,6 +66,7 @@ def test_killed_run_resumes_to_identical_weights_and_losses(reference_run):
     assert _losses(killed) == _losses(root / "full")
     assert _iterations(killed) == list(range(8))  # resumed at 6: each iteration ran once
     _assert_same_weights(killed / "model_final.pth", root / "full" / "model_final.pth")
+    shutil.rmtree(killed)  # ~0.3 GB of checkpoints; CI's disk is shared by every test
 
 
 def test_kill_during_checkpoint_save_keeps_previous_checkpoint(reference_run):
@@ -80,6 +81,7 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(reference_run):
     assert _iterations(run) == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]
     assert _losses(run) == _losses(root / "full")
     _assert_same_weights(run / "model_final.pth", root / "full" / "model_final.pth")
+    shutil.rmtree(run)
 
 
 def test_truncated_checkpoint_is_skipped_with_warning(reference_run):
@@ -91,6 +93,7 @@ def test_truncated_checkpoint_is_skipped_with_warning(reference_run):
     assert "Skipping checkpoint on resume" in log and "model_0000005.pth" in log
     # it fell back to iteration 2 and still ends where the uninterrupted run ended
     _assert_same_weights(run / "model_final.pth", root / "full" / "model_final.pth")
+    shutil.rmtree(run)
 
 
 def test_classification_killed_run_resumes_exactly(tmp_path):

@@ -2,6 +2,10 @@
 
 - Every checkpoint and the `last_checkpoint` tag are written to a temp file, fsynced and renamed,
   so a crash mid-save leaves the previous checkpoint intact and loadable.
+- `model_best` (and, with NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY, `model_final`) hold the model
+  and iteration only: they are for evaluation/export, and optimizer state would double their size.
+  A weights-only save at the iteration of the previous weights-only save (model_best after the
+  final evaluation, right after model_final) is a hard link to it, not a second copy.
 - `resume_or_load(resume=True)` tries the tagged checkpoint, then older `model_*.pth` files newest
   first, skipping (with a warning naming it) any file that is truncated or unreadable.
 - Initialising from MODEL.WEIGHTS (not resuming) fails when weights of the pretrained part of
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..utils.atomic import atomic_write
+from ..utils.atomic import atomic_link, atomic_write
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -33,17 +37,33 @@ class ReliableCheckpointer(DetectionCheckpointer):
     # resume point (detectron2 would tag it, and a resume would repeat the iterations after it)
     UNTAGGED = ("model_best",)
 
+    def __init__(self, model, save_dir: str = "", *, weights_only=("model_best",),
+                 **checkpointables):
+        """`weights_only`: checkpoint names saved without the other checkpointables (optimizer,
+        scheduler, trainer state); keyword arguments given to `save` (iteration) are kept."""
+        super().__init__(model, save_dir, **checkpointables)
+        self.weights_only = tuple(weights_only)
+        self._last_weights_only = None  # (iteration, path) of the latest weights-only save
+
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
-        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        if name not in self.weights_only:
+            data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
-        with atomic_write(path) as f:
-            torch.save(data, f)
+        iteration = kwargs.get("iteration")
+        previous = self._last_weights_only if name in self.weights_only else None
+        # no training step between two saves at one iteration: the bytes would be the same
+        if not (previous and iteration is not None and previous[0] == iteration
+                and os.path.isfile(previous[1]) and atomic_link(previous[1], path)):
+            with atomic_write(path) as f:
+                torch.save(data, f)
+        if name in self.weights_only:
+            self._last_weights_only = (iteration, path)
         if name not in self.UNTAGGED:
             self.tag_last_checkpoint(basename)
 

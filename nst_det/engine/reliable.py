@@ -124,8 +124,12 @@ class ReliableTrainerMixin:
 
     def build_hooks(self):
         # DefaultTrainer made a plain DetectionCheckpointer just before calling build_hooks
+        weights_only = ["model_best"]
+        if self.cfg.NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY:
+            weights_only.append("model_final")
         self.checkpointer = ReliableCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            self._trainer.model, self.cfg.OUTPUT_DIR, weights_only=weights_only,
+            trainer=weakref.proxy(self),
         )
         self._nan_guard = install_nan_guard(self._trainer.model)
         return [*super().build_hooks(), hooks.CallbackHook(after_train=_report_skipped_images)]

@@ -140,8 +140,9 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
 
     def train(name, config, opts, iters, after=(), **meta):
         data = scale.cls_data_opts if meta["stage"] == "cls" else scale.det_data_opts
-        stage = _train(name, out_root, config, [*train_opts, *data, *opts], iters, list(after),
-                       **meta)
+        # a finished stage is never extended, so its model_final needs no optimizer state
+        opts = [*train_opts, "NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY", "True", *data, *opts]
+        stage = _train(name, out_root, config, opts, iters, list(after), **meta)
         if not iters:  # keep the config's MAX_ITER
             stage.opts = stage.opts[:-2]
         return stage

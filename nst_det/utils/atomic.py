@@ -55,6 +55,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+def atomic_link(src: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Make `path` a hard link to the file `src`, atomically; False where links are unsupported.
+
+    Later atomic writes to either name replace that name only (a rename breaks the link).
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.link.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # e.g. a file system without hard links
+        return False
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
