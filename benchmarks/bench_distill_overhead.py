@@ -174,10 +174,31 @@ def main():
     print(f"NST share of the distillation step: "
           f"{100 * med['nst loss fwd+bwd'] / med['distill step']:.2f}% (target <= 5%)")
 
+    per_level = nst_per_level(student, teacher, images, pairs, args.device, args.iters)
+    print("NST loss fwd+bwd per feature pair (median ms, share of the distillation step):")
+    for pair, ms in per_level.items():
+        print(f"  {str(pair):24s} {ms:9.1f} ms  {100 * ms / med['distill step']:5.2f}%")
+
     if args.ablations:
         ablations(teacher, student, images, pairs, med, args.device, args.iters)
     if args.paper_shapes:
         paper_nst(args.device)
+
+
+def nst_per_level(student, teacher, images, pairs, device: str, iters: int) -> dict:
+    """Median ms of nst_loss fwd+bwd for each (student, teacher) feature pair on its own."""
+    s_feats = {k: v.detach() for k, v in student.backbone(images).items()}
+    with torch.no_grad():
+        t_feats = teacher.backbone(images)
+
+    def one(s, t):
+        return lambda: nst_loss(s_feats[s].detach().requires_grad_(), t_feats[t]).backward()
+
+    times = {pair: [] for pair in pairs}
+    for _ in range(iters + 1):  # the first round warms up
+        for pair in pairs:
+            times[pair].append(_timed(one(*pair), device))
+    return {pair: 1e3 * statistics.median(t[1:]) for pair, t in times.items()}
 
 
 def ablations(teacher, student, images, pairs, med: dict, device: str, iters: int):

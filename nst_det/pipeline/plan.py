@@ -53,7 +53,7 @@ class Scale:
 TOY_SCALES = {
     # classification: the toy configs' own schedules (shorter runs stay at chance); one seed by
     # default, --seeds 0,1,2 gives the spread at three times the cost
-    "demo": Scale(cls_teacher_iters=600, cls_student_iters=300, det_teacher_iters=300,
+    "demo": Scale(cls_teacher_iters=450, cls_student_iters=300, det_teacher_iters=300,
                   det_student_iters=120, seeds=(0,)),
     "ci": Scale(cls_teacher_iters=4, cls_student_iters=3, det_teacher_iters=4,
                 det_student_iters=3, seeds=(0,),
