@@ -44,6 +44,9 @@ def test_every_stage_and_artefact_exists(pipeline_run):
         assert _stage(out, name)["kind"] == "train"
     for name in ("cls_teacher", "cls_plain_s0", "cls_nst_s0", "cls_kd_nst_s0"):
         assert (out / name / "backbone_d2.pth").is_file()
+    # one evaluation (at the end) at this size: the best model is model_final, stored once
+    best, final = (out / "det_plain_s0" / f"model_{n}.pth" for n in ("best", "final"))
+    assert best.stat().st_ino == final.stat().st_ino
     export = _stage(out, "export")["metrics"]
     for fmt in ("checkpoint", "onnx"):
         verification = json.loads((out / "export" / fmt / "verification.json").read_text())

@@ -34,15 +34,19 @@ def test_weights_only_names_keep_model_and_iteration_but_drop_trainer_state(tmp_
     model = torch.nn.Linear(2, 2)
     ckpt = ReliableCheckpointer(model, str(tmp_path), weights_only=["model_best", "model_final"],
                                 trainer=_State())
+    ckpt.save("model_best", iteration=2)
+    weight_at_2 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)  # a training step
     ckpt.save("model_0000003", iteration=3)
     ckpt.save("model_final", iteration=4)
-    ckpt.save("model_best", iteration=2)
     load = lambda name: torch.load(tmp_path / f"{name}.pth", weights_only=True)  # noqa: E731
     assert sorted(load("model_0000003")) == ["iteration", "model", "trainer"]
-    for name, iteration in (("model_final", 4), ("model_best", 2)):
+    expected = (("model_final", 4, model.weight), ("model_best", 2, weight_at_2))
+    for name, iteration, weight in expected:
         data = load(name)
         assert sorted(data) == ["iteration", "model"] and data["iteration"] == iteration
-        assert torch.equal(data["model"]["weight"], model.weight)
+        assert torch.equal(data["model"]["weight"], weight)
     # a weights-only model_final still is the resume point, with its iteration
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
     assert ckpt.resume_or_load("", resume=True)["iteration"] == 4
@@ -56,20 +60,25 @@ def test_by_default_only_model_best_is_weights_only(tmp_path):
     assert "trainer" not in torch.load(tmp_path / "model_best.pth", weights_only=True)
 
 
-def test_best_saved_at_the_final_iteration_links_to_model_final(tmp_path):
+def test_best_of_unchanged_weights_links_to_model_final(tmp_path):
     model = torch.nn.Linear(2, 2)
     ckpt = ReliableCheckpointer(model, str(tmp_path), weights_only=["model_best", "model_final"])
+    best, final = tmp_path / "model_best.pth", tmp_path / "model_final.pth"
     ckpt.save("model_best", iteration=1)
     with torch.no_grad():
         model.weight.add_(1.0)  # a training step
-    ckpt.save("model_final", iteration=5)
-    best, final = tmp_path / "model_best.pth", tmp_path / "model_final.pth"
+    ckpt.save("model_final", iteration=4)
     assert best.stat().st_ino != final.stat().st_ino
-    ckpt.save("model_best", iteration=5)  # after the final evaluation
+    assert torch.load(best, weights_only=True)["iteration"] == 1
+    # detectron2 labels the final evaluation max_iter, one more than model_final: same weights
+    ckpt.save("model_best", iteration=5)
     assert best.stat().st_ino == final.stat().st_ino
-    assert torch.load(best, weights_only=True)["iteration"] == 5
     assert torch.equal(torch.load(best, weights_only=True)["model"]["weight"], model.weight)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     # a later save under one name replaces that name only
+    with torch.no_grad():
+        model.weight.add_(1.0)
     ckpt.save("model_final", iteration=6)
-    assert torch.load(best, weights_only=True)["iteration"] == 5
+    assert best.stat().st_ino != final.stat().st_ino
+    assert torch.load(best, weights_only=True)["iteration"] == 4
+    assert torch.load(final, weights_only=True)["iteration"] == 6

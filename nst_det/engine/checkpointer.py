@@ -4,8 +4,10 @@
   so a crash mid-save leaves the previous checkpoint intact and loadable.
 - `model_best` (and, with NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY, `model_final`) hold the model
   and iteration only: they are for evaluation/export, and optimizer state would double their size.
-  A weights-only save at the iteration of the previous weights-only save (model_best after the
-  final evaluation, right after model_final) is a hard link to it, not a second copy.
+  A weights-only save with no weight changed since the previous weights-only save (model_best
+  after the final evaluation, right after model_final) is a hard link to that file, not a second
+  copy; the file then carries the earlier save's `iteration` (detectron2 labels the final
+  evaluation max_iter, model_final max_iter - 1: the same weights).
 - `resume_or_load(resume=True)` tries the tagged checkpoint, then older `model_*.pth` files newest
   first, skipping (with a warning naming it) any file that is truncated or unreadable.
 - Initialising from MODEL.WEIGHTS (not resuming) fails when weights of the pretrained part of
@@ -43,7 +45,7 @@ class ReliableCheckpointer(DetectionCheckpointer):
         scheduler, trainer state); keyword arguments given to `save` (iteration) are kept."""
         super().__init__(model, save_dir, **checkpointables)
         self.weights_only = tuple(weights_only)
-        self._last_weights_only = None  # (iteration, path) of the latest weights-only save
+        self._last_weights_only = None  # (weights version, path) of the latest weights-only save
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -55,17 +57,22 @@ class ReliableCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
-        iteration = kwargs.get("iteration")
+        version = self._weights_version(data["model"])
         previous = self._last_weights_only if name in self.weights_only else None
-        # no training step between two saves at one iteration: the bytes would be the same
-        if not (previous and iteration is not None and previous[0] == iteration
-                and os.path.isfile(previous[1]) and atomic_link(previous[1], path)):
+        if not (previous and previous[0] == version and os.path.isfile(previous[1])
+                and atomic_link(previous[1], path)):
             with atomic_write(path) as f:
                 torch.save(data, f)
         if name in self.weights_only:
-            self._last_weights_only = (iteration, path)
+            self._last_weights_only = (version, path)
         if name not in self.UNTAGGED:
             self.tag_last_checkpoint(basename)
+
+    @staticmethod
+    def _weights_version(state: dict) -> list:
+        """Which tensors, at which in-place version: equal lists mean no weight or buffer has
+        been modified since (an optimizer step or a load bumps the tensors' version counters)."""
+        return [(key, value.data_ptr(), value._version) for key, value in state.items()]
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
