@@ -28,7 +28,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from nst_det.config import load_config
-from nst_det.losses import nst_loss
+from nst_det.losses import mmd2, nst_loss
+from nst_det.losses.nst import nst_samples
 
 REPO = Path(__file__).resolve().parents[1]
 Q = REPO / "configs" / "quick_schedules"
@@ -207,7 +208,8 @@ def ablations(teacher, student, images, pairs, med: dict, device: str, iters: in
     Each row times the piece that changes (as built vs undone) and adds the difference to the
     measured distillation step: a teacher run a second time (features not shared by NST and KD),
     the teacher's whole inference instead of its backbone, the teacher's forward building an
-    autograd graph (parameters left trainable), the NST loss in float64.
+    autograd graph (parameters left trainable), the NST loss in float64, the NST rows normalised
+    into [B, C, N] copies (the first implementation) instead of inside the Gram matrices.
     """
     s_feats = {k: v.detach() for k, v in student.backbone(images).items()}
     with torch.no_grad():
@@ -229,7 +231,14 @@ def ablations(teacher, student, images, pairs, med: dict, device: str, iters: in
             sum(nst_loss(feats[s], t_feats[t].to(dtype)) for s, t in pairs).backward()
         return run
 
+    def nst_normalised_copies():
+        # the loss as first built: rows normalised into [B, C, N] copies, then the MMD^2
+        feats = {k: v.requires_grad_() for k, v in s_feats.items()}
+        sum(mmd2(nst_samples(feats[s]), nst_samples(t_feats[t]), "poly").mean()
+            for s, t in pairs).backward()
+
     pieces = {"nst fp32": nst(torch.float32), "nst fp64": nst(torch.float64),
+              "nst normalised copies": nst_normalised_copies,
               "teacher fwd autograd": teacher_with_autograd}
     times = {n: [] for n in pieces}
     for fn in pieces.values():
@@ -244,6 +253,7 @@ def ablations(teacher, student, images, pairs, med: dict, device: str, iters: in
             med["teacher inference fwd"] - med["teacher backbone fwd"],
         "teacher forward with autograd": m["teacher fwd autograd"] - med["teacher backbone fwd"],
         "NST loss in float64": m["nst fp64"] - m["nst fp32"],
+        "NST rows normalised in [B, C, N] copies": m["nst normalised copies"] - m["nst fp32"],
     }
     base = med["student step"] + med["teacher backbone fwd"]
     print("\nif a design choice were undone (extra ms measured in this run, added to the step):")

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nst_det.losses import mmd2, nst_loss
 from nst_det.losses.mmd import _cheaper_form
+from nst_det.losses.nst import nst_samples
 
 # (kernel, kernel_args) covering every kernel and the non-default poly parameters.
 KERNELS = [
@@ -300,3 +301,26 @@ def test_fused_poly_path_matches_autograd_when_y_needs_grad():
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(gx_fused, gx_plain)
     assert gy.abs().sum() > 0
+
+
+def test_poly2_folds_normalisation_into_the_gram_matrices(monkeypatch):
+    # enough teacher channels for the symmetric split; dead, sub-eps and large rows on both sides
+    f_s = _maps(2, 40, 5, 6, seed=34)
+    f_t = _maps(2, 70, 5, 6, seed=35)
+    f_s[:, 3], f_t[:, 7] = 0, 0
+    f_s[:, 5] *= 1e-12  # |row| ~ 5e-12 < eps: clamped, as F.normalize does
+    f_s[:, 8] *= 1e3
+    x = f_s.clone().requires_grad_()
+    ref = mmd2(nst_samples(x), nst_samples(f_t), "poly", form="samples")
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+
+    def no_normalised_copy(f):
+        raise AssertionError("the poly-2 path must not normalise the [B, C, N] maps")
+
+    monkeypatch.setattr("nst_det.losses.nst.nst_samples", no_normalised_copy)
+    x = f_s.clone().requires_grad_()
+    got = nst_loss(x, f_t, form="samples", reduction="none")
+    (g_got,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-8, atol=1e-12)
+    assert g_got[:, 8].abs().sum() > 0 and torch.isfinite(g_got).all()
