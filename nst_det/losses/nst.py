@@ -117,7 +117,9 @@ def nst_loss(
     Cost: batched matrix products only. ``form="auto"`` picks, by flop count, the C x C form
     (kernel matrices between channels) or, for poly degree 2 with c = 0, the N x N form
     ||S^T S / Cs - T^T T / Ct||_F^2; linear uses ||mean(S) - mean(T)||^2. No [B, C, C, N]
-    tensor is formed. Computation is float32 even under autocast (float64 stays float64).
+    tensor is formed. In the C x C form of poly degree 2 (the paper's kernel, and the detection
+    case) the row normalisation is folded into the Gram matrices (`_NSTPoly2`): no normalised
+    copy of the maps either. Computation is float32 even under autocast (float64 stays float64).
 
     Args:
         f_s: [B, Cs, Hs, Ws] student features (gradients flow).
