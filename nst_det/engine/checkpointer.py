@@ -50,20 +50,21 @@ class ReliableCheckpointer(DetectionCheckpointer):
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
+        weights_only = name in self.weights_only
         data = {"model": self.model.state_dict()}
-        if name not in self.weights_only:
+        if not weights_only:
             data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {path}")
-        version = self._weights_version(data["model"])
-        previous = self._last_weights_only if name in self.weights_only else None
+        version = self._weights_version(data["model"]) if weights_only else None
+        previous = self._last_weights_only if weights_only else None
         if not (previous and previous[0] == version and os.path.isfile(previous[1])
                 and atomic_link(previous[1], path)):
             with atomic_write(path) as f:
                 torch.save(data, f)
-        if name in self.weights_only:
+        if weights_only:
             self._last_weights_only = (version, path)
         if name not in self.UNTAGGED:
             self.tag_last_checkpoint(basename)

@@ -108,21 +108,41 @@ def _cheaper_form(m: int, n: int, d: int, with_grad: bool) -> str:
     return "features" if features < samples else "samples"
 
 
-def _gram_sq_norm(y: torch.Tensor) -> torch.Tensor:
-    """||y y^T||_F^2 per batch: [B, n, D] -> [B].
+def row_norms_of_gram(gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """Row L2 norms behind a Gram matrix (its diagonal), clamped at eps: [B, n, n] -> [B, n]."""
+    return gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(eps)
 
+
+def scale_gram(gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """gram_ij / (left_i right_j): [B, m, n], [B, m], [B, n] -> [B, m, n]."""
+    return gram / (left.unsqueeze(2) * right.unsqueeze(1))
+
+
+def _gram_sq_norm(y: torch.Tensor, normalise_eps: Optional[float] = None):
+    """||y y^T||_F^2 per batch: [B, n, D] -> ([B], row norms [B, n] or None).
+
+    With `normalise_eps`, y's rows count as L2-normalised (norms clamped at that eps), the
+    division folded into the small products, and the norms used are returned too.
     y y^T is symmetric, so with y split into row halves a, b it equals
     ||a a^T||^2 + ||b b^T||^2 + 2 ||a b^T||^2: 3/4 of the full product's flops.
     """
+    def norms(gram):
+        return None if normalise_eps is None else row_norms_of_gram(gram, normalise_eps)
+
+    def sq_sum(gram, left, right):
+        return (gram if left is None else scale_gram(gram, left, right)).pow(2).sum((1, 2))
+
     h = y.shape[1] // 2
     if h < 32:  # small: one product is cheaper than three
-        return torch.bmm(y, y.transpose(1, 2)).pow(2).sum((1, 2))
+        gyy = torch.bmm(y, y.transpose(1, 2))
+        ny = norms(gyy)
+        return sq_sum(gyy, ny, ny), ny
     a, b = y[:, :h], y[:, h:]
-    return (
-        torch.bmm(a, a.transpose(1, 2)).pow(2).sum((1, 2))
-        + torch.bmm(b, b.transpose(1, 2)).pow(2).sum((1, 2))
-        + 2 * torch.bmm(a, b.transpose(1, 2)).pow(2).sum((1, 2))
-    )
+    gaa, gbb = torch.bmm(a, a.transpose(1, 2)), torch.bmm(b, b.transpose(1, 2))
+    na, nb = norms(gaa), norms(gbb)
+    total = (sq_sum(gaa, na, na) + sq_sum(gbb, nb, nb)
+             + 2 * sq_sum(torch.bmm(a, b.transpose(1, 2)), na, nb))
+    return total, (None if na is None else torch.cat([na, nb], 1))
 
 
 class _Poly2SamplesMMD(torch.autograd.Function):
@@ -141,7 +161,7 @@ class _Poly2SamplesMMD(torch.autograd.Function):
         ctx.save_for_backward(x, y, kxx, kxy)
         return (
             kxx.pow(2).sum((1, 2)) / (m * m)
-            + _gram_sq_norm(y) / (n * n)
+            + _gram_sq_norm(y)[0] / (n * n)
             - 2 * kxy.pow(2).sum((1, 2)) / (m * n)
         )
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._utils import check_maps, full_precision, match_spatial
-from .mmd import _cheaper_form, mmd2
+from .mmd import _cheaper_form, _gram_sq_norm, mmd2, row_norms_of_gram, scale_gram
 from .registry import TRANSFER_LOSS_REGISTRY
 
 __all__ = ["nst_loss", "nst_samples"]
@@ -17,35 +17,6 @@ _NORM_EPS = 1e-10
 def nst_samples(f: torch.Tensor) -> torch.Tensor:
     """NST samples of a map: [B, C, H, W] -> [B, C, H*W], each channel row L2-normalised."""
     return F.normalize(f.flatten(2), p=2, dim=2, eps=_NORM_EPS)
-
-
-def _row_norms(gram: torch.Tensor) -> torch.Tensor:
-    """Clamped L2 norms of the rows behind a Gram matrix: [B, C, C] -> [B, C]."""
-    return gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
-
-
-def _scaled(gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """gram_ij / (left_i right_j): [B, m, n], [B, m], [B, n] -> [B, m, n]."""
-    return gram / (left.unsqueeze(2) * right.unsqueeze(1))
-
-
-def _teacher_terms(y: torch.Tensor):
-    """Row norms [B, n] and sum_ij k(t_i, t_j) [B] of the normalised teacher rows.
-
-    y y^T is symmetric: with the rows split in halves a, b, three products (a a^T, b b^T, a b^T)
-    cover it, 3/4 of the full product's flops.
-    """
-    h = y.shape[1] // 2
-    if h < 32:  # small: one product is cheaper than three
-        gyy = torch.bmm(y, y.transpose(1, 2))
-        ny = _row_norms(gyy)
-        return ny, _scaled(gyy, ny, ny).pow(2).sum((1, 2))
-    a, b = y[:, :h], y[:, h:]
-    gaa, gbb = torch.bmm(a, a.transpose(1, 2)), torch.bmm(b, b.transpose(1, 2))
-    na, nb = _row_norms(gaa), _row_norms(gbb)
-    cross = _scaled(torch.bmm(a, b.transpose(1, 2)), na, nb).pow(2).sum((1, 2))
-    total = _scaled(gaa, na, na).pow(2).sum((1, 2)) + _scaled(gbb, nb, nb).pow(2).sum((1, 2))
-    return torch.cat([na, nb], 1), total + 2 * cross
 
 
 class _NSTPoly2(torch.autograd.Function):
@@ -65,10 +36,10 @@ class _NSTPoly2(torch.autograd.Function):
     def forward(ctx, x, y):
         m, n = x.shape[1], y.shape[1]
         gxx = torch.bmm(x, x.transpose(1, 2))
-        nx = _row_norms(gxx)
-        ny, kyy_sum = _teacher_terms(y)
-        kxx = _scaled(gxx, nx, nx)
-        kxy = _scaled(torch.bmm(x, y.transpose(1, 2)), nx, ny)
+        nx = row_norms_of_gram(gxx, _NORM_EPS)
+        kyy_sum, ny = _gram_sq_norm(y, _NORM_EPS)  # symmetric: 3/4 of a full product
+        kxx = scale_gram(gxx, nx, nx)
+        kxy = scale_gram(torch.bmm(x, y.transpose(1, 2)), nx, ny)
         ctx.save_for_backward(x, y, kxx, kxy, nx, ny)
         return (
             kxx.pow(2).sum((1, 2)) / (m * m)
@@ -86,8 +57,8 @@ class _NSTPoly2(torch.autograd.Function):
         b = kxy * (g * (-4.0 / (m * n)))
         r = (a * kxx).sum(2) + (b * kxy).sum(2)
         r = torch.where(nx > _NORM_EPS, r, torch.zeros_like(r))
-        m1 = _scaled(a - torch.diag_embed(r), nx, nx)
-        m2 = _scaled(b, nx, ny)
+        m1 = scale_gram(a - torch.diag_embed(r), nx, nx)
+        m2 = scale_gram(b, nx, ny)
         return torch.baddbmm(torch.bmm(m2, y), m1, x), None
 
 
