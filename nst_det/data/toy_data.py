@@ -3,7 +3,8 @@
 Both are deterministic: every image has its own generator seeded by (seed, split, index), and
 JPEGs are written with fixed settings, so the same arguments give the same bytes. A data set is
 written into a temporary folder and renamed into place, so an interrupted run never leaves a
-half-written data set at the final path.
+half-written data set at the final path; an inter-process lock makes one process the writer when
+several ask for the same set at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from .toy_world import TOY_CLASSES, ToyObject, draw_clutter, draw_object, textured_background
@@ -126,34 +128,59 @@ def _write_imagefolder(out: Path, seed: int, per_class: dict[str, int], size: in
                 _save_jpeg(img, folder / f"{index:05d}.jpg")
 
 
-def _materialise(final: Path, spec: dict, writer) -> Path:
-    """Write a data set into a temp folder beside `final`, then rename it into place."""
-    spec_path = final / SPEC_FILE
-    if spec_path.exists() and json.loads(spec_path.read_text()) == spec:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+def _read_spec(spec_path: Path):
+    """The spec a finished set carries, or None when there is none (or it is unreadable)."""
     try:
-        writer(tmp)
-        (tmp / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
+        return json.loads(spec_path.read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Remove temp folders a killed writer left beside `final` (called with the lock held)."""
+    for stale in final.parent.glob(f".{final.name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _materialise(final: Path, spec: dict, writer) -> Path:
+    """Write a data set into a temp folder beside `final`, then rename it into place.
+
+    Safe under any concurrency (pipeline stages side by side, DDP ranks, two users of one data
+    root): writers take an inter-process file lock beside `final`, and whoever holds it re-reads
+    the spec first, so exactly one process writes and every other one reuses its copy. A finished
+    set with the same spec is never moved or deleted, so no file a reader saw disappears. A set
+    with a different spec is replaced only once the new one is whole.
+    """
+    spec_path = final / SPEC_FILE
+    if _read_spec(spec_path) == spec:
+        return final  # the common case: no lock, no write access needed
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if _read_spec(spec_path) == spec:  # another process wrote it while we waited
+            return final
+        _remove_leftovers(final)  # what a hard kill of an earlier writer left behind
         if final.exists() and not spec_path.exists():
             raise FileExistsError(
                 f"{final} exists but holds no {SPEC_FILE}: it is not a toy data set written by "
                 "nst_det. Move it away or point DETECTRON2_DATASETS elsewhere."
             )
-        if final.exists():
-            # a different spec was asked for: replace the old set only once the new one is whole
-            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
-            os.replace(final, stale / "set")
-            shutil.rmtree(stale)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         try:
-            os.replace(tmp, final)
-        except OSError:
-            # another process (e.g. a second rank) renamed its identical copy into place first
-            if not (spec_path.exists() and json.loads(spec_path.read_text()) == spec):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            writer(tmp)
+            (tmp / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
+            if final.exists():
+                # a different spec was asked for: move the old set away, the new one in, and
+                # only then delete the old (the path is absent only between two renames)
+                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old",
+                                              dir=final.parent))
+                os.replace(final, stale / "set")
+                os.replace(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -1,0 +1,145 @@
+"""Toy data sets are materialised safely when several processes ask for one set at once.
+
+Pipeline stages side by side, DDP ranks and two users of one data root all call make_toy_* on
+the same folder. Exactly one complete copy must result, and a file a reader has seen must never
+disappear (the first `make demo` on a fresh clone once failed with FileNotFoundError because the
+second writer deleted the first writer's finished copy while a stage was reading it).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# large enough that writing takes far longer than the processes' start-up jitter after the barrier
+# (~1000 small JPEGs), so both writers are writing at the same time
+PER_CLASS = 200
+
+# toy_data.py (and toy_world.py) alone, as a stand-in package: the writers need neither torch nor
+# the rest of nst_det, and start in a fraction of the time
+WRITER = """
+import sys, time, types
+from pathlib import Path
+package = types.ModuleType("toy_only")
+package.__path__ = [sys.argv[5]]
+sys.modules["toy_only"] = package
+from toy_only.toy_data import make_toy_imagefolder
+root, go, ready = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.002)
+make_toy_imagefolder(root, seed=0, train_per_class=int(sys.argv[4]), val_per_class=0, size=48)
+"""
+
+# Waits for the first finished copy (its spec file), reads every file of it, then watches it until
+# told to stop: the spec file must stay the same file (same inode: no second copy replaced it)
+# and every file it saw must stay readable. Writes what it saw as JSON.
+READER = """
+import json, os, sys, time
+from pathlib import Path
+root, go, done, result = (Path(a) for a in sys.argv[1:5])
+ready = Path(sys.argv[5]); ready.touch()
+while not go.exists():
+    time.sleep(0.002)
+spec = root / "toy_spec.json"
+while not spec.exists():
+    time.sleep(0.0005)
+inode = os.stat(spec).st_ino
+files = sorted(p for p in root.rglob("*.jpg"))
+problems = []
+for p in files:
+    try:
+        p.read_bytes()
+    except OSError as e:
+        problems.append(f"first read: {e}")
+k = 0
+while not done.exists() and len(problems) < 5:
+    try:
+        if os.stat(spec).st_ino != inode:
+            problems.append("the finished copy was replaced by another copy")
+        files[k % len(files)].read_bytes()
+        os.stat(files[-1 - k % len(files)])
+    except OSError as e:
+        problems.append(f"{type(e).__name__}: {e}")
+    k += 1
+result.write_text(json.dumps({"files": len(files), "problems": problems, "checks": k}))
+"""
+
+
+def _wait_for(paths, procs):
+    while not all(p.exists() for p in paths):
+        for proc in procs:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+
+
+def test_racing_writers_leave_one_copy_that_a_reader_keeps_seeing(tmp_path):
+    root = tmp_path / "data" / "cls"  # the data root is empty: nothing exists yet
+    go, done, result = tmp_path / "go", tmp_path / "done", tmp_path / "result.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(go),
+                          str(tmp_path / f"ready{i}"), str(PER_CLASS),
+                          str(REPO / "nst_det" / "data")],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for i in range(2)
+    ]
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(root), str(go), str(done),
+                               str(result), str(tmp_path / "ready_reader")],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    procs = [*writers, reader]
+    try:
+        _wait_for([tmp_path / "ready0", tmp_path / "ready1", tmp_path / "ready_reader"], procs)
+        go.touch()  # all three start together
+        for proc in writers:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+        done.touch()
+        _, err = reader.communicate(timeout=600)
+        assert reader.returncode == 0, err[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    seen = json.loads(result.read_text())
+    assert seen["problems"] == []
+    assert seen["files"] == 5 * PER_CLASS
+    # exactly one complete copy, no temp folder left beside it (the lock file may stay)
+    assert sorted(p.name for p in root.parent.iterdir() if p.is_dir()) == ["cls"]
+    assert len(list(root.rglob("*.jpg"))) == 5 * PER_CLASS
+
+
+def test_a_different_spec_replaces_the_set_and_leftovers_are_removed(tmp_path):
+    from nst_det.data.toy_data import SPEC_FILE, make_toy_imagefolder
+
+    root = tmp_path / "cls"
+    make_toy_imagefolder(root, seed=0, train_per_class=2, val_per_class=1, size=32)
+    first_spec = (root / SPEC_FILE).stat().st_ino
+    # the same spec again: reused as it is (same file, nothing rewritten)
+    make_toy_imagefolder(root, seed=0, train_per_class=2, val_per_class=1, size=32)
+    assert (root / SPEC_FILE).stat().st_ino == first_spec
+    # a temp folder a hard-killed writer left behind is removed by the next writer
+    leftover = tmp_path / ".cls.abc123.tmp"
+    (leftover / "train").mkdir(parents=True)
+    make_toy_imagefolder(root, seed=0, train_per_class=3, val_per_class=1, size=32)
+    assert json.loads((root / SPEC_FILE).read_text())["per_class"] == {"train": 3, "val": 1}
+    assert len(list((root / "train").rglob("*.jpg"))) == 5 * 3
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cls"]
+
+
+def test_a_folder_that_is_not_a_toy_set_is_never_replaced(tmp_path):
+    from nst_det.data.toy_data import make_toy_imagefolder
+
+    root = tmp_path / "cls"
+    (root / "mine").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"cls exists but holds no toy_spec.json"):
+        make_toy_imagefolder(root, seed=0, train_per_class=1, val_per_class=1, size=32)
+    assert (root / "mine").is_dir()
