@@ -42,10 +42,17 @@ def add_nst_config(cfg: CN) -> None:
     cfg.MODEL.NST.POLY_DEGREE = 2
     cfg.MODEL.NST.POLY_C = 0.0
     cfg.MODEL.NST.GAUSSIAN_SIGMA2 = 0.0  # <= 0: data-driven bandwidth (see nst_det.losses.nst)
-    # Feature names paired position by position, with one weight per pair.
-    cfg.MODEL.NST.STUDENT_FEATURES = ["res4"]
-    cfg.MODEL.NST.TEACHER_FEATURES = ["res4"]
-    cfg.MODEL.NST.FEATURE_WEIGHTS = [1.0]
+
+    # The student/teacher feature pairs of every feature loss (NST and MODEL.TRANSFER), paired
+    # position by position, one weight per pair (nst_det.distill). Names are backbone outputs
+    # (detection: e.g. p2..p6, res4) or classifier features (res2..res5, torchvision node names).
+    cfg.MODEL.DISTILL = CN()
+    cfg.MODEL.DISTILL.STUDENT_FEATURES = ["res4"]
+    cfg.MODEL.DISTILL.TEACHER_FEATURES = ["res4"]
+    cfg.MODEL.DISTILL.FEATURE_WEIGHTS = [1.0]
+    for key in ("STUDENT_FEATURES", "TEACHER_FEATURES", "FEATURE_WEIGHTS"):  # moved 2026-11
+        cfg.register_renamed_key(f"MODEL.NST.{key}", f"MODEL.DISTILL.{key}",
+                                 "the feature pairs serve every feature loss, not only NST")
 
     # Hinton KD on class logits: LOSS_WEIGHT * T^2 * KL(teacher || student) at TEMPERATURE T.
     # Detection: on the RoI head's class logits, the teacher's box head run on student proposals.

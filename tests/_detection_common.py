@@ -72,8 +72,8 @@ def distill_opts(teacher_yaml, teacher_weights, student=LEVELS, teacher=LEVELS, 
         "MODEL.TEACHER.CONFIG_FILE", str(teacher_yaml),
         "MODEL.TEACHER.WEIGHTS", str(teacher_weights),
         "MODEL.NST.LOSS_WEIGHT", "25.0",
-        "MODEL.NST.STUDENT_FEATURES", student, "MODEL.NST.TEACHER_FEATURES", teacher,
-        "MODEL.NST.FEATURE_WEIGHTS", weights, "MODEL.KD.LOSS_WEIGHT", str(kd),
+        "MODEL.DISTILL.STUDENT_FEATURES", student, "MODEL.DISTILL.TEACHER_FEATURES", teacher,
+        "MODEL.DISTILL.FEATURE_WEIGHTS", weights, "MODEL.KD.LOSS_WEIGHT", str(kd),
     ]
 
 

@@ -51,8 +51,9 @@ def _cfg(tiny_cls, teacher_file, tmp_path, **overrides):
         "SOLVER.IMS_PER_BATCH": 4, "SOLVER.MAX_ITER": 3, "SOLVER.WARMUP_ITERS": 1,
         "MODEL.CLASSIFIER.ARCH": "resnet18",
         "MODEL.TEACHER.ARCH": "resnet18", "MODEL.TEACHER.WEIGHTS": teacher_file,
-        "MODEL.NST.LOSS_WEIGHT": 25.0, "MODEL.NST.STUDENT_FEATURES": ["res4", "res5"],
-        "MODEL.NST.TEACHER_FEATURES": ["res4", "res5"], "MODEL.NST.FEATURE_WEIGHTS": [0.5, 0.5],
+        "MODEL.NST.LOSS_WEIGHT": 25.0, "MODEL.DISTILL.STUDENT_FEATURES": ["res4", "res5"],
+        "MODEL.DISTILL.TEACHER_FEATURES": ["res4", "res5"],
+        "MODEL.DISTILL.FEATURE_WEIGHTS": [0.5, 0.5],
         "MODEL.KD.LOSS_WEIGHT": 1.0,
         "MODEL.TRANSFER.NAMES": ["at", "fitnet", "class_gaussian_w2"],
         "MODEL.TRANSFER.WEIGHTS": [100.0, 1.0, 1.0],
@@ -81,7 +82,7 @@ def test_loss_dict_and_inert_teacher(tiny_cls, teacher_file, tmp_path):
     # outside the module tree: no parameters, state_dict entries or submodules of the teacher
     teacher_params = {id(p) for p in teacher.parameters()}
     assert not teacher_params & {id(p) for p in model.parameters()}
-    assert all(k.startswith(("student.", "regressors.")) for k in model.state_dict())
+    assert all(k.startswith(("student.", "distill.regressors.")) for k in model.state_dict())
     assert all(m is not teacher for m in model.modules())
     # frozen and in eval mode, whatever the distiller's mode
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -98,7 +99,7 @@ def test_loss_dict_and_inert_teacher(tiny_cls, teacher_file, tmp_path):
     sum(losses.values()).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert model.student.conv1.weight.grad is not None
-    assert model.regressors["fitnet_0"].conv.weight.grad is not None
+    assert model.distill.regressors["fitnet_0"].conv.weight.grad is not None
 
 
 def test_eval_returns_logits_per_image(tiny_cls, teacher_file, tmp_path):
@@ -120,8 +121,8 @@ def test_no_teacher_only_ce(tiny_cls, teacher_file, tmp_path):
 def test_kd_only_ignores_feature_pairs(tiny_cls, teacher_file, tmp_path):
     cfg = _cfg(tiny_cls, teacher_file, tmp_path, **{
         "MODEL.NST.LOSS_WEIGHT": 0.0, "MODEL.TRANSFER.NAMES": [], "MODEL.TRANSFER.WEIGHTS": [],
-        "MODEL.NST.STUDENT_FEATURES": ["unused"], "MODEL.NST.TEACHER_FEATURES": ["unused"],
-        "MODEL.NST.FEATURE_WEIGHTS": [1.0]})
+        "MODEL.DISTILL.STUDENT_FEATURES": ["unused"],
+        "MODEL.DISTILL.TEACHER_FEATURES": ["unused"], "MODEL.DISTILL.FEATURE_WEIGHTS": [1.0]})
     model = ClassificationDistiller(cfg).train()
     assert set(model(_batch())) == {"loss_cls", "loss_kd"}
 
@@ -131,8 +132,9 @@ def test_kd_only_ignores_feature_pairs(tiny_cls, teacher_file, tmp_path):
     ({"MODEL.TEACHER.WEIGHTS": ""}, ValueError, "needs MODEL.TEACHER.WEIGHTS"),
     ({"MODEL.TEACHER.WEIGHTS": "/nonexistent/t.pth"}, FileNotFoundError, "/nonexistent/t.pth"),
     ({"MODEL.TEACHER.ARCH": "resnet34"}, KeyError, "missing keys"),
-    ({"MODEL.NST.STUDENT_FEATURES": ["res9", "res5"]}, KeyError, "no feature 'res9'"),
-    ({"MODEL.NST.FEATURE_WEIGHTS": [1.0]}, ValueError, "equal lengths"),
+    ({"MODEL.DISTILL.STUDENT_FEATURES": ["res9", "res5"]}, ValueError,
+     r"\['res9'\], which the student does not produce; available: \['res2', 'res3'"),
+    ({"MODEL.DISTILL.FEATURE_WEIGHTS": [1.0]}, ValueError, "same length"),
     ({"MODEL.TRANSFER.NAMES": ["nst"], "MODEL.TRANSFER.WEIGHTS": [1.0]}, ValueError,
      "own weight"),
     ({"MODEL.TRANSFER.NAMES": ["bogus"], "MODEL.TRANSFER.WEIGHTS": [1.0]}, KeyError, "bogus"),
@@ -162,7 +164,7 @@ def test_trainer_few_iterations_teacher_untouched(tiny_cls, teacher_file, tmp_pa
     ckpt = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=False)
     n_student = len(trainer.model.student.state_dict())
     assert sum(k.startswith("student.") for k in ckpt["model"]) == n_student
-    assert all(k.startswith(("student.", "regressors.")) for k in ckpt["model"])
+    assert all(k.startswith(("student.", "distill.regressors.")) for k in ckpt["model"])
     result = trainer._last_eval_results["classification"]  # one test set: not keyed by name
     assert 0.0 <= result["top1"] <= 100.0 and result["top5"] == 100.0  # 5 classes
     assert result["num_images"] == 10

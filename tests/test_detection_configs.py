@@ -11,7 +11,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from nst_det import add_nst_config
-from nst_det.modeling.feature_pairs import build_feature_pairs
+from nst_det.distill import build_feature_pairs
 from nst_det.modeling.roi_logits import check_kd_heads
 from nst_det.modeling.teacher import build_teacher_cfg
 
@@ -57,8 +57,8 @@ def test_detection_config_builds(path):
         os.chdir(cwd)
     teacher = _build_teacher(tcfg.dump())
     pairs = build_feature_pairs(
-        cfg.MODEL.NST.STUDENT_FEATURES, cfg.MODEL.NST.TEACHER_FEATURES,
-        cfg.MODEL.NST.FEATURE_WEIGHTS, student.backbone.output_shape(),
+        cfg.MODEL.DISTILL.STUDENT_FEATURES, cfg.MODEL.DISTILL.TEACHER_FEATURES,
+        cfg.MODEL.DISTILL.FEATURE_WEIGHTS, student.backbone.output_shape(),
         teacher.backbone.output_shape(),
     )
     assert pairs and cfg.MODEL.NST.LOSS_WEIGHT > 0

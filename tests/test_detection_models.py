@@ -13,8 +13,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model
 from detectron2.utils.events import EventStorage
 
+from nst_det.distill import align_pair
 from nst_det.modeling import DistillationRCNN, TeacherWeightsError
-from nst_det.modeling.feature_pairs import align_pair
 
 # (name, opts) of every student backbone layout, on the toy R-18 FPN config
 BACKBONES = {

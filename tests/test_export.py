@@ -84,7 +84,7 @@ def test_checkpoint_export_has_no_teacher_and_loads_in_stock_detectron2(
     assert set(state) == {"model"}  # no optimizer, scheduler or iteration
     assert not [k for k in state["model"] if "teacher" in k]
     cfg_text = (out / "config.yaml").read_text()
-    for key in ("TEACHER", "NST:", "KD:", "NST_DET", "DistillationRCNN"):
+    for key in ("TEACHER", "NST:", "KD:", "DISTILL:", "NST_DET", "DistillationRCNN"):
         assert key not in cfg_text, key
 
     # reference detections from nst_det's eager runner, in original-image pixels

@@ -13,7 +13,7 @@ from nst_det.pipeline.plan import PAPER_CONFIGS, TOY_CONFIGS, TOY_SCALES, build_
 REPO = Path(__file__).resolve().parents[1]
 # what a distillation run may add to its baseline: the method, and where it writes
 DISTILLATION_KEYS = ("MODEL.META_ARCHITECTURE", "MODEL.TEACHER.", "MODEL.NST.", "MODEL.KD.",
-                     "OUTPUT_DIR")
+                     "MODEL.DISTILL.", "OUTPUT_DIR")
 
 
 def _flat(cfg: CfgNode, prefix: str = "") -> dict:

@@ -20,6 +20,7 @@ from detectron2.utils.file_io import PathManager
 from torch import nn
 
 from ..config import add_nst_config
+from ..distill.core import freeze
 
 __all__ = [
     "TeacherWeightsError",
@@ -144,13 +145,6 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
         lines.append("  check MODEL.TEACHER.CONFIG_FILE / OPTS against the run that wrote them")
         raise TeacherWeightsError("\n".join(lines))
     model.load_state_dict(state, strict=True)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Put `model` in eval mode with every parameter's requires_grad off; returns it."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
 
 
 def build_teacher(cfg: CfgNode) -> nn.Module:

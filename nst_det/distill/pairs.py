@@ -49,8 +49,8 @@ def build_feature_pairs(
     """
     if not (len(student_features) == len(teacher_features) == len(weights)):
         raise ValueError(
-            "MODEL.NST.STUDENT_FEATURES, TEACHER_FEATURES and FEATURE_WEIGHTS must have the same "
-            f"length; got {list(student_features)}, {list(teacher_features)}, {list(weights)}"
+            "MODEL.DISTILL.STUDENT_FEATURES, TEACHER_FEATURES and FEATURE_WEIGHTS must have the "
+            f"same length; got {list(student_features)}, {list(teacher_features)}, {list(weights)}"
         )
     for role, names, shapes in (
         ("student", student_features, student_shapes),
@@ -59,15 +59,15 @@ def build_feature_pairs(
         unknown = [n for n in names if n not in shapes]
         if unknown:
             raise ValueError(
-                f"MODEL.NST.{role.upper()}_FEATURES names {unknown}, which the {role} backbone "
-                f"does not produce; available: {sorted(shapes)}"
+                f"MODEL.DISTILL.{role.upper()}_FEATURES names {unknown}, which the {role} does "
+                f"not produce; available: {sorted(shapes)}"
             )
     pairs = []
     for s, t, w in zip(student_features, teacher_features, weights):
         ss, ts = student_shapes[s].stride, teacher_shapes[t].stride
         if max(ss, ts) % min(ss, ts):
             raise ValueError(
-                f"NST pair {s} (stride {ss}) / {t} (stride {ts}): the stride ratio must be an "
+                f"feature pair {s} (stride {ss}) / {t} (stride {ts}): the stride ratio must be an "
                 "integer so that the finer map can be pooled onto the coarser grid"
             )
         pairs.append(FeaturePair(s, t, float(w), ss, ts))

@@ -1,0 +1,87 @@
+"""What every distilling detectron2 detector shares: its core, built from the config, and the
+teacher's backbone features for the student's batch.
+
+`DetectorDistillMixin` goes before the detectron2 meta-architecture in the bases
+(`class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN)`); the detector keeps its own
+forward and only records its backbone (and head) outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from ..distill import DistillationCore, distill_config
+from .teacher import build_teacher
+
+__all__ = ["DetectorDistillMixin", "build_detection_core"]
+
+
+def build_detection_core(cfg, student_backbone: nn.Module, context: str) -> DistillationCore:
+    """The strict frozen teacher of cfg.MODEL.TEACHER in a core, pairs checked on both backbones."""
+    teacher = build_teacher(cfg)
+    return DistillationCore(
+        teacher=teacher,
+        student_shapes=student_backbone.output_shape(),
+        teacher_shapes=teacher.backbone.output_shape(),
+        context=context,
+        **distill_config(cfg),
+    )
+
+
+class DetectorDistillMixin:
+    """Teacher access and teacher features for a detector with `backbone`, `pixel_mean/std` and
+    `preprocess_image` (GeneralizedRCNN, RetinaNet). Call `_init_distill(core)` after the
+    detectron2 __init__."""
+
+    distill: DistillationCore
+
+    def _init_distill(self, distill: DistillationCore) -> None:
+        self.distill = distill
+        self._share_input = self._same_preprocessing(distill.teacher)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher detector (not a submodule)."""
+        return self.distill.teacher
+
+    @property
+    def feature_pairs(self):
+        """The validated feature pairs (empty when no feature loss is on)."""
+        return self.distill.feature_pairs
+
+    @property
+    def distilling(self) -> bool:
+        """Whether any transfer loss is on (otherwise training is the detectron2 class's)."""
+        return self.distill.distilling
+
+    def _same_preprocessing(self, teacher: nn.Module) -> bool:
+        """Whether the student's normalised, padded batch is a valid teacher input as is."""
+        s_div = self.backbone.size_divisibility
+        t_div = teacher.backbone.size_divisibility
+        return (
+            torch.equal(self.pixel_mean.cpu(), teacher.pixel_mean.cpu())
+            and torch.equal(self.pixel_std.cpu(), teacher.pixel_std.cpu())
+            and (t_div <= 1 or (s_div > 0 and s_div % t_div == 0))
+        )
+
+    def teacher_features(
+        self, batched_inputs: List[dict], student_input: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """The teacher backbone's features of the step's images, under no_grad.
+
+        Args:
+            batched_inputs: the step's inputs (used only if the teacher preprocesses differently).
+            student_input: [B, 3, H, W] the student's normalised, padded batch.
+        Returns:
+            {name: [B, C, h, w]} teacher backbone outputs.
+        """
+        teacher = self.teacher
+        with torch.no_grad():
+            if self._share_input:
+                t_input = student_input
+            else:
+                t_input = teacher.preprocess_image(batched_inputs).tensor
+            return teacher.backbone(t_input)
