@@ -10,7 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
 
 from nst_det import add_nst_config
-from nst_det.data.resumable import PositionSeededDataset
+from nst_det.data.resumable import PositionSeededDataset, skipped_images
 from nst_det.data.toy_world import TOY_CLASSES
 from nst_det.data.voc_checked import VOCDataError, load_voc_checked
 
@@ -124,7 +124,7 @@ def test_corrupt_jpeg_names_the_file_or_is_skipped_and_counted(voc, tmp_path, da
 
     strict = PositionSeededDataset(records, mapper, seed=0)
     with pytest.raises(RuntimeError, match=f"cannot load training image {re.escape(str(image))}"
-                       ".*SKIP_BAD_IMAGES"):
+                       r".* set NST_DET\.SKIP_BAD_IMAGES True"):
         strict[(0, 0)]
 
     log = tmp_path / "skipped.txt"
@@ -132,6 +132,10 @@ def test_corrupt_jpeg_names_the_file_or_is_skipped_and_counted(voc, tmp_path, da
     sample = lenient[(0, 0)]
     assert sample["file_name"] == records[1]["file_name"]  # moved on to the next image
     assert log.read_text().splitlines()[0].startswith(str(image))
+    # met again (the next epoch, another worker): one more load skipped, still one image
+    lenient[(5, 0)]
+    assert len(log.read_text().splitlines()) == 2
+    assert skipped_images(str(log)) == [str(image)]
 
 
 def test_unknown_config_key_is_named(tmp_path):
@@ -168,7 +172,9 @@ def test_student_init_weights_that_do_not_match_the_backbone(tiny_voc, tmp_path)
     wrong["backbone.bottom_up.stem.conv1.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save({"model": wrong}, tmp_path / "wrong.pth")
     bad = _trainer(_cfg(**{"MODEL.WEIGHTS": str(tmp_path / "wrong.pth")}), train, tmp_path / "b")
-    with pytest.raises(KeyError, match=r"stem.conv1.weight.*missing backbone keys.*res5"):
+    # the wrong-shaped stem conv and the missing res5 keys are both named
+    with pytest.raises(KeyError, match=r"missing from it or of a different shape .*stem.conv1"
+                                       r".weight.*res5"):
         bad.resume_or_load(resume=False)
 
     missing = _trainer(_cfg(**{"MODEL.WEIGHTS": str(tmp_path / "no.pth")}), train, tmp_path / "c")

@@ -69,6 +69,17 @@ def _seeded_rngs(seed: int):
         torch.set_rng_state(states[2])
 
 
+def skipped_images(skip_log: str) -> list[str]:
+    """The distinct image names in a skip log, in order of first skip.
+
+    The log has one line per skip, and a bad image is met again every epoch and by every worker
+    that draws it: count images, not loads.
+    """
+    with open(skip_log) as f:
+        return list(dict.fromkeys(line.split("\t", 1)[0] for line in f.read().splitlines()
+                                  if line))
+
+
 class PositionSeededDataset(Dataset):
     """Maps `dataset[index]` under RNGs seeded by (seed, position).
 
@@ -97,7 +108,7 @@ class PositionSeededDataset(Dataset):
                 if not self._skip_bad:
                     raise RuntimeError(
                         f"cannot load training image {name}: {type(e).__name__}: {e}. Fix or "
-                        "remove the file, or set DATALOADER.SKIP_BAD_IMAGES True to skip and "
+                        "remove the file, or set NST_DET.SKIP_BAD_IMAGES True to skip and "
                         "count such images"
                     ) from e
                 logger.warning(f"skipping bad training image {name}: {e}")

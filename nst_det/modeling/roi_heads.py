@@ -35,7 +35,7 @@ class BasicRes5ROIHeads(Res5ROIHeads):
         if depth not in _RES5_BLOCKS:
             raise ValueError(
                 f"BasicRes5ROIHeads is for ResNet-18/34; MODEL.RESNETS.DEPTH={depth} uses "
-                "BottleneckBlocks: use ROI_HEADS.NAME 'Res5ROIHeads'"
+                "BottleneckBlocks: use MODEL.ROI_HEADS.NAME 'Res5ROIHeads'"
             )
         num_blocks = _RES5_BLOCKS[depth]
         out_channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8  # res5 is 8x res2
