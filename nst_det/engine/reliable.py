@@ -21,7 +21,7 @@ from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
-from ..data.resumable import build_resumable_train_loader
+from ..data.resumable import build_resumable_train_loader, skipped_images
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpointer import ReliableCheckpointer
 from .cpu_amp import autocast_training_forward
@@ -47,12 +47,11 @@ def _skip_log_path(cfg) -> str | None:
 def _report_skipped_images(trainer) -> None:
     """At the end of training, say how many bad images were skipped and where they are listed."""
     path = _skip_log_path(trainer.cfg)
-    if path and os.path.exists(path):
-        with open(path) as f:
-            lines = f.read().splitlines()
+    names = skipped_images(path) if path and os.path.exists(path) else []
+    if names:
         logging.getLogger(__name__).warning(
-            f"Skipped {len(lines)} unreadable training image loads (NST_DET.SKIP_BAD_IMAGES); "
-            f"the files are listed in {path}"
+            f"Skipped {len(names)} unreadable training image(s) (NST_DET.SKIP_BAD_IMAGES), "
+            f"e.g. {names[0]}; each skip is listed in {path}"
         )
 
 
