@@ -13,6 +13,12 @@ other jobs on a shared machine can only add time; on CPU the process CPU time is
 with the Linux CPU pressure (share of time runnable tasks waited for a CPU) before each case.
 Ratios come from one run of this script.
 
+Before/after a change of the loss code, in one process (same machine state for both):
+    cp -r nst_det/losses /tmp/old/losses_before      # before editing (or from git archive)
+    python benchmarks/bench_losses.py --compare-with /tmp/old/losses_before
+times that copy's nst_loss and the current one alternately (ABAB rounds, minimum of each) for
+the poly, gaussian and linear kernels and prints before/after per case.
+
 Memory: on CUDA, torch.cuda.max_memory_allocated (exact, tensors only). On CPU there is no
 allocator counter, so the script samples the process resident set size (/proc/self/statm) every
 ~1 ms while the measured call runs and reports the peak increase over the RSS just before it
@@ -23,6 +29,7 @@ size of each implementation's largest temporary is printed beside it.
 import argparse
 import ctypes
 import gc
+import importlib.util
 import statistics
 import sys
 import threading
@@ -35,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nst_det.losses import nst_loss  # noqa: E402
-from nst_det.losses.mmd import _cheaper_form  # noqa: E402
+from nst_det.losses.poly2 import cheaper_form  # noqa: E402
 
 GB = 1e9
 F32 = 4  # bytes
@@ -72,10 +79,10 @@ def broadcast_peak_estimate(b, cs, ct, n):
 def matmul_shapes(b, cs, ct, n):
     """(batch, m, k, n) of every matrix product nst_loss(poly) runs in forward + backward.
 
-    Mirrors nst_det/losses/mmd.py: the N x N form under autograd, or the C x C form with the
+    Mirrors nst_det/losses/poly2.py: the N x N form under autograd, or the C x C form with the
     teacher Gram from three half-size blocks and the fused backward.
     """
-    if _cheaper_form(cs, ct, n, with_grad=True) == "features":
+    if cheaper_form(cs, ct, n, with_grad=True) == "features":
         return "N x N", [(b, n, ct, n), (b, n, cs, n), (b, n, n, cs), (b, cs, n, n)]
     h = ct // 2
     teacher = (
@@ -229,6 +236,45 @@ def bmm_ceiling(shapes, device, repeats):
     return time_fn(run, device, repeats).min
 
 
+def load_losses_copy(path):
+    """Import a copy of an nst_det/losses package from `path` under its own package name."""
+    path = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(
+        "losses_before", path / "__init__.py", submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["losses_before"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_before_after(old, new, cases, device, repeats, rounds=4):
+    """before/after wall-time ratio of nst_loss fwd+bwd per case and kernel (ABAB rounds)."""
+    print(f"== before/after: {old.__file__} vs the current nst_det.losses "
+          f"({rounds} alternating rounds, min of each side)")
+    ratios = []
+    for name, b, cs, ct, h, w, *_ in cases:
+        f_s, f_t = make_inputs(b, cs, ct, h, w, device)
+        for kernel in ("poly", "gaussian", "linear"):
+            runs = {k: fwd_bwd(lambda a, t, fn=fn, kernel=kernel: fn(a, t, kernel), f_s, f_t)
+                    for k, fn in (("before", old.nst_loss), ("after", new.nst_loss))}
+            best = {"before": float("inf"), "after": float("inf")}
+            for _ in range(rounds):
+                for k, run in runs.items():
+                    best[k] = min(best[k], time_fn(run, device, repeats, min_seconds=0.3).min)
+            v_old, v_new = runs["before"]().item(), runs["after"]().item()
+            ratio = best["before"] / best["after"]
+            ratios.append(ratio)
+            print(f"  {name:<16} {kernel:<8}: before {best['before'] * 1e3:8.2f} ms   after "
+                  f"{best['after'] * 1e3:8.2f} ms   before/after {ratio:5.2f}x   "
+                  f"|value difference| {abs(v_old - v_new):.1e}")
+        del f_s, f_t
+    geo = 1.0
+    for r in ratios:
+        geo *= r
+    print(f"  geometric mean before/after: {geo ** (1 / len(ratios)):.3f}x "
+          "(> 1: the current code is faster)\n")
+
+
 def fmt_bytes(n):
     return f"{n / GB:7.3f} GB" if n >= 0.1 * GB else f"{n / 1e6:7.1f} MB"
 
@@ -249,6 +295,9 @@ def main():
         help="comma-separated subset of: " + ", ".join(c[0] for c in CASES),
     )
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    p.add_argument("--compare-with", default="",
+                   help="folder with a copy of an older nst_det/losses package: print only "
+                        "the before/after timing of its nst_loss against the current one")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,6 +307,13 @@ def main():
         p.error(f"unknown case(s) {sorted(unknown)}")
     device = torch.device(args.device)
     torch.manual_seed(0)
+
+    if args.compare_with:
+        import nst_det.losses as current
+
+        compare_before_after(load_losses_copy(args.compare_with), current,
+                             [c for c in CASES if c[0] in wanted], device, args.repeats)
+        return
 
     on_cpu = device.type == "cpu"
     print(f"torch {torch.__version__}, device {device}", end="")

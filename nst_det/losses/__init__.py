@@ -20,6 +20,9 @@ class_w2              class_w2_loss(..., labels)       KD^2M (exact OT via POT)
 sinkhorn              sinkhorn_loss(x_s, x_t, reg)     KD^2M / Cuturi 2013 (via POT)
 ====================  ===============================  ====================================
 
+Internals: ``nst_loss`` and ``mmd2`` share one poly-2 MMD (``poly2.poly2_mmd2``, with the row
+normalisation of NST folded in); the KD^2M losses share ``_utils.prepare_vectors``.
+
 Conventions: student first, teacher second; the teacher is detached inside every loss; losses
 return unweighted scalars computed in float32 (float64 inputs stay float64) even under autocast.
 """
@@ -37,6 +40,7 @@ from .gaussian import (
 from .kd import kd_loss
 from .mmd import gaussian_kernel, linear_kernel, mean_pairwise_sq_dist, mmd2, mmd_loss, poly_kernel
 from .nst import nst_loss, nst_samples
+from .poly2 import cheaper_form, poly2_mmd2
 from .registry import TRANSFER_LOSS_REGISTRY, build_transfer_loss, get_transfer_loss
 from .similarity import sp_loss
 from .transport import class_w2_loss, sinkhorn_loss, sq_dist_matrix, w2_loss
@@ -49,6 +53,8 @@ __all__ = [
     "nst_samples",
     "mmd2",
     "mmd_loss",
+    "poly2_mmd2",
+    "cheaper_form",
     "linear_kernel",
     "poly_kernel",
     "gaussian_kernel",

@@ -1,4 +1,4 @@
-"""Private helpers shared by the transfer losses: precision policy, spatial matching, shapes."""
+"""Helpers shared by the transfer losses: precision policy, input preparation, spatial matching."""
 
 import functools
 
@@ -65,6 +65,11 @@ def as_vectors(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.dim() == 2 else x.flatten(2).mean(-1)
 
 
+def normalise_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row of x [..., n, D] divided by its L2 norm, clamped below at eps (F.normalize)."""
+    return F.normalize(x, p=2, dim=-1, eps=eps)
+
+
 def check_vectors(x_s: torch.Tensor, x_t: torch.Tensor, name: str) -> None:
     """Raise a ValueError unless the two feature batches share their feature dimension."""
     if x_s.shape[-1] != x_t.shape[-1]:
@@ -72,3 +77,15 @@ def check_vectors(x_s: torch.Tensor, x_t: torch.Tensor, name: str) -> None:
             f"{name}: feature dimensions differ ({x_s.shape[-1]} vs {x_t.shape[-1]}); "
             "project the student features to the teacher's dimension first (e.g. nn.Linear)"
         )
+
+
+def prepare_vectors(x_s: torch.Tensor, x_t: torch.Tensor, name: str):
+    """Pooled [b, D] student and detached teacher features with matching D (KD^2M losses).
+
+    Maps [b, C, *spatial] are global-average-pooled to [b, C] (:func:`as_vectors`); a
+    ValueError names ``name`` when the feature dimensions differ.
+    """
+    x_s = as_vectors(x_s, name)
+    x_t = as_vectors(x_t, name).detach()
+    check_vectors(x_s, x_t, name)
+    return x_s, x_t

@@ -7,7 +7,7 @@ one Gaussian per class present in the batch (vectorised with index_add, no Pytho
 
 import torch
 
-from ._utils import as_vectors, check_vectors, full_precision
+from ._utils import full_precision, prepare_vectors
 from .registry import TRANSFER_LOSS_REGISTRY
 
 __all__ = [
@@ -71,14 +71,6 @@ def _fit_per_class(x: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor,
     return mean, var.add(eps).sqrt()
 
 
-def _prepare(x_s, x_t, name):
-    """Pooled [b, D] student and detached teacher features with matching D."""
-    x_s = as_vectors(x_s, name)
-    x_t = as_vectors(x_t, name).detach()
-    check_vectors(x_s, x_t, name)
-    return x_s, x_t
-
-
 @TRANSFER_LOSS_REGISTRY.register(name="gaussian_w2")
 @full_precision
 def gaussian_w2_loss(x_s: torch.Tensor, x_t: torch.Tensor, eps: float = _VAR_EPS) -> torch.Tensor:
@@ -93,7 +85,7 @@ def gaussian_w2_loss(x_s: torch.Tensor, x_t: torch.Tensor, eps: float = _VAR_EPS
     Returns:
         Scalar ||mu_s - mu_t||^2 + ||std_s - std_t||^2.
     """
-    x_s, x_t = _prepare(x_s, x_t, "gaussian_w2_loss")
+    x_s, x_t = prepare_vectors(x_s, x_t, "gaussian_w2_loss")
     return diag_gaussian_w2(*_fit(x_s, eps), *_fit(x_t, eps))
 
 
@@ -112,13 +104,13 @@ def gaussian_kl_loss(x_s: torch.Tensor, x_t: torch.Tensor, eps: float = _VAR_EPS
     Returns:
         Scalar KL divergence.
     """
-    x_s, x_t = _prepare(x_s, x_t, "gaussian_kl_loss")
+    x_s, x_t = prepare_vectors(x_s, x_t, "gaussian_kl_loss")
     return diag_gaussian_kl(*_fit(x_s, eps), *_fit(x_t, eps))
 
 
 def _class_metric(metric, x_s, x_t, labels, reduction, min_count, eps, name):
     """Apply a Gaussian metric per class and reduce over classes with >= min_count samples."""
-    x_s, x_t = _prepare(x_s, x_t, name)
+    x_s, x_t = prepare_vectors(x_s, x_t, name)
     if labels.dim() != 1 or not (labels.shape[0] == x_s.shape[0] == x_t.shape[0]):
         raise ValueError(f"{name}: need paired x_s, x_t [b, D] and labels [b]")
     if reduction not in ("sum", "mean"):

@@ -14,6 +14,8 @@ Two exact evaluation forms exist:
 * "features": for k(x, y) = (x.y)^2 only, MMD^2 = || X^T X / m - Y^T Y / n ||_F^2 with D x D
   second-moment matrices (N x N for NST); cost 2 D^2 (m + n) flops.
 
+Poly degree 2 with c = 0, both forms and the choice between them, is :mod:`.poly2`'s.
+
 The linear kernel needs neither: MMD^2 = || mean(x) - mean(y) ||^2, cost O((m + n) D).
 Nothing of size m x n x D is ever formed.
 """
@@ -21,9 +23,9 @@ Nothing of size m x n x D is ever formed.
 from typing import Optional, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._utils import as_vectors, check_vectors, full_precision
+from ._utils import full_precision, normalise_rows, prepare_vectors
+from .poly2 import FORMS, cheaper_form, poly2_mmd2
 from .registry import TRANSFER_LOSS_REGISTRY
 
 __all__ = [
@@ -34,9 +36,6 @@ __all__ = [
     "mmd2",
     "mmd_loss",
 ]
-
-_FORMS = ("auto", "samples", "features")
-
 
 def linear_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """k(x, y) = x.y for all pairs.
@@ -99,81 +98,13 @@ def mean_pairwise_sq_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (total / (m * (m - 1))).clamp_min(1e-12)
 
 
-def _cheaper_form(m: int, n: int, d: int, with_grad: bool) -> str:
-    """Pick the evaluation form with fewer matmul flops for (x.y)^2 (backward included)."""
-    # samples: x x^T, x y^T, 3/4 of y y^T (see _gram_sq_norm); backward kxx x and kxy y.
-    # features: y^T y, x^T x; autograd's backward of the baddbmm adds two x-sized products.
-    samples = d * (m * m + m * n + 0.75 * n * n + (m * m + m * n if with_grad else 0))
-    features = d * d * (m + n + (2 * m if with_grad else 0))
-    return "features" if features < samples else "samples"
+# the form rule lives in poly2 (its only user); kept under this name for existing callers
+_cheaper_form = cheaper_form
 
 
-def row_norms_of_gram(gram: torch.Tensor, eps: float) -> torch.Tensor:
-    """Row L2 norms behind a Gram matrix (its diagonal), clamped at eps: [B, n, n] -> [B, n]."""
-    return gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(eps)
-
-
-def scale_gram(gram: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """gram_ij / (left_i right_j): [B, m, n], [B, m], [B, n] -> [B, m, n]."""
-    return gram / (left.unsqueeze(2) * right.unsqueeze(1))
-
-
-def _gram_sq_norm(y: torch.Tensor, normalise_eps: Optional[float] = None):
-    """||y y^T||_F^2 per batch: [B, n, D] -> ([B], row norms [B, n] or None).
-
-    With `normalise_eps`, y's rows count as L2-normalised (norms clamped at that eps), the
-    division folded into the small products, and the norms used are returned too.
-    y y^T is symmetric, so with y split into row halves a, b it equals
-    ||a a^T||^2 + ||b b^T||^2 + 2 ||a b^T||^2: 3/4 of the full product's flops.
-    """
-    def norms(gram):
-        return None if normalise_eps is None else row_norms_of_gram(gram, normalise_eps)
-
-    def sq_sum(gram, left, right):
-        return (gram if left is None else scale_gram(gram, left, right)).pow(2).sum((1, 2))
-
-    h = y.shape[1] // 2
-    if h < 32:  # small: one product is cheaper than three
-        gyy = torch.bmm(y, y.transpose(1, 2))
-        ny = norms(gyy)
-        return sq_sum(gyy, ny, ny), ny
-    a, b = y[:, :h], y[:, h:]
-    gaa, gbb = torch.bmm(a, a.transpose(1, 2)), torch.bmm(b, b.transpose(1, 2))
-    na, nb = norms(gaa), norms(gbb)
-    total = (sq_sum(gaa, na, na) + sq_sum(gbb, nb, nb)
-             + 2 * sq_sum(torch.bmm(a, b.transpose(1, 2)), na, nb))
-    return total, (None if na is None else torch.cat([na, nb], 1))
-
-
-class _Poly2SamplesMMD(torch.autograd.Function):
-    """[B] MMD^2 for k = (x.y)^2 from kernel matrices, with y constant and a fused backward.
-
-    Autograd on the plain expression would spend two products on x x^T (one per argument) and
-    accumulate three x-sized gradients; the closed form d/dx = 4 kxx x / m^2 - 4 kxy y / (m n)
-    needs two products fused into one baddbmm. Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, x, y):
-        m, n = x.shape[1], y.shape[1]
-        kxx = torch.bmm(x, x.transpose(1, 2))
-        kxy = torch.bmm(x, y.transpose(1, 2))
-        ctx.save_for_backward(x, y, kxx, kxy)
-        return (
-            kxx.pow(2).sum((1, 2)) / (m * m)
-            + _gram_sq_norm(y)[0] / (n * n)
-            - 2 * kxy.pow(2).sum((1, 2)) / (m * n)
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, y, kxx, kxy = ctx.saved_tensors
-        m, n = x.shape[1], y.shape[1]
-        g = grad.view(-1, 1, 1)  # scale the small kernel matrices, not the [B, m, D] result
-        return torch.baddbmm(
-            torch.bmm(kxy * (g * (-4.0 / (m * n))), y), kxx * (g * 4.0 / (m * m)), x
-        ), None
+def _normalised(x, y, eps):
+    """x, y with L2-normalised rows when eps is given (kernels that cannot fold it)."""
+    return (x, y) if eps is None else (normalise_rows(x, eps), normalise_rows(y, eps))
 
 
 def _mean_kernel_terms(kxx, kyy, kxy):
@@ -181,44 +112,37 @@ def _mean_kernel_terms(kxx, kyy, kxy):
     return kxx.mean((-1, -2)) + kyy.mean((-1, -2)) - 2 * kxy.mean((-1, -2))
 
 
-def _mmd2_linear(x, y, form):
+def _mmd2_linear(x, y, form, eps):
     """[B] MMD^2 for k = x.y: the squared distance of the sample means (cheaper than both forms)."""
+    x, y = _normalised(x, y, eps)
     return (x.mean(1) - y.mean(1)).pow(2).sum(-1)
 
 
-def _mmd2_poly(x, y, form, degree=2, c=0.0):
-    """[B] MMD^2 for k = (x.y + c)^degree; uses the features form where it exists and is cheaper."""
+def _mmd2_poly(x, y, form, eps, degree=2, c=0.0):
+    """[B] MMD^2 for k = (x.y + c)^degree; degree 2 with c 0 is poly2_mmd2's (either form)."""
     if int(degree) != degree or degree < 1 or c < 0:
         # Positive-definiteness (hence MMD^2 >= 0) needs a positive integer degree and c >= 0.
         raise ValueError(f"poly kernel needs an integer degree >= 1 and c >= 0; got {degree}, {c}")
     degree = int(degree)
     if c == 0 and degree == 1:
-        return _mmd2_linear(x, y, form)
+        return _mmd2_linear(x, y, form, eps)
     if c == 0 and degree == 2:
-        if form == "auto":
-            form = _cheaper_form(x.shape[1], y.shape[1], x.shape[2], x.requires_grad)
-        if form == "features":
-            # ||X^T X/m - Y^T Y/n||_F^2: one D x D product per side, fused into one baddbmm.
-            gy = torch.bmm(y.transpose(1, 2), y)
-            diff = torch.baddbmm(
-                gy, x.transpose(1, 2), x, beta=1.0 / y.shape[1], alpha=-1.0 / x.shape[1]
-            )
-            return diff.pow(2).sum((1, 2))
-        if not y.requires_grad:  # the usual case: y is the detached teacher
-            return _Poly2SamplesMMD.apply(x, y)
-    elif form == "features":
+        return poly2_mmd2(x, y, form=form, normalise_eps=eps)
+    if form == "features":
         raise ValueError(
             "form='features' exists only for the linear kernel and poly (degree 2, c 0)"
         )
+    x, y = _normalised(x, y, eps)
     return _mean_kernel_terms(
         poly_kernel(x, x, degree, c), poly_kernel(y, y, degree, c), poly_kernel(x, y, degree, c)
     )
 
 
-def _mmd2_gaussian(x, y, form, sigma2=None):
+def _mmd2_gaussian(x, y, form, eps, sigma2=None):
     """[B] MMD^2 for the Gaussian kernel; sigma2=None: detached mean pairwise squared distance."""
     if form == "features":
         raise ValueError("form='features' does not exist for the gaussian kernel")
+    x, y = _normalised(x, y, eps)
     if sigma2 is None:
         # Data-driven bandwidth, detached: the loss is minimised at a fixed kernel, not by
         # moving the bandwidth (which would let the student inflate distances to shrink MMD).
@@ -239,7 +163,13 @@ _KERNELS = {
 
 
 def mmd2(
-    x: torch.Tensor, y: torch.Tensor, kernel: str = "poly", *, form: str = "auto", **kernel_args
+    x: torch.Tensor,
+    y: torch.Tensor,
+    kernel: str = "poly",
+    *,
+    form: str = "auto",
+    normalise_eps: Optional[float] = None,
+    **kernel_args,
 ) -> torch.Tensor:
     """Biased (V-statistic) MMD^2 between two sample sets, batched over leading dimensions.
 
@@ -255,19 +185,22 @@ def mmd2(
             the detached mean squared distance over distinct pairs of x U y, per leading index).
         form: "auto" (fewest flops), "samples" ([m, n] kernel matrices) or "features"
             ([D, D] second moments; poly degree 2 with c=0 only). Ignored by "linear".
+        normalise_eps: None, or every sample (row) of x and y is L2-normalised first, its norm
+            clamped below at this eps (NST's samples). Poly degree 2 with c 0 folds it into
+            its Gram matrices (:func:`~.poly2.poly2_mmd2`); other kernels normalise a copy.
     Returns:
         [...] MMD^2 per leading index.
     """
     if kernel not in _KERNELS:
         raise ValueError(f"Unknown MMD kernel {kernel!r}; choose from {sorted(_KERNELS)}")
-    if form not in _FORMS:
-        raise ValueError(f"Unknown form {form!r}; choose from {_FORMS}")
+    if form not in FORMS:
+        raise ValueError(f"Unknown form {form!r}; choose from {FORMS}")
     if x.dim() < 2 or x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1]:
         raise ValueError(f"mmd2: incompatible sample sets {tuple(x.shape)} and {tuple(y.shape)}")
     lead = x.shape[:-2]
     xb = x.reshape(-1, *x.shape[-2:])
     yb = y.reshape(-1, *y.shape[-2:])
-    out = _KERNELS[kernel](xb, yb, form, **kernel_args)
+    out = _KERNELS[kernel](xb, yb, form, normalise_eps, **kernel_args)
     return out.clamp_min(0).reshape(lead)
 
 
@@ -294,8 +227,6 @@ def mmd_loss(
     Returns:
         Scalar MMD^2 (float32, or float64 for float64 inputs).
     """
-    x_s = as_vectors(x_s, "mmd_loss")
-    x_t = as_vectors(x_t, "mmd_loss").detach()
-    check_vectors(x_s, x_t, "mmd_loss")
+    x_s, x_t = prepare_vectors(x_s, x_t, "mmd_loss")
     kwargs = {"sigma2": sigma2} if kernel in ("rbf", "gaussian") else {}
     return mmd2(x_s, x_t, kernel, **kwargs)

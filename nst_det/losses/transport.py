@@ -7,7 +7,7 @@ gradient is <P*, dM/dx> (envelope theorem: exact wherever the optimal plan is un
 
 import torch
 
-from ._utils import as_vectors, check_vectors, full_precision
+from ._utils import full_precision, prepare_vectors
 from .registry import TRANSFER_LOSS_REGISTRY
 
 __all__ = ["sq_dist_matrix", "w2_loss", "class_w2_loss", "sinkhorn_loss"]
@@ -35,14 +35,6 @@ def _uniform(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
 
 
-def _prepare(x_s, x_t, name):
-    """Pooled [b, D] student and detached teacher features with matching D."""
-    x_s = as_vectors(x_s, name)
-    x_t = as_vectors(x_t, name).detach()
-    check_vectors(x_s, x_t, name)
-    return x_s, x_t
-
-
 def _exact_w2(x_s: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     """W2^2 with the exact (network simplex) plan held constant."""
     cost = sq_dist_matrix(x_s, x_t)
@@ -65,7 +57,7 @@ def w2_loss(x_s: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
     Returns:
         Scalar sum_ij P*_ij ||x_s_i - x_t_j||^2.
     """
-    return _exact_w2(*_prepare(x_s, x_t, "w2_loss"))
+    return _exact_w2(*prepare_vectors(x_s, x_t, "w2_loss"))
 
 
 @TRANSFER_LOSS_REGISTRY.register(name="class_w2")
@@ -84,7 +76,7 @@ def class_w2_loss(
     Returns:
         Scalar loss.
     """
-    x_s, x_t = _prepare(x_s, x_t, "class_w2_loss")
+    x_s, x_t = prepare_vectors(x_s, x_t, "class_w2_loss")
     if labels.dim() != 1 or not (labels.shape[0] == x_s.shape[0] == x_t.shape[0]):
         raise ValueError("class_w2_loss: need paired x_s, x_t [b, D] and labels [b]")
     if reduction not in ("sum", "mean"):
@@ -122,7 +114,7 @@ def sinkhorn_loss(
     Returns:
         Scalar sum_ij P_ij ||x_s_i - x_t_j||^2.
     """
-    x_s, x_t = _prepare(x_s, x_t, "sinkhorn_loss")
+    x_s, x_t = prepare_vectors(x_s, x_t, "sinkhorn_loss")
     if reg <= 0:
         raise ValueError(f"reg must be > 0; got {reg}")
     cost = sq_dist_matrix(x_s, x_t)
