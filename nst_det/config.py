@@ -21,6 +21,16 @@ def add_nst_config(cfg: CN) -> None:
     # the disk, but the run cannot be extended with --resume. The pipeline, which never extends a
     # finished stage, turns it on. model_best.pth is always weights-only.
     cfg.NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY = False
+    # The metric model_best.pth follows: a key of the first test set's "bbox" results ("AP",
+    # "AP50", "AP75", ...); "" = AP50 for a VOC-style test set, AP for a COCO-style one.
+    cfg.NST_DET.BEST_METRIC = ""
+
+    # Data sets registered by name from the config (nst_det/data/from_config.py), for
+    # DATASETS.TRAIN/TEST. COCO format: [[name, json_file, image_root], ...].
+    cfg.DATASETS.COCO = []
+    # VOC layout: [[name, dirname, split], ...] or [name, dirname, split, classes, year] entries
+    # (classes: list or "a,b,c", empty = found in the annotations; year 2007 = 11-point AP).
+    cfg.DATASETS.VOC = []
 
     # The frozen teacher. Detection: a detectron2 config file + weights + overrides, built and
     # loaded strictly. Classification: ARCH names a torchvision classifier, WEIGHTS its state dict.
@@ -125,4 +135,7 @@ def load_config(config_file: str, opts=()) -> CN:
                 f"{source}: {e.args[0] if e.args else e}. Check the spelling against "
                 "detectron2's defaults and nst_det/config.py (add_nst_config)"
             ) from None
+    from .data.from_config import register_datasets_from_config
+
+    register_datasets_from_config(cfg)  # DATASETS.COCO / DATASETS.VOC, in every entry point
     return cfg

@@ -23,7 +23,7 @@ def main():
                         help="network family (default: detected from the keys)")
     args = parser.parse_args()
 
-    state, not_student = read_classifier_file(args.input)
+    state, not_student = read_classifier_file(args.input, "student checkpoint")
     family = args.family or detect_family(state)
     converted, skipped = convert_student(state, family)
     skipped.update({k: "not part of the student (distiller-only module)" for k in not_student})

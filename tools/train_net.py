@@ -5,6 +5,9 @@ detectron2's CLI and launch semantics, e.g.
     tools/train_net.py --config-file configs/quick_schedules/faster_rcnn_R_18_FPN_toy.yaml
     tools/train_net.py --config-file ... --num-gpus 8 SOLVER.IMS_PER_BATCH 16
     tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
+    tools/train_net.py --config-file ... --coco-dataset my_train train.json images/ \
+        --coco-dataset my_val val.json images/ DATASETS.TRAIN "('my_train',)" \
+        DATASETS.TEST "('my_val',)" MODEL.ROI_HEADS.NUM_CLASSES 3
 The trainer class is the config's `NST_DET.TRAINER` (a name in nst_det.engine.TRAINER_REGISTRY).
 """
 
@@ -13,7 +16,10 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from nst_det.checkpoint.remote import resolve_weights
+from nst_det.checkpoint.weights_file import check_weights_file
 from nst_det.config import load_config
+from nst_det.data.from_config import register_datasets_from_config
 from nst_det.engine import TRAINER_REGISTRY
 from nst_det.utils.dist import release_process_group
 
@@ -21,6 +27,10 @@ from nst_det.utils.dist import release_process_group
 def setup(args):
     """Build the frozen config from the file and command-line overrides."""
     cfg = load_config(args.config_file, args.opts)
+    # --coco-dataset / --voc-dataset: appended to DATASETS.COCO / VOC (and so to config.yaml)
+    cfg.DATASETS.COCO = [*cfg.DATASETS.COCO, *(getattr(args, "coco_dataset", None) or [])]
+    cfg.DATASETS.VOC = [*cfg.DATASETS.VOC, *(getattr(args, "voc_dataset", None) or [])]
+    register_datasets_from_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     # nst_det's own INFO logs (teacher loading and evaluation, ...) next to detectron2's
@@ -32,14 +42,30 @@ def main(args):
     cfg = setup(args)
     trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
     if args.eval_only:
+        weights = resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+        if not args.resume:  # one clear error for a missing, truncated or wrong-format file
+            check_weights_file(weights, "MODEL.WEIGHTS", allow_pickle=weights.endswith(".pkl"))
         model = trainer_cls.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+            weights, resume=args.resume
         )
         return trainer_cls.test(cfg, model)
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
+
+
+def argument_parser():
+    """detectron2's parser + data sets registered from the command line (no code, no config)."""
+    parser = default_argument_parser()
+    parser.add_argument("--coco-dataset", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                        help="register a COCO-format set (repeatable; see DATASETS.COCO)")
+    parser.add_argument("--voc-dataset", nargs=3, action="append", default=[],
+                        metavar=("NAME", "DIRNAME", "SPLIT"),
+                        help="register a VOC-layout split, classes found in its annotations "
+                        "(repeatable; a class list or the metric year: DATASETS.VOC)")
+    return parser
 
 
 def launched_main(args):
@@ -51,7 +77,7 @@ def launched_main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     launch(
         launched_main,

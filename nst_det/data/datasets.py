@@ -3,7 +3,8 @@
 Real PASCAL VOC is registered by detectron2 itself (`voc_2007_trainval`, `voc_2007_test`, ... under
 `$DETECTRON2_DATASETS`); nst_det swaps their loader for `load_voc_checked` (same records, clear
 errors on bad files). The toy set uses the same loader and metadata (year 2007), so
-`PascalVOCDetectionEvaluator` applies the VOC07 11-point metric to it as well.
+`PascalVOCDetectionEvaluator` applies the VOC07 11-point metric to it as well. `toy_coco_*` are
+the same toy images and boxes described by a COCO json (nst_det/data/toy_coco.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .toy_coco import register_toy_coco
 from .toy_data import make_toy_voc
 from .toy_world import TOY_CLASSES
 from .voc_checked import load_voc_checked
@@ -52,6 +54,11 @@ def register_builtin_toy_datasets() -> None:
     # a reduced copy for the pipeline's CI-scale run (tools/run_pipeline.py --scale ci)
     register_toy_voc("toy_voc_tiny", os.path.join(datasets_root(), "toy", "VOC2007_tiny"),
                      num_trainval=16, num_test=8)
+    # the same images and boxes in COCO format, evaluated with detectron2's COCOEvaluator
+    toy = os.path.join(datasets_root(), "toy")
+    register_toy_coco("toy_coco_2007", os.path.join(toy, "VOC2007"), os.path.join(toy, "COCO2007"))
+    register_toy_coco("toy_coco_tiny", os.path.join(toy, "VOC2007_tiny"),
+                      os.path.join(toy, "COCO2007_tiny"), num_trainval=16, num_test=8)
 
 
 def check_builtin_voc_datasets() -> None:

@@ -1,11 +1,13 @@
-"""The detection trainer: detectron2's DefaultTrainer evaluated with the VOC07 metric."""
+"""The detection trainer: detectron2's DefaultTrainer, evaluated as each test set asks."""
+
+import os
 
 from detectron2.data import DatasetMapper
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from ..evaluation import PerClassVOCEvaluator
+from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
 from .registry import TRAINER_REGISTRY
 from .reliable import ReliableTrainerMixin
 from .teacher_eval import TeacherEvalHook
@@ -13,19 +15,19 @@ from .teacher_eval import TeacherEvalHook
 
 @TRAINER_REGISTRY.register()
 class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
-    """DefaultTrainer + exact resume/atomic checkpoints/NaN guard, evaluated with VOC07 AP.
+    """DefaultTrainer + exact resume/atomic checkpoints/NaN guard, evaluated per test set with
+    the metric of its evaluator_type (VOC: AP50, 11-point for 2007; COCO: pycocotools AP).
 
     Hooks added to DefaultTrainer's (all driven by the config):
       - evaluation every TEST.EVAL_PERIOD iterations and at the end (DefaultTrainer's EvalHook);
-      - BestCheckpointer: `model_best.pth` whenever AP50 on the first test set improves;
+      - BestCheckpointer: `model_best.pth` whenever NST_DET.BEST_METRIC (default AP50 for a VOC
+        set, AP for a COCO set) on the first test set improves;
       - TeacherEvalHook, for a model with a `teacher` (DistillationRCNN): the teacher is
         evaluated once before training, logged as `teacher/...` scalars and written to
         OUTPUT_DIR/teacher_metrics.json, and compared with the student at the end
         (MODEL.TEACHER.EVAL_BEFORE_TRAIN False skips it).
     """
 
-    # the metric BestCheckpointer tracks (as flattened by EvalHook), per test set
-    BEST_METRIC = "bbox/AP50"
 
     @classmethod
     def build_train_mapper(cls, cfg):
@@ -33,9 +35,19 @@ class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        # the VOC evaluator writes nothing; output_folder is accepted for DefaultTrainer's API
-        del output_folder
-        return PerClassVOCEvaluator(dataset_name)
+        # the dataset's evaluator_type decides; COCOEvaluator writes its detections json here
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_dataset_evaluator(dataset_name, output_folder)
+
+    @staticmethod
+    def best_metric(cfg) -> str:
+        """The metric BestCheckpointer tracks, as EvalHook flattens it (e.g. "bbox/AP50")."""
+        first = cfg.DATASETS.TEST[0]
+        metric = f"bbox/{cfg.NST_DET.BEST_METRIC or default_best_metric(first)}"
+        if len(cfg.DATASETS.TEST) > 1:  # DefaultTrainer.test then nests by dataset
+            metric = f"{first}/{metric}"
+        return metric
 
     def build_hooks(self):
         ret = super().build_hooks()
@@ -44,12 +56,8 @@ class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
         at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
         extra = []
         if comm.is_main_process():
-            metric = self.BEST_METRIC
-            if len(self.cfg.DATASETS.TEST) > 1:  # DefaultTrainer.test then nests by dataset
-                metric = f"{self.cfg.DATASETS.TEST[0]}/{metric}"
-            extra.append(
-                hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer, metric)
-            )
+            extra.append(hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer,
+                                                self.best_metric(self.cfg)))
         model = self.model
         if isinstance(model, DistributedDataParallel):
             model = model.module

@@ -15,6 +15,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import META_ARCH_REGISTRY, build_model
 
+from ..checkpoint.weights_file import load_weights_file, state_dict_from
 from ..utils.atomic import atomic_write
 
 # keys a student-only checkpoint must never carry (teacher weights live under these prefixes)
@@ -90,17 +91,14 @@ def save_student_checkpoint(
 def load_student_detector(cfg: CfgNode) -> torch.nn.Module:
     """Build the student-only detector of `cfg` and load cfg.MODEL.WEIGHTS into it strictly.
 
-    Teacher tensors in the file (if any) are dropped. Raises FileNotFoundError for a missing file
-    and KeyError naming the keys when the weights do not match the student.
+    Teacher tensors in the file (if any) are dropped. Raises WeightsFileError (a
+    FileNotFoundError for a missing file) naming the file and the problem when it cannot be read
+    as weights, and KeyError naming the keys when the weights do not match the student.
     """
     weights = cfg.MODEL.WEIGHTS
-    if not weights or not os.path.isfile(weights):
-        raise FileNotFoundError(
-            f"MODEL.WEIGHTS={weights!r} is not a file: pass the trained checkpoint (.pth)"
-        )
+    # one error for a missing, truncated or wrong-format file, before the model is built
+    state = state_dict_from(load_weights_file(weights, "MODEL.WEIGHTS"), weights, "MODEL.WEIGHTS")
     model = build_model(student_config(cfg))
-    checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
     state = {k: v for k, v in state.items() if not k.startswith(TEACHER_KEY_PREFIXES)}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -8,8 +8,6 @@ that names the keys.
 from __future__ import annotations
 
 import logging
-import os
-import pickle
 from typing import Dict, Mapping
 
 import numpy as np
@@ -19,6 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
+from ..checkpoint.weights_file import load_weights_file
 from ..config import add_nst_config
 from ..distill.core import freeze
 
@@ -75,25 +74,14 @@ def read_weights(path: str) -> Dict[str, torch.Tensor]:
     format, {"model": {name: ndarray}}) needs pickle itself: only load .pkl files you trust.
 
     Raises:
-        FileNotFoundError: no such file. TeacherWeightsError: unreadable or not a state dict, or a
-        .pkl that relies on detectron2's fuzzy name matching ("matching_heuristics").
+        WeightsFileError (nst_det.checkpoint.weights_file; a FileNotFoundError when there is no
+        file): missing, empty, truncated, damaged or not weights. TeacherWeightsError: not a state
+        dict, or a .pkl that relies on detectron2's fuzzy name matching ("matching_heuristics").
     """
     if not path:
         raise FileNotFoundError("MODEL.TEACHER.WEIGHTS is empty: train the teacher first")
     local = PathManager.get_local_path(path)
-    if not os.path.isfile(local):
-        raise FileNotFoundError(f"teacher weights not found: MODEL.TEACHER.WEIGHTS={path!r}")
-    try:
-        if local.endswith(".pkl"):
-            with open(local, "rb") as f:
-                data = pickle.load(f, encoding="latin1")
-        else:
-            data = torch.load(local, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / corrupt files raise many different types
-        raise TeacherWeightsError(
-            f"cannot read teacher weights {path!r} ({type(e).__name__}: {e}); "
-            "the file is corrupt or truncated"
-        ) from e
+    data = load_weights_file(local, "MODEL.TEACHER.WEIGHTS", allow_pickle=True)
     if isinstance(data, Mapping) and data.get("matching_heuristics", False):
         raise TeacherWeightsError(
             f"{path!r} asks for detectron2's fuzzy name matching; a teacher needs a checkpoint "

@@ -12,7 +12,7 @@ from .run import stage_result
 
 def convert_stage(stage: Stage) -> dict:
     """Classification checkpoint -> detectron2 backbone weights (classifier head dropped)."""
-    state, _ = read_classifier_file(stage.inputs["src"])
+    state, _ = read_classifier_file(stage.inputs["src"], "student checkpoint")
     family = detect_family(state)
     converted, skipped = convert_student(state, family)
     save_d2_weights(converted, stage.inputs["dst"])

@@ -40,7 +40,7 @@ def build_classification_teacher(cfg) -> nn.Module | None:
     if not weights:
         raise ValueError(f"MODEL.TEACHER.ARCH={arch!r} needs MODEL.TEACHER.WEIGHTS (a local file)")
     teacher = build_classifier(arch, cfg.MODEL.CLASSIFIER.NUM_CLASSES)
-    load_classifier_weights(teacher, weights)
+    load_classifier_weights(teacher, weights, "MODEL.TEACHER.WEIGHTS")
     return teacher
 
 
@@ -87,7 +87,8 @@ class ClassificationDistiller(nn.Module):
     def from_config(cls, cfg):
         student = build_classifier(cfg.MODEL.CLASSIFIER.ARCH, cfg.MODEL.CLASSIFIER.NUM_CLASSES)
         if cfg.MODEL.CLASSIFIER.WEIGHTS:
-            load_classifier_weights(student, cfg.MODEL.CLASSIFIER.WEIGHTS)
+            load_classifier_weights(student, cfg.MODEL.CLASSIFIER.WEIGHTS,
+                                    "MODEL.CLASSIFIER.WEIGHTS")
         teacher = build_classification_teacher(cfg)
         core = DistillationCore(
             teacher=teacher, student_shapes=feature_shapes(student),

@@ -15,10 +15,11 @@ that names the file and the keys. Nothing is downloaded.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
+
+from ...checkpoint.weights_file import load_weights_file
 
 __all__ = ["classifier_state_dict", "load_classifier_weights", "read_classifier_file"]
 
@@ -34,18 +35,21 @@ def _listing(keys) -> str:
     return ", ".join(keys[:_MAX_LISTED]) + more
 
 
-def read_classifier_file(path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_classifier_file(path: str, what: str = "classifier weights"
+                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read the classifier state dict stored in `path` (either layout above).
 
+    Args:
+        what: what the file is for (a config key such as "MODEL.CLASSIFIER.WEIGHTS"), named first
+            in every error.
     Returns:
         (classifier state dict, keys of the file that are not part of the classifier).
     Raises:
-        FileNotFoundError: `path` is not a file.
+        WeightsFileError: `path` is missing (also a FileNotFoundError), truncated, damaged or
+            not PyTorch weights (nst_det.checkpoint.weights_file).
         ValueError: the file holds neither layout.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"classifier weights file not found: {path!r}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_file(path, what)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a state dict or checkpoint dict, got {type(ckpt)}")
     if isinstance(ckpt.get("model"), dict):  # an nst_det / detectron2 checkpoint
@@ -62,28 +66,30 @@ def read_classifier_file(path: str) -> tuple[dict[str, torch.Tensor], list[str]]
     return ckpt, []
 
 
-def classifier_state_dict(path: str) -> dict[str, torch.Tensor]:
+def classifier_state_dict(path: str, what: str = "classifier weights"
+                          ) -> dict[str, torch.Tensor]:
     """The classifier state dict stored in `path`; other distiller entries are skipped (logged)."""
-    state, skipped = read_classifier_file(path)
+    state, skipped = read_classifier_file(path, what)
     if skipped:
         logger.info(f"{path}: not part of the classifier, skipped: {_listing(skipped)}")
     return state
 
 
-def load_classifier_weights(model: nn.Module, path: str) -> nn.Module:
+def load_classifier_weights(model: nn.Module, path: str, what: str = "classifier weights"
+                            ) -> nn.Module:
     """Load `path` into `model` strictly (see the module docstring for accepted layouts).
 
     A missing `num_batches_tracked` buffer is tolerated (torchvision's published files predate
     it; BatchNorm fills it in). Every other difference is an error.
 
     Raises:
-        FileNotFoundError, ValueError: see `classifier_state_dict`.
+        WeightsFileError, ValueError: see `read_classifier_file` (`what` names the file's use).
         KeyError: missing or unexpected keys (listed).
         ValueError: shape mismatches (listed with both shapes).
     Returns:
         `model`, loaded.
     """
-    state = classifier_state_dict(path)
+    state = classifier_state_dict(path, what)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
