@@ -13,6 +13,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model
 from detectron2.utils.events import EventStorage
 
+from nst_det.checkpoint.weights_file import WeightsFileError
 from nst_det.distill import align_pair
 from nst_det.modeling import DistillationRCNN, TeacherWeightsError
 
@@ -209,7 +210,7 @@ def test_wrong_teacher_weights_raise_naming_keys(tmp_path, teacher_fpn):
 
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(TeacherWeightsError, match="truncated"):
+    with pytest.raises(WeightsFileError, match=f"MODEL.TEACHER.WEIGHTS {truncated}: .*truncated"):
         build_model(make_cfg(R18_FPN_TOY, distill_opts(yaml, truncated)))
     # a teacher config that does not match its weights (R-34 for R-18 weights)
     mismatched = make_cfg(R18_FPN_TOY, distill_opts(yaml, weights))
