@@ -29,7 +29,7 @@ def test_detection_trainer_trains_under_bf16_autocast_on_cpu(tmp_path, tiny_voc)
         "TEST.EVAL_PERIOD", "0", "MODEL.TEACHER.EVAL_BEFORE_TRAIN", "False"],
         data=tiny_voc[:2], output_dir=tmp_path / "amp")
     trainer = DetectionTrainer(cfg)  # detectron2's AMPTrainer would refuse: no CUDA
-    assert type(trainer._trainer) is SimpleTrainer and trainer.cfg.SOLVER.AMP.ENABLED
+    assert type(trainer.step_trainer) is SimpleTrainer and trainer.cfg.SOLVER.AMP.ENABLED
 
     model = trainer.model
     dtypes, losses = {}, {}

@@ -23,13 +23,30 @@ FAST_OPTS = [
 
 def test_detectron2_and_nst_det_import():
     import detectron2
+    from detectron2.config import get_cfg
     from detectron2.export import TracingAdapter  # needs the optional-caffe2 patch
+    from detectron2.modeling import META_ARCH_REGISTRY
 
     import nst_det
 
-    assert detectron2.__version__.startswith("0.6") or hasattr(detectron2, "__version__")
-    assert callable(nst_det.add_nst_config)
-    assert TracingAdapter is not None
+    # the patched v0.6 or a newer upstream build: API older than v0.6 is not supported
+    major, minor = (int(v) for v in detectron2.__version__.split(".")[:2])
+    assert (major, minor) >= (0, 6), detectron2.__version__
+    cfg = get_cfg()
+    nst_det.add_nst_config(cfg)
+    assert cfg.NST_DET.SKIP_BAD_IMAGES is False and cfg.MODEL.NST.LOSS_WEIGHT == 0.0
+    assert "DistillationRCNN" in META_ARCH_REGISTRY  # registered by importing nst_det
+
+    class Double(torch.nn.Module):
+        def forward(self, inputs):
+            return {"y": inputs[0]["x"] * 2}
+
+    # the export path works: TracingAdapter flattens dict inputs/outputs for torch.jit.trace
+    adapter = TracingAdapter(Double().eval(), [{"x": torch.ones(2)}],
+                             inference_func=lambda model, inputs: model(inputs))
+    traced = torch.jit.trace(adapter, adapter.flattened_inputs)
+    out = adapter.outputs_schema(traced(torch.full((2,), 3.0)))
+    torch.testing.assert_close(out["y"], torch.full((2,), 6.0))
 
 
 def test_missing_compiled_op_raises_clear_error():

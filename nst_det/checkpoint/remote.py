@@ -26,6 +26,7 @@ while the others (DDP ranks, pipeline stages) wait and reuse the copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -151,5 +152,10 @@ def resolve_weights(path: str, key: str = "weights") -> str:
     with FileLock(os.path.join(locks, lock_name)):
         if not os.path.isfile(dest):  # another process may have downloaded it while we waited
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            _fetch(_download_url(path), dest, key)
+            try:
+                _fetch(_download_url(path), dest, key)
+            except WeightsDownloadError:
+                with contextlib.suppress(OSError):  # the folders made for it, when left empty
+                    os.removedirs(os.path.dirname(dest))
+                raise
     return dest

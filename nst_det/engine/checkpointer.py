@@ -14,22 +14,45 @@
   the backbone (the bottom-up network; FPN layers are new) are missing or any tensor has the
   wrong shape: detectron2 only warns, and a silently half-initialised student makes every later
   number meaningless.
+
+Only public API of fvcore/detectron2/torch is used, so this behaves the same on detectron2 v0.6
+and on upstream main: `save`, `tag_last_checkpoint`, `resume_or_load` and `load` are the public
+methods of fvcore's Checkpointer; the keys a load left unfilled come from a torch
+`register_load_state_dict_post_hook` on the model (fvcore drops wrong-shaped tensors before
+calling `load_state_dict`, so those keys are reported as unfilled too); a file is checked for
+damage by nst_det.checkpoint.weights_file before fvcore loads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from ..checkpoint.remote import resolve_weights
+from ..checkpoint.weights_file import WeightsFileError, check_weights_file
 from ..utils.atomic import atomic_link, atomic_write
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(WeightsFileError):
     """A checkpoint file exists but cannot be read (truncated, not a checkpoint, ...)."""
+
+
+def check_checkpoint_readable(path: str) -> None:
+    """Raise CorruptCheckpointError if `path` is damaged (truncated, garbage, bad CRC).
+
+    The one weights-file check (nst_det.checkpoint.weights_file): a torch zip archive's central
+    directory and CRCs, then a memory-mapped `torch.load(weights_only=True)`, which runs no
+    pickled code.
+    """
+    try:
+        check_weights_file(path, "checkpoint", allow_pickle=path.endswith(".pkl"))
+    except WeightsFileError as e:
+        raise CorruptCheckpointError(str(e)) from None
 
 
 class ReliableCheckpointer(DetectionCheckpointer):
@@ -46,6 +69,7 @@ class ReliableCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, **checkpointables)
         self.weights_only = tuple(weights_only)
         self._last_weights_only = None  # (weights version, path) of the latest weights-only save
+        self.resumed_from = None  # the checkpoint the last resume_or_load resumed from, if any
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -72,22 +96,13 @@ class ReliableCheckpointer(DetectionCheckpointer):
     @staticmethod
     def _weights_version(state: dict) -> list:
         """Which tensors, at which in-place version: equal lists mean no weight or buffer has
-        been modified since (an optimizer step or a load bumps the tensors' version counters)."""
+        been modified since (an optimizer step or a load bumps the tensors' version counters).
+        `Tensor._version` is torch's autograd version counter (torch 1.x-2.14, not detectron2)."""
         return [(key, value.data_ptr(), value._version) for key, value in state.items()]
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         with atomic_write(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
             f.write(last_filename_basename)
-
-    def _load_file(self, filename: str):
-        try:
-            return super()._load_file(filename)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # torch.load raises many types for a damaged zip/pickle
-            raise CorruptCheckpointError(
-                f"{filename} is not a readable checkpoint ({type(e).__name__}: {e})"
-            ) from e
 
     def _resume_candidates(self) -> list[str]:
         """The tagged checkpoint first, then every other checkpoint in save_dir, newest first."""
@@ -98,51 +113,80 @@ class ReliableCheckpointer(DetectionCheckpointer):
         return [p for p in dict.fromkeys([tagged, *others]) if p and os.path.isfile(p)]
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+        """Resume from the newest readable checkpoint in save_dir (sets `resumed_from`), else
+        load the model weights of `path` strictly enough for its backbone; returns what the
+        file holds besides the model and the checkpointables (e.g. `iteration`)."""
+        self.resumed_from = None
         if resume and self.has_checkpoint():
             for candidate in self._resume_candidates():
                 try:
-                    return self._load_checked(candidate, "resume")
+                    check_checkpoint_readable(candidate)
                 except CorruptCheckpointError as e:
                     self.logger.warning(f"Skipping checkpoint on resume: {e}")
+                    continue
+                extra = self._load_checked(candidate, "resume")
+                self.resumed_from = candidate
+                return extra
             self.logger.warning(f"No readable checkpoint in {self.save_dir}; not resuming")
+        path = resolve_weights(path, "MODEL.WEIGHTS")  # a URL: its verified, cached download
         if path and not os.path.isfile(path) and "://" not in path:
             raise FileNotFoundError(
                 f"MODEL.WEIGHTS={path} does not exist. Point it at a checkpoint or at converted "
                 "backbone weights (tools/convert_student_to_d2.py), or set it to '' to train "
                 "from scratch"
             )
+        if path and "://" not in path:  # one clear error for a truncated or wrong-format file
+            check_weights_file(path, "MODEL.WEIGHTS", allow_pickle=path.endswith(".pkl"))
         return self._load_checked(path, "init", checkpointables=[])
 
     def _load_checked(self, path: str, mode: str, **kwargs) -> dict:
-        self._check_mode, self._checked_path = mode, path
-        try:
-            return self.load(path, **kwargs)
-        finally:
-            self._check_mode = None
+        """`load(path)`, then raise if the model was not filled as `mode` requires."""
+        with unfilled_keys(self.model) as unfilled:
+            extra = self.load(path, **kwargs)
+        if path:
+            self._check_filled(path, mode, unfilled)
+        return extra
 
     def _pretrained_prefix(self) -> str:
         """Keys that pretrained weights must cover: the bottom-up network (FPN layers are new)."""
-        model = getattr(self.model, "module", self.model)
-        backbone = getattr(model, "backbone", None)
+        backbone = getattr(self.model, "backbone", None)
         return "backbone.bottom_up." if hasattr(backbone, "bottom_up") else "backbone."
 
-    def _log_incompatible_keys(self, incompatible) -> None:
-        super()._log_incompatible_keys(incompatible)
-        mode = getattr(self, "_check_mode", None)
-        shapes = [f"{k}: {tuple(a)} in file vs {tuple(b)} in model"
-                  for k, a, b in incompatible.incorrect_shapes]
-        if mode == "resume" and (shapes or incompatible.missing_keys):
+    def _check_filled(self, path: str, mode: str, unfilled: list[str]) -> None:
+        if mode == "resume" and unfilled:
             # a resumed run must continue the same model: anything else is a changed config
             raise KeyError(
-                f"checkpoint {self._checked_path} does not match the model built from the current "
-                f"config: wrong shapes {shapes[:5]}, missing keys {incompatible.missing_keys[:5]}."
-                " Resume with the config the run started with, or use a new OUTPUT_DIR"
+                f"checkpoint {path} does not match the model built from the current config: "
+                f"keys missing from it or of a different shape {unfilled[:5]} (shapes are in "
+                "the warning above). Resume with the config the run started with, or use a new "
+                "OUTPUT_DIR"
             )
         prefix = self._pretrained_prefix()
-        missing_backbone = [k for k in incompatible.missing_keys if k.startswith(prefix)]
-        if mode == "init" and (shapes or missing_backbone):
+        backbone = [k for k in unfilled if k.startswith(prefix)]
+        if mode == "init" and backbone:
             raise KeyError(
-                f"MODEL.WEIGHTS={self._checked_path} does not match the model's backbone: "
-                f"wrong shapes {shapes[:10]}, missing backbone keys {missing_backbone[:10]}. "
-                "Check MODEL.RESNETS.DEPTH / the backbone name against the weights file"
+                f"MODEL.WEIGHTS={path} does not match the model's backbone: backbone keys "
+                f"missing from it or of a different shape {backbone[:10]} (shapes are in the "
+                "warning above). Check MODEL.RESNETS.DEPTH / the backbone name against the "
+                "weights file"
             )
+
+
+@contextlib.contextmanager
+def unfilled_keys(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Collect the state-dict keys of `model` that `model.load_state_dict` calls inside the
+    block leave unfilled (missing from the loaded dict, or dropped by fvcore for a wrong shape).
+
+    Uses torch's public `register_load_state_dict_post_hook` on the root module, which sees the
+    whole load's missing keys.
+    """
+    unfilled: list[str] = []
+
+    def record(module, incompatible):
+        unfilled.extend(k for k in incompatible.missing_keys if k not in unfilled)
+
+    handle = model.register_load_state_dict_post_hook(record)
+    try:
+        yield unfilled
+    finally:
+        handle.remove()

@@ -1,4 +1,4 @@
-"""The classification trainer: DefaultTrainer on ImageFolder data, evaluated by top-k accuracy."""
+"""The classification trainer: ReliableTrainer on ImageFolder data, evaluated by top-k accuracy."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from detectron2.data import (
 )
 from detectron2.data.build import trivial_batch_collator
 from detectron2.data.samplers import InferenceSampler
-from detectron2.engine import DefaultTrainer
 from detectron2.solver import get_default_optimizer_params
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 from ..data.classification_mapper import ClassificationDatasetMapper
 from ..evaluation import ClassificationEvaluator
 from .registry import TRAINER_REGISTRY
-from .reliable import ReliableTrainerMixin
+from .reliable import ReliableTrainer
 
 __all__ = ["ClassificationTrainer"]
 
@@ -33,9 +32,9 @@ def _dataset_dicts(cfg, names) -> list[dict]:
 
 
 @TRAINER_REGISTRY.register()
-class ClassificationTrainer(ReliableTrainerMixin, DefaultTrainer):
-    """DefaultTrainer for `ClassificationDistiller`: ImageFolder loaders, top-k evaluation, and
-    ReliableTrainerMixin's exact resume, atomic checkpoints and NaN guard.
+class ClassificationTrainer(ReliableTrainer):
+    """ReliableTrainer for `ClassificationDistiller`: ImageFolder loaders, top-k evaluation, and
+    ReliableTrainer's exact resume, atomic checkpoints and NaN guard.
 
     Training batches are cfg.SOLVER.IMS_PER_BATCH images (over all processes) of
     cfg.INPUT.CLS.TRAIN_CROP_SIZE; test batches cfg.TEST.CLS.IMS_PER_BATCH per process. The

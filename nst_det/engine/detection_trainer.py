@@ -1,25 +1,25 @@
-"""The detection trainer: detectron2's DefaultTrainer, evaluated as each test set asks."""
+"""The detection trainer: nst_det's ReliableTrainer, evaluated as each test set asks."""
 
 import os
 
 from detectron2.data import DatasetMapper
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import hooks
 from detectron2.utils import comm
-from torch.nn.parallel import DistributedDataParallel
 
 from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
+from ..utils.dist import unwrap_ddp
 from .registry import TRAINER_REGISTRY
-from .reliable import ReliableTrainerMixin
+from .reliable import ReliableTrainer
 from .teacher_eval import TeacherEvalHook
 
 
 @TRAINER_REGISTRY.register()
-class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
-    """DefaultTrainer + exact resume/atomic checkpoints/NaN guard, evaluated per test set with
+class DetectionTrainer(ReliableTrainer):
+    """ReliableTrainer (exact resume/atomic checkpoints/NaN guard), evaluated per test set with
     the metric of its evaluator_type (VOC: AP50, 11-point for 2007; COCO: pycocotools AP).
 
-    Hooks added to DefaultTrainer's (all driven by the config):
-      - evaluation every TEST.EVAL_PERIOD iterations and at the end (DefaultTrainer's EvalHook);
+    Hooks added to ReliableTrainer's (all driven by the config):
+      - evaluation every TEST.EVAL_PERIOD iterations and at the end (ReliableTrainer's EvalHook);
       - BestCheckpointer: `model_best.pth` whenever NST_DET.BEST_METRIC (default AP50 for a VOC
         set, AP for a COCO set) on the first test set improves;
       - TeacherEvalHook, for a model with a `teacher` (DistillationRCNN): the teacher is
@@ -45,7 +45,7 @@ class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
         """The metric BestCheckpointer tracks, as EvalHook flattens it (e.g. "bbox/AP50")."""
         first = cfg.DATASETS.TEST[0]
         metric = f"bbox/{cfg.NST_DET.BEST_METRIC or default_best_metric(first)}"
-        if len(cfg.DATASETS.TEST) > 1:  # DefaultTrainer.test then nests by dataset
+        if len(cfg.DATASETS.TEST) > 1:  # ReliableTrainer.test then nests by dataset
             metric = f"{first}/{metric}"
         return metric
 
@@ -58,9 +58,7 @@ class DetectionTrainer(ReliableTrainerMixin, DefaultTrainer):
         if comm.is_main_process():
             extra.append(hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer,
                                                 self.best_metric(self.cfg)))
-        model = self.model
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
+        model = unwrap_ddp(self.model)
         teacher = getattr(model, "teacher", None)
         if teacher is not None and self.cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN:
             extra.append(

@@ -4,5 +4,5 @@ from fvcore.common.registry import Registry
 
 TRAINER_REGISTRY = Registry("NST_TRAINER")
 TRAINER_REGISTRY.__doc__ = """
-Trainers (DefaultTrainer subclasses) selectable by `cfg.NST_DET.TRAINER`.
+Trainers (nst_det.engine.reliable.ReliableTrainer subclasses) selectable by `cfg.NST_DET.TRAINER`.
 """

@@ -1,13 +1,26 @@
-"""What every nst_det trainer adds to DefaultTrainer: exact resume, atomic checkpoints, loud NaN.
+"""nst_det's trainer base: detectron2's training loop plus exact resume, atomic checkpoints, a
+NaN guard, CPU autocast and channels_last, built from detectron2's public API only.
 
-Mix it in before DefaultTrainer (`class MyTrainer(ReliableTrainerMixin, DefaultTrainer)`) and
-implement `build_train_mapper` (and `build_train_records` when the records are not detection
-records). Then:
+Subclass `ReliableTrainer` as one would subclass DefaultTrainer (the same classmethods:
+build_model, build_optimizer, build_lr_scheduler, build_test_loader, build_evaluator, test, and
+build_hooks), and implement `build_train_mapper` (and `build_train_records` when the records are
+not detection records). Then:
 - the training stream is position-seeded (nst_det.data.resumable): resuming after iteration k
   continues at exactly the batch an uninterrupted run would have used;
-- checkpoints also hold the python/numpy/torch RNG states and the data seed;
+- checkpoints also hold the optimizer, the LR scheduler, the python/numpy/torch RNG states and
+  the data seed;
 - checkpoints are written atomically and resume skips corrupt files (ReliableCheckpointer);
-- a non-finite loss stops training before its step is applied (nan_guard).
+- a non-finite loss stops training before its step is applied (nan_guard);
+- several CPU processes (gloo) train with DDP as GPUs do (nst_det.utils.dist.build_ddp_model);
+- SOLVER.AMP.ENABLED on a CPU trains under bfloat16 autocast (cpu_amp.py) instead of stopping at
+  detectron2's CUDA-only AMPTrainer.
+
+Why not a DefaultTrainer subclass: DefaultTrainer's constructor builds the model, the DDP wrapper
+(with `device_ids` even for a CPU model), the step trainer and a plain checkpointer in one fixed
+sequence, and its methods reach into its private `_trainer`. Each change above would depend on
+that sequence or on private attributes that differ between detectron2 v0.6 and upstream main.
+Here those pieces are built in this class from public detectron2 classes (TrainerBase,
+SimpleTrainer/AMPTrainer, the hooks, a DetectionCheckpointer subclass).
 """
 
 from __future__ import annotations
@@ -15,26 +28,31 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
-from detectron2.engine import hooks
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    default_writers,
+    hooks,
+)
+from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from fvcore.nn.precise_bn import get_bn_modules
 
-from ..data.resumable import build_resumable_train_loader, skipped_images
+from ..data.resumable import build_resumable_train_loader
+from ..utils.dist import build_ddp_model
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpointer import ReliableCheckpointer
 from .cpu_amp import autocast_training_forward
 from .nan_guard import install_nan_guard
 
-
-def _replace_data_loader(simple_trainer, loader) -> None:
-    """Point detectron2's SimpleTrainer at a new loader (v0.6 eager iterator, or upstream lazy)."""
-    simple_trainer.data_loader = loader
-    if isinstance(getattr(type(simple_trainer), "_data_loader_iter", None), property):
-        simple_trainer._data_loader_iter_obj = None  # upstream: re-created on next access
-    else:
-        simple_trainer._data_loader_iter = iter(loader)
+logger = logging.getLogger(__name__)
 
 
 def _skip_log_path(cfg) -> str | None:
@@ -47,42 +65,153 @@ def _skip_log_path(cfg) -> str | None:
 def _report_skipped_images(trainer) -> None:
     """At the end of training, say how many bad images were skipped and where they are listed."""
     path = _skip_log_path(trainer.cfg)
-    names = skipped_images(path) if path and os.path.exists(path) else []
-    if names:
-        logging.getLogger(__name__).warning(
-            f"Skipped {len(names)} unreadable training image(s) (NST_DET.SKIP_BAD_IMAGES), "
-            f"e.g. {names[0]}; each skip is listed in {path}"
+    if path and os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        logger.warning(
+            f"Skipped {len(lines)} unreadable training image loads (NST_DET.SKIP_BAD_IMAGES); "
+            f"the files are listed in {path}"
         )
 
 
-class ReliableTrainerMixin:
-    """Exact resume, atomic checkpoints and a NaN guard for DefaultTrainer subclasses.
+class ReliableTrainer(TrainerBase):
+    """detectron2's training loop with exact resume, atomic checkpoints and a NaN guard.
 
-    Also: SOLVER.AMP.ENABLED on a CPU trains under bfloat16 autocast (see cpu_amp.py) instead of
-    stopping at detectron2's CUDA-only AMPTrainer.
+    Attributes (as DefaultTrainer's): cfg, model, optimizer, data_loader, scheduler,
+    checkpointer (ReliableCheckpointer), start_iter, max_iter; plus step_trainer (the
+    SimpleTrainer/AMPTrainer that runs one iteration), nan_guard (the hook's handle) and
+    last_eval_results (the latest `test` results, None before the first evaluation).
     """
 
     def __init__(self, cfg):
-        cpu_amp = cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda")
-        d2_cfg = cfg
-        if cpu_amp:  # DefaultTrainer would build the AMPTrainer: build a SimpleTrainer instead
-            d2_cfg = cfg.clone()
-            d2_cfg.defrost()
-            d2_cfg.SOLVER.AMP.ENABLED = False
-        super().__init__(d2_cfg)
+        super().__init__()
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # detectron2's progress logs even when default_setup was not called
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.cfg = cfg
-        if cpu_amp:
-            model = self._trainer.model
-            model = model.module if hasattr(model, "module") else model  # inside DDP, if any
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        self.nan_guard = install_nan_guard(model)
+        if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
             autocast_training_forward(model, "cpu", torch.bfloat16)
+        model = build_ddp_model(model)
+        self.step_trainer = self.build_step_trainer(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        weights_only = ["model_best"]
+        if cfg.NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY:
+            weights_only.append("model_final")
+        self.checkpointer = ReliableCheckpointer(
+            model, cfg.OUTPUT_DIR, weights_only=weights_only, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.last_eval_results = None
+        self._resumed_rng = self._resumed_data_seed = None
+        self.register_hooks(self.build_hooks())
+
+    # the objects the step trainer works with, under DefaultTrainer's names (hooks read them)
+    @property
+    def model(self):
+        return self.step_trainer.model
+
+    @property
+    def optimizer(self):
+        return self.step_trainer.optimizer
+
+    @property
+    def data_loader(self):
+        return self.step_trainer.data_loader
+
+    @property
+    def _last_eval_results(self):
+        """DefaultTrainer's name for `last_eval_results`, for code written against it."""
+        return self.last_eval_results
+
+    def build_step_trainer(self, model, data_loader, optimizer):
+        """The trainer of one iteration: detectron2's AMPTrainer for AMP on a GPU, else its
+        SimpleTrainer (CPU AMP is the model's own autocast, see cpu_amp.py)."""
+        amp = self.cfg.SOLVER.AMP.ENABLED and self.cfg.MODEL.DEVICE.startswith("cuda")
+        return (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
 
     @classmethod
     def build_model(cls, cfg):
-        """DefaultTrainer's model, in channels_last layout when NST_DET.CHANNELS_LAST is set."""
-        model = super().build_model(cfg)
+        """detectron2's model of cfg, in channels_last layout when NST_DET.CHANNELS_LAST is set."""
+        model = DefaultTrainer.build_model(cfg)
         if cfg.NST_DET.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)  # DistillationRCNN moves its teacher too
         return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer for cfg (SGD with its per-parameter groups and clipping)."""
+        return DefaultTrainer.build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's LR schedule for cfg (warm-up, then steps or cosine)."""
+        return DefaultTrainer.build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's detection test loader."""
+        return DefaultTrainer.build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """The evaluator of test set `dataset_name`; subclasses define it."""
+        raise NotImplementedError
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate `model` on every set of cfg.DATASETS.TEST.
+
+        Args:
+            evaluators: one DatasetEvaluator per test set, or None for `build_evaluator`'s.
+        Returns:
+            the results dict of the only test set, or {set name: results} for several (the
+            shape DefaultTrainer.test returns, which EvalHook and BestCheckpointer expect).
+        """
+        names = list(cfg.DATASETS.TEST)
+        if evaluators is not None and len(evaluators) != len(names):
+            raise ValueError(f"{len(evaluators)} evaluators for {len(names)} test sets {names}")
+        results = OrderedDict()
+        for i, name in enumerate(names):
+            evaluator = evaluators[i] if evaluators is not None else cls.build_evaluator(cfg, name)
+            results[name] = inference_on_dataset(model, cls.build_test_loader(cfg, name),
+                                                 evaluator)
+            if comm.is_main_process():
+                logger.info(f"Evaluation results for {name} in csv format:")
+                print_csv_format(results[name])
+        return next(iter(results.values())) if len(results) == 1 else results
+
+    def build_writers(self):
+        """detectron2's default writers (console, metrics.json, TensorBoard)."""
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+    def build_hooks(self):
+        """Timing, LR schedule, PreciseBN (if enabled), checkpoints, evaluation, writers."""
+        cfg = self.cfg
+        ret = [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler)]
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            bn_cfg = cfg.clone()
+            bn_cfg.defrost()
+            bn_cfg.DATALOADER.NUM_WORKERS = 0  # a second loader must not cost worker processes
+            ret.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model,
+                                       self.build_train_loader(bn_cfg),
+                                       cfg.TEST.PRECISE_BN.NUM_ITER))
+        # checkpoint before evaluating: a failing evaluation leaves the weights to debug with
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
+        if comm.is_main_process():  # last, so that the evaluation's metrics are written
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+        ret.append(hooks.CallbackHook(after_train=_report_skipped_images))
+        return ret
+
+    def _evaluate(self):
+        self.last_eval_results = self.test(self.cfg, self.model)
+        return self.last_eval_results
 
     @classmethod
     def build_train_mapper(cls, cfg):
@@ -121,39 +250,56 @@ class ReliableTrainerMixin:
         loader.nst_data_seed = seed  # remembered in checkpoints so resume replays the same stream
         return loader
 
-    def build_hooks(self):
-        # DefaultTrainer made a plain DetectionCheckpointer just before calling build_hooks
-        weights_only = ["model_best"]
-        if self.cfg.NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY:
-            weights_only.append("model_final")
-        self.checkpointer = ReliableCheckpointer(
-            self._trainer.model, self.cfg.OUTPUT_DIR, weights_only=weights_only,
-            trainer=weakref.proxy(self),
-        )
-        self._nan_guard = install_nan_guard(self._trainer.model)
-        return [*super().build_hooks(), hooks.CallbackHook(after_train=_report_skipped_images)]
+    def run_step(self):
+        self.step_trainer.iter = self.iter
+        self.step_trainer.run_step()
+
+    def train(self):
+        """Train from start_iter to max_iter; returns the last evaluation's results (or None),
+        checked against cfg.TEST.EXPECTED_RESULTS when that is set."""
+        super().train(self.start_iter, self.max_iter)
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            if self.last_eval_results is None:
+                raise RuntimeError("TEST.EXPECTED_RESULTS is set but no evaluation ran")
+            verify_results(self.cfg, self.last_eval_results)
+        return self.last_eval_results
 
     def state_dict(self):
-        state = super().state_dict()
+        state = super().state_dict()  # iteration and the hooks' states
+        # the step trainer's state (optimizer, AMP grad scaler) under the key DefaultTrainer
+        # uses, so checkpoints stay interchangeable with DefaultTrainer's
+        state["_trainer"] = self.step_trainer.state_dict()
+        # also kept by the LRScheduler hook, but only for some scheduler classes in v0.6
+        state["scheduler"] = self.scheduler.state_dict()
         state["rng"] = capture_rng_state()
-        state["data_seed"] = self._trainer.data_loader.nst_data_seed
+        state["data_seed"] = self.data_loader.nst_data_seed
         return state
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self._resumed_rng = state_dict.pop("rng", None)
-        self._resumed_data_seed = state_dict.pop("data_seed", None)
-        super().load_state_dict(state_dict)
+        state = dict(state_dict)
+        self._resumed_rng = state.pop("rng", None)
+        self._resumed_data_seed = state.pop("data_seed", None)
+        super().load_state_dict(state)
+        self.step_trainer.load_state_dict(state["_trainer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def resume_or_load(self, resume: bool = True):
+        """Resume from the newest readable checkpoint in OUTPUT_DIR (`resume`, and one exists),
+        else initialise the model from cfg.MODEL.WEIGHTS and start at iteration 0."""
         self._resumed_rng = self._resumed_data_seed = None
-        super().resume_or_load(resume=resume)
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        # the checkpoint holds the iteration that had finished
+        self.start_iter = self.iter + 1 if self.checkpointer.resumed_from else 0
         if self.start_iter > 0:
             seed = self._resumed_data_seed
             if seed is None:
-                seed = self._trainer.data_loader.nst_data_seed
+                seed = self.data_loader.nst_data_seed
             loader = self.build_train_loader(self.cfg, seed=seed, start_iter=self.start_iter)
-            _replace_data_loader(self._trainer, loader)
+            # a step trainer on the stream positioned at start_iter, same model and optimizer
+            step_state = self.step_trainer.state_dict()
+            self.step_trainer = self.build_step_trainer(self.model, loader, self.optimizer)
+            self.step_trainer.load_state_dict(step_state)
         if self._resumed_rng is not None:
             # last, so that nothing above (e.g. starting loader workers) consumes the restored RNG
             restore_rng_state(self._resumed_rng)

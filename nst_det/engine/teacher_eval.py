@@ -60,7 +60,7 @@ class TeacherEvalHook(HookBase):
             self.trainer.storage.put_scalars(**scalars, smoothing_hint=False)
 
     def after_train(self):
-        student = flatten_results_dict(getattr(self.trainer, "_last_eval_results", None) or {})
+        student = flatten_results_dict(getattr(self.trainer, "last_eval_results", None) or {})
         if not self.results or not comm.is_main_process():
             return
         rows = [[k, self.results[k], student.get(k, float("nan"))] for k in sorted(self.results)]

@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 from torch import nn
 
+from ..checkpoint.remote import resolve_weights
 from ..checkpoint.weights_file import load_weights_file
 from ..config import add_nst_config
 from ..distill.core import freeze
@@ -80,7 +81,7 @@ def read_weights(path: str) -> Dict[str, torch.Tensor]:
     """
     if not path:
         raise FileNotFoundError("MODEL.TEACHER.WEIGHTS is empty: train the teacher first")
-    local = PathManager.get_local_path(path)
+    local = PathManager.get_local_path(resolve_weights(path, "MODEL.TEACHER.WEIGHTS"))
     data = load_weights_file(local, "MODEL.TEACHER.WEIGHTS", allow_pickle=True)
     if isinstance(data, Mapping) and data.get("matching_heuristics", False):
         raise TeacherWeightsError(

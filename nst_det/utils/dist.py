@@ -1,9 +1,33 @@
-"""Ending a launched multi-process run cleanly."""
+"""Multi-process helpers: wrapping the model in DDP (GPU or CPU) and ending a run cleanly."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
 from detectron2.utils import comm
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def build_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """`model` wrapped in DistributedDataParallel when more than one process runs, else itself.
+
+    `device_ids` is the local rank only for a model on a GPU: DDP rejects device_ids for a CPU
+    model, and detectron2's `create_ddp_model` (v0.6 and upstream main 02b5c4e alike) always
+    passes it, which breaks CPU (gloo) runs. `broadcast_buffers=False` unless given, as
+    detectron2's DefaultTrainer wraps its model (so training behaves as it did before).
+    """
+    if comm.get_world_size() == 1:
+        return model
+    kwargs.setdefault("broadcast_buffers", False)
+    if "device_ids" not in kwargs and next(model.parameters()).is_cuda:
+        kwargs["device_ids"] = [comm.get_local_rank()]
+    return DistributedDataParallel(model, **kwargs)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, or `model` itself."""
+    return model.module if isinstance(model, (DistributedDataParallel, nn.DataParallel)) \
+        else model
 
 
 def release_process_group() -> None:

@@ -9,7 +9,8 @@ Two file layouts are accepted:
   distiller (e.g. FitNet regressors) are not part of the classifier and are skipped.
 
 Anything else, a missing file, a missing or unexpected key or a shape mismatch raises an error
-that names the file and the keys. Nothing is downloaded.
+that names the file and the keys. A URL (https://, detectron2://) is downloaded once into a
+cache and verified (nst_det/checkpoint/remote.py), then read like a local file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import torch
 from torch import nn
 
+from ...checkpoint.remote import resolve_weights
 from ...checkpoint.weights_file import load_weights_file
 
 __all__ = ["classifier_state_dict", "load_classifier_weights", "read_classifier_file"]
@@ -49,6 +51,7 @@ def read_classifier_file(path: str, what: str = "classifier weights"
             not PyTorch weights (nst_det.checkpoint.weights_file).
         ValueError: the file holds neither layout.
     """
+    path = resolve_weights(path)  # a URL: its verified, cached download (checkpoint/remote.py)
     ckpt = load_weights_file(path, what)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: expected a state dict or checkpoint dict, got {type(ckpt)}")

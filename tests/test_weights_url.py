@@ -1,0 +1,214 @@
+"""Pretrained weights by URL, against a loopback HTTP server the test starts (no outside network):
+download once into the cache, cache hit, checksum mismatch, interrupted download, server missing,
+detectron2:// model-zoo paths, and the same strict loading as local files for every weights key."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import socket
+import threading
+
+import pytest
+import torch
+from _detection_common import R18_FPN_TOY, make_cfg
+from detectron2.modeling import build_model
+
+from nst_det.checkpoint import remote
+from nst_det.checkpoint.remote import WeightsDownloadError, cached_path, resolve_weights
+from nst_det.engine.checkpointer import ReliableCheckpointer
+from nst_det.modeling.classification import build_classifier
+from nst_det.modeling.classification.weights import load_classifier_weights
+from nst_det.modeling.teacher import read_weights
+
+
+class _Server:
+    """Serves `files` ({url path: bytes}) on 127.0.0.1; /cut/<path> sends half and hangs up."""
+
+    def __init__(self):
+        self.files, self.hits = {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                server.hits.append(self.path)
+                cut = self.path.startswith("/cut/")
+                body = server.files.get(self.path[4:] if cut else self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if cut else body)
+                if cut:
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(remote.CACHE_ENV, str(folder))
+    return folder
+
+
+def _cached_files(folder):
+    """Every file in the cache except the lock files (kept apart in .locks/)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.is_file() and ".locks" not in p.parts)
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _hub_name(stem: str, data: bytes, ext=".pth") -> str:
+    """torchvision's naming: <stem>-<first 8 hex digits of the sha256>.pth"""
+    return f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}{ext}"
+
+
+def test_download_once_then_cache_hit(server, cache):
+    data = os.urandom(3 << 20)
+    name = _hub_name("resnet18", data)
+    server.files[f"/models/{name}"] = data
+    url = f"{server.url}/models/{name}"
+    local = resolve_weights(url, "MODEL.WEIGHTS")
+    assert local == str(cache / name)  # torch.hub's layout: shared with load_state_dict_from_url
+    assert open(local, "rb").read() == data
+    assert _cached_files(cache) == [name]
+    assert resolve_weights(url) == local and server.hits == [f"/models/{name}"]  # cache hit
+    assert resolve_weights("some/local.pth") == "some/local.pth"  # local paths pass through
+
+
+def test_url_without_digest_cached_by_host_and_path(server, cache):
+    server.files["/a/model_final.pth"] = b"x" * 1000
+    local = resolve_weights(f"{server.url}/a/model_final.pth")
+    assert local.startswith(str(cache / "url")) and local.endswith(os.path.join("a",
+                                                                                "model_final.pth"))
+    assert open(local, "rb").read() == b"x" * 1000
+
+
+def test_checksum_mismatch_leaves_nothing(server, cache):
+    data = os.urandom(100_000)
+    name = _hub_name("resnet50", b"other bytes")  # the digest of something else
+    server.files[f"/models/{name}"] = data
+    url = f"{server.url}/models/{name}"
+    with pytest.raises(WeightsDownloadError, match=r"checksum mismatch for MODEL.TEACHER.WEIGHTS="
+                       + url.replace(".", r"\.") + ".*sha256 starting"):
+        resolve_weights(url, "MODEL.TEACHER.WEIGHTS")
+    assert _cached_files(cache) == []
+
+
+def test_interrupted_download_leaves_nothing(server, cache):
+    server.files["/w/model_final.pkl"] = os.urandom(2 << 20)
+    url = f"{server.url}/cut/w/model_final.pkl"
+    with pytest.raises(WeightsDownloadError, match=f"{url}.*interrupted|cannot download {url}"):
+        resolve_weights(url)
+    assert _cached_files(cache) == []
+
+
+def test_missing_server_and_missing_file_name_the_url(server, cache):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/models/resnet18-f37072fd.pth"
+    with pytest.raises(WeightsDownloadError, match=f"cannot download MODEL.WEIGHTS={url}"):
+        resolve_weights(url, "MODEL.WEIGHTS")
+    with pytest.raises(WeightsDownloadError, match=f"{server.url}/nothing.pth: HTTP 404"):
+        resolve_weights(f"{server.url}/nothing.pth")
+    assert _cached_files(cache) == []
+
+
+def test_detectron2_zoo_path_downloads_from_the_zoo(server, cache, monkeypatch):
+    monkeypatch.setattr(remote, "DETECTRON2_URL", f"{server.url}/detectron2/")
+    server.files["/detectron2/ImageNetPretrained/torchvision/R-50.pkl"] = b"zoo" * 100
+    local = resolve_weights("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
+    assert local == cached_path("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
+    assert local == str(cache / "detectron2" / "ImageNetPretrained" / "torchvision" / "R-50.pkl")
+    assert open(local, "rb").read() == b"zoo" * 100
+
+
+def test_default_zoo_url_is_detectron2s():
+    from detectron2.utils.file_io import Detectron2Handler
+
+    # where detectron2's own PathManager handler resolves detectron2:// (it does not verify)
+    assert Detectron2Handler.S3_DETECTRON2_PREFIX == remote.DETECTRON2_URL
+
+
+# ---- every weights key: a URL loads with the same strict checks as a local file ----
+
+def test_classifier_weights_by_url_load_strictly(server, cache):
+    torch.manual_seed(0)
+    source = build_classifier("resnet18", 5)
+    data = _torch_bytes(source.state_dict())
+    name = _hub_name("resnet18", data)
+    server.files[f"/models/{name}"] = data
+    target = build_classifier("resnet18", 5)
+    load_classifier_weights(target, f"{server.url}/models/{name}")
+    torch.testing.assert_close(target.state_dict(), source.state_dict())
+    # a file for another network fails as it would locally, naming the keys
+    with pytest.raises((KeyError, ValueError), match="fc"):
+        load_classifier_weights(build_classifier("resnet18", 7), f"{server.url}/models/{name}")
+
+
+def _toy_detector():
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.RESNETS.NORM", "FrozenBN"])
+    torch.manual_seed(1)
+    return cfg, build_model(cfg)
+
+
+def test_teacher_and_detector_weights_by_url(server, cache, tmp_path):
+    _, model = _toy_detector()
+    data = _torch_bytes({"model": model.state_dict()})
+    server.files["/runs/teacher/model_final.pth"] = data
+    url = f"{server.url}/runs/teacher/model_final.pth"
+    state = read_weights(url)  # MODEL.TEACHER.WEIGHTS
+    torch.testing.assert_close(state, model.state_dict())
+    student = build_model(make_cfg(R18_FPN_TOY, ["MODEL.RESNETS.NORM", "FrozenBN"]))
+    ReliableCheckpointer(student, str(tmp_path / "out")).resume_or_load(url, resume=False)
+    torch.testing.assert_close(student.state_dict(), model.state_dict())
+    assert server.hits.count("/runs/teacher/model_final.pth") == 1  # downloaded once
+
+
+def test_zoo_pkl_by_url_initialises_backbone_strictly(server, cache, tmp_path, monkeypatch):
+    """A detectron2:// model-zoo .pkl (backbone-only names, detectron2's matching heuristics)
+    fills the student's bottom-up network; one missing backbone tensor is an error."""
+    monkeypatch.setattr(remote, "DETECTRON2_URL", f"{server.url}/detectron2/")
+    _, source = _toy_detector()
+    bottom_up = {k: v.numpy() for k, v in source.backbone.bottom_up.state_dict().items()}
+    zoo = {"model": bottom_up, "__author__": "torchvision", "matching_heuristics": True}
+    server.files["/detectron2/ImageNetPretrained/toy/R-18.pkl"] = pickle.dumps(zoo)
+    student = build_model(make_cfg(R18_FPN_TOY, ["MODEL.RESNETS.NORM", "FrozenBN"]))
+    ReliableCheckpointer(student, str(tmp_path / "a")).resume_or_load(
+        "detectron2://ImageNetPretrained/toy/R-18.pkl", resume=False)
+    torch.testing.assert_close(student.backbone.bottom_up.state_dict(),
+                               source.backbone.bottom_up.state_dict())
+    del bottom_up["res3.0.conv1.weight"]
+    server.files["/detectron2/ImageNetPretrained/toy/R-18-partial.pkl"] = pickle.dumps(zoo)
+    with pytest.raises(KeyError, match="res3.0.conv1.weight"):
+        ReliableCheckpointer(student, str(tmp_path / "b")).resume_or_load(
+            "detectron2://ImageNetPretrained/toy/R-18-partial.pkl", resume=False)
