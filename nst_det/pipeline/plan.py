@@ -125,7 +125,8 @@ PAPER_CONFIGS = PlanConfigs(
     det_student="configs/VOC-Detection/faster_rcnn_R_18_FPN.yaml",
     det_student_nst="configs/VOC-Detection/faster_rcnn_R_18_FPN_NST.yaml",
     train_cls_teacher=False,
-    cls_teacher_weights="pretrained/torchvision/resnet50-0676ba61.pth",
+    # torchvision's published file, downloaded once and checked (nst_det/checkpoint/remote.py)
+    cls_teacher_weights="https://download.pytorch.org/models/resnet50-0676ba61.pth",
 )
 
 
