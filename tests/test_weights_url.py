@@ -212,3 +212,24 @@ def test_zoo_pkl_by_url_initialises_backbone_strictly(server, cache, tmp_path, m
     with pytest.raises(KeyError, match="res3.0.conv1.weight"):
         ReliableCheckpointer(student, str(tmp_path / "b")).resume_or_load(
             "detectron2://ImageNetPretrained/toy/R-18-partial.pkl", resume=False)
+
+
+def test_torchvision_resnet_url_as_detector_weights(server, cache, tmp_path):
+    """MODEL.WEIGHTS = torchvision's published ResNet file: converted once to detectron2 names
+    (cached beside the download) and loaded strictly into the student's bottom-up network."""
+    from nst_det.checkpoint import convert_student
+
+    torch.manual_seed(2)
+    classifier = build_classifier("resnet18", 1000)
+    state = classifier.state_dict()
+    data = _torch_bytes(state)
+    name = _hub_name("resnet18", data)
+    server.files[f"/models/{name}"] = data
+    student = build_model(make_cfg(R18_FPN_TOY, ["MODEL.RESNETS.NORM", "FrozenBN"]))
+    ReliableCheckpointer(student, str(tmp_path / "a")).resume_or_load(
+        f"{server.url}/models/{name}", resume=False)
+    expected, _ = convert_student(state, "resnet")
+    got = student.backbone.bottom_up.state_dict()
+    assert set(expected) <= set(got)
+    torch.testing.assert_close({k: got[k] for k in expected}, expected)
+    assert _cached_files(cache) == sorted([name, name[:-4] + ".d2.pth"])

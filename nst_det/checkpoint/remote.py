@@ -40,7 +40,8 @@ from filelock import FileLock
 
 from ..utils.atomic import atomic_write
 
-__all__ = ["WeightsDownloadError", "cache_dir", "cached_path", "is_url", "resolve_weights"]
+__all__ = ["WeightsDownloadError", "cache_dir", "cached_path", "is_url",
+           "resolve_detection_weights", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,3 +160,29 @@ def resolve_weights(path: str, key: str = "weights") -> str:
                     os.removedirs(os.path.dirname(dest))
                 raise
     return dest
+
+
+def resolve_detection_weights(path: str, key: str = "MODEL.WEIGHTS") -> str:
+    """`resolve_weights`, and a downloaded torchvision ResNet classifier (e.g. torchvision's
+    `resnet18-f37072fd.pth`) converted once into detectron2 backbone weights.
+
+    The conversion (nst_det.checkpoint.convert, the tables of tools/convert_student_to_d2.py) is
+    cached beside the download as `<name>.d2.pth`, written atomically. Local files and other
+    downloads are returned as they are: a local classifier is converted with the tool.
+    """
+    local = resolve_weights(path, key)
+    if local == path or not str(path).startswith(("https://", "http://")) \
+            or not local.endswith(".pth"):
+        return local
+    converted = local[: -len(".pth")] + ".d2.pth"
+    if os.path.isfile(converted):
+        return converted
+    state = torch.load(local, map_location="cpu", weights_only=True)
+    if not (isinstance(state, dict) and "layer1.0.conv1.weight" in state):
+        return local  # not a torchvision ResNet classifier: a detectron2 checkpoint, say
+    from .convert import convert_student, save_d2_weights
+
+    weights, _ = convert_student(state, "resnet")
+    save_d2_weights(weights, converted)
+    logger.info(f"{key}={path}: torchvision ResNet converted to detectron2 names -> {converted}")
+    return converted

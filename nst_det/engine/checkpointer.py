@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoint.remote import resolve_weights
+from ..checkpoint.remote import resolve_detection_weights
 from ..checkpoint.weights_file import WeightsFileError, check_weights_file
 from ..utils.atomic import atomic_link, atomic_write
 
@@ -128,7 +128,8 @@ class ReliableCheckpointer(DetectionCheckpointer):
                 self.resumed_from = candidate
                 return extra
             self.logger.warning(f"No readable checkpoint in {self.save_dir}; not resuming")
-        path = resolve_weights(path, "MODEL.WEIGHTS")  # a URL: its verified, cached download
+        # a URL: its verified, cached download (a torchvision ResNet: converted to detectron2's)
+        path = resolve_detection_weights(path, "MODEL.WEIGHTS")
         if path and not os.path.isfile(path) and "://" not in path:
             raise FileNotFoundError(
                 f"MODEL.WEIGHTS={path} does not exist. Point it at a checkpoint or at converted "
