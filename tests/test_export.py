@@ -156,6 +156,6 @@ def test_failed_export_leaves_no_partial_file(toy_detector, tmp_path, monkeypatc
 
 def test_missing_weights_is_a_clear_error(tiny_voc, tmp_path):
     export_model = _load_tool("export_model")
-    with pytest.raises(SystemExit, match="MODEL.WEIGHTS=.*is not a file"):
+    with pytest.raises(SystemExit, match=r"MODEL.WEIGHTS .*no.pth: no such file"):
         export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
                            "--output", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "no.pth")])

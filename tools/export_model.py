@@ -14,8 +14,10 @@ the exit code is non-zero when the verification fails.
 import argparse
 import sys
 
+from nst_det.checkpoint.weights_file import WeightsFileError
 from nst_det.config import load_config
 from nst_det.export.api import export_and_verify
+from nst_det.utils.atomic import exit_on_sigterm
 
 
 def parse_args(argv=None):
@@ -39,7 +41,7 @@ def main(argv=None):
     cfg = export_config(args)
     try:
         summary = export_and_verify(cfg, args.format, args.output, args.num_images)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, WeightsFileError) as e:
         sys.exit(str(e))
     print(
         f"[export] {args.format}: {summary['file']} {summary['size_bytes'] / 1e6:.2f} MB; "
@@ -52,4 +54,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # `kill` stops it like Ctrl-C: nothing half-written is left behind
     sys.exit(main())

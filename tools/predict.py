@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from detectron2.data import Metadata, MetadataCatalog
+from detectron2.data import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
 from nst_det.config import load_config
+from nst_det.data.from_config import thing_classes
 from nst_det.export import eager_runner, onnx_runner, preprocess, rescale_boxes, torchscript_runner
 from nst_det.export.student import load_student_detector
 from nst_det.utils.atomic import atomic_write
@@ -59,8 +60,14 @@ def build_runner(args):
     """(runner, input format, min size, max size, class names) for --model or --config-file."""
     if args.model:
         info_path = Path(args.model).with_name("export_info.json")
-        if not info_path.is_file():
-            sys.exit(f"{info_path} is missing: export the model with tools/export_model.py")
+        verification = Path(args.model).with_name("verification.json")  # written last
+        if not (verification.is_file() and info_path.is_file()):
+            sys.exit(f"{args.model} is not a finished export ({verification.name} is missing: "
+                     "the export was interrupted or never ran): export the model with "
+                     "tools/export_model.py")
+        if not json.loads(verification.read_text()).get("passed"):
+            sys.exit(f"{args.model} failed its verification against the eager model "
+                     f"(see {verification}): export it again or use --config-file")
         info = json.loads(info_path.read_text())
         runner = onnx_runner(args.model) if args.model.endswith(".onnx") else torchscript_runner(
             args.model
@@ -73,8 +80,7 @@ def build_runner(args):
         model = load_student_detector(cfg)
     except (FileNotFoundError, KeyError) as e:
         sys.exit(str(e))
-    names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) if (
-        cfg.DATASETS.TEST) else []
+    names = thing_classes(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else []
     return eager_runner(model), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, \
         cfg.INPUT.MAX_SIZE_TEST, names
 

@@ -21,6 +21,7 @@ from nst_det.checkpoint.weights_file import check_weights_file
 from nst_det.config import load_config
 from nst_det.data.from_config import register_datasets_from_config
 from nst_det.engine import TRAINER_REGISTRY
+from nst_det.utils.atomic import exit_on_sigterm
 from nst_det.utils.dist import release_process_group
 
 
@@ -70,6 +71,7 @@ def argument_parser():
 
 def launched_main(args):
     """main() in each launched process, ending its process group cleanly."""
+    exit_on_sigterm()  # `kill` stops it like Ctrl-C: atomic writes remove their temp files
     try:
         return main(args)
     finally:

@@ -3,13 +3,13 @@
 import json
 import os
 
-import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
-from ..utils.atomic import atomic_write
+from ..checkpoint.weights_file import load_weights_file
+from ..utils.atomic import atomic_file_set, atomic_write
 from .runtime import eager_runner, onnx_runner, preprocess, torchscript_runner
 from .student import load_student_detector, save_student_checkpoint, student_state_dict
 from .tracing import export_onnx, export_torchscript
@@ -28,46 +28,56 @@ def sample_images(cfg, count):
     ]
 
 
+MARKER = "verification.json"  # written last: an export folder without it holds no export
+
+
 def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     """Write one export ("checkpoint" | "torchscript" | "onnx") of cfg's student into out_dir.
 
     The export is compared with the eager model on the first `num_images` test images;
-    `verification.json` and `export_info.json` are written next to it (atomically).
+    `export_info.json` and `verification.json` are written next to it. Everything is written
+    into a temporary folder inside out_dir and moved into place only once verified,
+    `verification.json` last (`atomic_file_set`): an interrupted export leaves either the
+    previous export or files without `verification.json`, which readers treat as no export.
     Returns:
         the verification summary (see `verify`), with format, file and size_bytes added.
     """
     model = load_student_detector(cfg)
     images = sample_images(cfg, num_images)
-    os.makedirs(out_dir, exist_ok=True)
-    if fmt == "checkpoint":
-        path, cfg_path = save_student_checkpoint(cfg, student_state_dict(model), out_dir)
-        reloaded_cfg = get_cfg()
-        reloaded_cfg.merge_from_file(cfg_path)  # stock keys only: must merge into get_cfg()
-        reloaded = build_model(reloaded_cfg)
-        reloaded.load_state_dict(torch.load(path, weights_only=True)["model"], strict=True)
-        candidate = eager_runner(reloaded)
-    elif fmt == "torchscript":
-        path = os.path.join(out_dir, "model.ts")
-        export_torchscript(model, images[0], path)
-        candidate = torchscript_runner(path)
-    else:
-        path = os.path.join(out_dir, "model.onnx")
-        export_onnx(model, images[0], path)
-        candidate = onnx_runner(path)
-    summary = verify(eager_runner(model), candidate, images)
-    summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path))
-    info = {
-        "format": fmt,
-        "file": os.path.basename(path),
-        "size_bytes": os.path.getsize(path),
-        "input_format": cfg.INPUT.FORMAT,
-        "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
-        "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
-        "class_names": list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", [])),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    with atomic_write(os.path.join(out_dir, "export_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
-    with atomic_write(os.path.join(out_dir, "verification.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    with atomic_file_set(out_dir, MARKER) as staging:
+        if fmt == "checkpoint":
+            final_weights = os.path.join(os.path.abspath(out_dir), "model_final.pth")
+            path, cfg_path = save_student_checkpoint(cfg, student_state_dict(model), staging,
+                                                     weights_path=final_weights)
+            reloaded_cfg = get_cfg()
+            reloaded_cfg.merge_from_file(cfg_path)  # stock keys only: must merge into get_cfg()
+            reloaded = build_model(reloaded_cfg)
+            exported = load_weights_file(path, "exported checkpoint")
+            reloaded.load_state_dict(exported["model"], strict=True)
+            candidate = eager_runner(reloaded)
+        elif fmt == "torchscript":
+            path = os.path.join(staging, "model.ts")
+            export_torchscript(model, images[0], path)
+            candidate = torchscript_runner(path)
+        else:
+            path = os.path.join(staging, "model.onnx")
+            export_onnx(model, images[0], path)
+            candidate = onnx_runner(path)
+        summary = verify(eager_runner(model), candidate, images)
+        summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path))
+        info = {
+            "format": fmt,
+            "file": os.path.basename(path),
+            "size_bytes": os.path.getsize(path),
+            "input_format": cfg.INPUT.FORMAT,
+            "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
+            "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
+            "class_names": list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes",
+                                                                              [])),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        with atomic_write(os.path.join(staging, "export_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
+        with atomic_write(os.path.join(staging, MARKER), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary

@@ -69,10 +69,14 @@ def student_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_student_checkpoint(
-    cfg: CfgNode, state: Mapping[str, torch.Tensor], out_dir: str
+    cfg: CfgNode, state: Mapping[str, torch.Tensor], out_dir: str,
+    weights_path: str | None = None,
 ) -> tuple[str, str]:
     """Write `model_final.pth` ({"model": state}) and `config.yaml` atomically into out_dir.
 
+    Args:
+        weights_path: what the config's MODEL.WEIGHTS names, when the files are written into a
+            staging folder and moved to their final place afterwards (default: the checkpoint).
     Returns:
         (checkpoint path, config path). The config's MODEL.WEIGHTS points at the checkpoint.
     """
@@ -82,7 +86,7 @@ def save_student_checkpoint(
     with atomic_write(ckpt_path) as f:
         torch.save({"model": dict(state)}, f)
     exported = student_config(cfg)
-    exported.MODEL.WEIGHTS = os.path.abspath(ckpt_path)
+    exported.MODEL.WEIGHTS = weights_path or os.path.abspath(ckpt_path)
     with atomic_write(cfg_path, "w") as f:
         f.write(exported.dump())
     return ckpt_path, cfg_path

@@ -2,16 +2,116 @@
 
 Pattern: write to a temporary sibling, flush + fsync, then os.replace() onto the final name (an
 atomic rename on POSIX within one file system), then fsync the folder so the rename is durable.
+
+A temporary sibling is named `.<name>.<host>.<pid>.<random>.tmp`. An exception (Ctrl-C included,
+and SIGTERM once `exit_on_sigterm` is installed) removes it; a process killed outright cannot, so
+the next write to the same name removes the temporaries of writers on this host that are no
+longer running. A full disk is reported as `DiskFullError` naming the file (torch.save would
+otherwise end on an unrelated "unexpected pos" RuntimeError).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Iterator
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write failed because the file system is full (ENOSPC) or over quota (EDQUOT)."""
+
+
+def _disk_full_cause(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError in `exc`'s chain (torch.save hides it under a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    cause = _disk_full_cause(exc)
+    if cause is None:
+        return
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    what = "No space left on device" if cause.errno == errno.ENOSPC else "Disk quota exceeded"
+    raise DiskFullError(
+        cause.errno,
+        f"{what} ({errno.errorcode[cause.errno]}) while writing {path} ({free}). Nothing was "
+        f"written to {path.name}: its previous version, if any, is intact. Free space on that "
+        "file system or write elsewhere (e.g. another OUTPUT_DIR), then run again "
+        "(--resume continues a training run)",
+    ) from exc
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_HOST}.{os.getpid()}."
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers left in the folder of the file `path`.
+
+    Only temporaries of this host whose writer process is gone are removed (a live writer's, or
+    another machine's on a shared file system, are left alone). Returns what was removed.
+    """
+    path = Path(path)
+    pattern = re.compile(r"^\..+\." + re.escape(_HOST) + r"\.(\d+)\.[^.]*\.(tmp|old)$")
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return removed
+    for sibling in siblings:
+        match = pattern.match(sibling.name)
+        if not match or _pid_running(int(match.group(1))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                sibling.unlink()
+        removed.append(sibling)
+    return removed
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143) in the main thread, as Ctrl-C raises KeyboardInterrupt,
+    so `finally` blocks and these writers remove their temporaries before the process ends
+    (Python's default SIGTERM action ends the process without running any of them)."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _umask_mode(mode: int = 0o666) -> int:
@@ -40,7 +140,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -49,9 +150,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_if_disk_full(e, path)
         raise
 
 
@@ -61,7 +163,7 @@ def atomic_link(src: str | os.PathLike, path: str | os.PathLike) -> bool:
     Later atomic writes to either name replace that name only (a rename breaks the link).
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.link.tmp"
+    tmp = path.parent / f"{_temp_prefix(path)}link.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     try:
@@ -78,17 +180,57 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except BaseException as e:
+            _raise_if_disk_full(e, path)
+            raise
         os.chmod(tmp, _umask_mode(0o777))
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old",
+                                        dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file_set(folder: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """Yield a temporary folder inside `folder`; on success move its files into `folder`, the file
+    named `marker` last. Readers must treat the set as absent while `marker` is absent.
+
+    Before anything moves, the old `marker` is removed, so an interruption at any moment leaves
+    either the previous complete set, or files without their marker: never new files under an
+    old marker, or an unmarked file that looks finished. Files of the folder not in the new set
+    are left alone (the folder may be a user's).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder / marker)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(folder / marker), suffix=".tmp", dir=folder))
+    try:
+        try:
+            yield tmp
+        except BaseException as e:
+            _raise_if_disk_full(e, folder / marker)
+            raise
+        if not (tmp / marker).is_file():
+            raise FileNotFoundError(f"{marker} was not written: the file set is incomplete")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(folder / marker)
+        _fsync_dir(folder)
+        for item in sorted(tmp.iterdir()):
+            if item.name != marker:
+                os.replace(item, folder / item.name)
+        os.replace(tmp / marker, folder / marker)
+        _fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
