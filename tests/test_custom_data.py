@@ -313,3 +313,13 @@ def test_tool_export_trains_with_nst_and_coco_metrics(tmp_path, tool_export, tin
         "--config-file", str(out / "config.yaml"), "--eval-only",
         "MODEL.WEIGHTS", str(out / "model_final.pth")]))
     assert result[test]["bbox"]["AP"] == pytest.approx(coco_ap, abs=1e-6)
+
+
+def test_thing_classes_of_a_coco_set_before_it_was_loaded(tool_export):
+    """tools/predict.py names classes from the first test set: a COCO set is read for them."""
+    from nst_det.data.from_config import thing_classes
+
+    name = _unique("tool_coco_names")
+    register_datasets_from_config(_cfg_with(coco=[[name, *tool_export["test"]]]))
+    assert MetadataCatalog.get(name).get("thing_classes") is None
+    assert thing_classes(name) == list(TOY_CLASSES)

@@ -33,7 +33,8 @@ from detectron2.data.datasets import register_coco_instances
 from .coco_checked import load_coco_checked
 from .voc_checked import VOCDataError, load_voc_checked
 
-__all__ = ["register_coco", "register_datasets_from_config", "register_voc", "voc_classes_found"]
+__all__ = ["register_coco", "register_datasets_from_config", "register_voc", "thing_classes",
+           "voc_classes_found"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +159,12 @@ def register_datasets_from_config(cfg) -> list[str]:
         register_voc(*entry)
         names.append(entry[0])
     return names
+
+
+def thing_classes(name: str) -> list[str]:
+    """The class names of data set `name`. A COCO set learns them from its json, so it is loaded
+    (and checked) first when its metadata does not have them yet."""
+    meta = MetadataCatalog.get(name)
+    if not meta.get("thing_classes") and meta.get("evaluator_type") == "coco":
+        DatasetCatalog.get(name)
+    return list(meta.get("thing_classes", []))
