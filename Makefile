@@ -7,7 +7,7 @@ VENV_PY := .venv/bin/python
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-upstream lint
 
 setup:
 	@$(PYTHON) tools/setup_env.py
@@ -17,6 +17,15 @@ demo: setup
 
 test: setup
 	$(VENV_PY) -m pytest
+
+# The suite on a second detectron2, built from source with its compiled ops (as GPU users
+# install it), in its own venv: make test-upstream D2_SRC=<detectron2 source folder or archive>.
+# Not part of `make test`: a fresh machine has no detectron2 source.
+UPSTREAM_VENV ?= .venv-upstream
+test-upstream:
+	@test -n "$(D2_SRC)" || { echo "usage: make test-upstream D2_SRC=<detectron2 source folder or .tar.gz/.zip>"; exit 2; }
+	$(PYTHON) tools/setup_upstream_env.py "$(D2_SRC)" --venv $(UPSTREAM_VENV)
+	$(UPSTREAM_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV_PY) -m ruff check .

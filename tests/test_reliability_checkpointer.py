@@ -2,9 +2,10 @@
 
 import os
 
+import pytest
 import torch
 
-from nst_det.engine.checkpointer import ReliableCheckpointer
+from nst_det.engine.checkpointer import ReliableCheckpointer, unfilled_keys
 
 
 def test_best_checkpoint_never_becomes_the_resume_point(tmp_path):
@@ -82,3 +83,30 @@ def test_best_of_unchanged_weights_links_to_model_final(tmp_path):
     assert best.stat().st_ino != final.stat().st_ino
     assert torch.load(best, weights_only=True)["iteration"] == 4
     assert torch.load(final, weights_only=True)["iteration"] == 6
+
+
+def test_resume_into_a_different_model_names_the_keys(tmp_path):
+    """A resumed run must continue the same model: a changed layer shape or a missing key is an
+    error naming the keys (detectron2 would only warn), on either detectron2."""
+    ReliableCheckpointer(torch.nn.Sequential(torch.nn.Linear(2, 3)), str(tmp_path)).save(
+        "model_0000001", iteration=1)
+    wider = ReliableCheckpointer(torch.nn.Sequential(torch.nn.Linear(2, 4)), str(tmp_path))
+    with pytest.raises(KeyError, match=r"does not match the model.*'0\.weight', '0\.bias'"):
+        wider.resume_or_load("", resume=True)
+    deeper = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with pytest.raises(KeyError, match=r"does not match the model.*'1\.weight', '1\.bias'"):
+        ReliableCheckpointer(deeper, str(tmp_path)).resume_or_load("", resume=True)
+    same = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    ckpt = ReliableCheckpointer(same, str(tmp_path))
+    assert ckpt.resume_or_load("", resume=True)["iteration"] == 1
+    assert ckpt.resumed_from == str(tmp_path / "model_0000001.pth")
+
+
+def test_unfilled_keys_reports_what_a_load_left_out():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    with unfilled_keys(model) as unfilled:
+        model.load_state_dict({"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(3)},
+                              strict=False)
+    assert unfilled == ["1.weight", "1.bias"]
+    model.load_state_dict(model.state_dict())  # the hook is gone after the block
+    assert unfilled == ["1.weight", "1.bias"]

@@ -20,6 +20,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image
 
+from nst_det.checkpoint.weights_file import WeightsFileError
 from nst_det.config import load_config
 from nst_det.data.from_config import thing_classes
 from nst_det.export import eager_runner, onnx_runner, preprocess, rescale_boxes, torchscript_runner
@@ -78,7 +79,7 @@ def build_runner(args):
     cfg.MODEL.DEVICE = "cpu"
     try:
         model = load_student_detector(cfg)
-    except (FileNotFoundError, KeyError) as e:
+    except (FileNotFoundError, KeyError, WeightsFileError) as e:
         sys.exit(str(e))
     names = thing_classes(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else []
     return eager_runner(model), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, \

@@ -1,0 +1,41 @@
+"""ReliableTrainer's own state: what DefaultTrainer (v0.6 only with a patch) and detectron2's
+LRScheduler hook (v0.6: only some scheduler classes) would otherwise have to save."""
+
+import torch
+from _detection_common import R18_FPN_TOY, make_cfg
+from torch.nn.parallel import DistributedDataParallel
+
+from nst_det.engine import DetectionTrainer
+
+
+def test_checkpoint_restores_optimizer_and_scheduler_state(tmp_path, tiny_voc):
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "3",
+                                 "SOLVER.STEPS", "(2,)", "SOLVER.CHECKPOINT_PERIOD", "100",
+                                 "DATASETS.TEST", "()"],
+                   data=tiny_voc[:2], output_dir=tmp_path)
+    trainer = DetectionTrainer(cfg)
+    assert not isinstance(trainer.model, DistributedDataParallel)  # one process: no wrapper
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=False)["trainer"]
+    momenta = [s["momentum_buffer"] for s in saved["_trainer"]["optimizer"]["state"].values()]
+    assert momenta and all(torch.count_nonzero(m) > 0 for m in momenta)
+    assert saved["scheduler"]["last_epoch"] == 3
+
+    resumed = DetectionTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3 and resumed.scheduler.last_epoch == 3
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == \
+        [g["lr"] for g in trainer.optimizer.param_groups]
+    before, after = trainer.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key]["momentum_buffer"], before[key]["momentum_buffer"])
+    # the resumed step trainer reads the same stream (seed from the checkpoint) from iteration 3
+    seed = resumed.data_loader.nst_data_seed
+    assert seed == trainer.data_loader.nst_data_seed
+    stream = iter(DetectionTrainer.build_train_loader(cfg, seed=seed))
+    fourth = [next(stream) for _ in range(4)][-1]
+    first = next(iter(resumed.data_loader))
+    assert [d["file_name"] for d in first] == [d["file_name"] for d in fourth]
+    torch.testing.assert_close(first[0]["image"], fourth[0]["image"])
