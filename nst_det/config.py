@@ -95,6 +95,16 @@ def add_nst_config(cfg: CN) -> None:
     cfg.MODEL.INCEPTION_BN.OUT_FEATURES = ["stage4"]
     cfg.MODEL.INCEPTION_BN.NORM = "FrozenBN"
 
+    # Any torchvision classifier as a detection backbone (build_torchvision_backbone, C4-style,
+    # or build_torchvision_fpn_backbone with MODEL.FPN.IN_FEATURES = these nodes): its name, the
+    # feature-extraction node names it returns (e.g. mobilenet_v3_large: features.3, .6, .12,
+    # .16), "FrozenBN" | "BN", and the parameter-name prefixes kept frozen (e.g. the stem).
+    cfg.MODEL.TORCHVISION = CN()
+    cfg.MODEL.TORCHVISION.ARCH = "mobilenet_v3_large"
+    cfg.MODEL.TORCHVISION.OUT_FEATURES = ["features.3", "features.6", "features.12", "features.16"]
+    cfg.MODEL.TORCHVISION.NORM = "FrozenBN"
+    cfg.MODEL.TORCHVISION.FROZEN_PREFIXES = []
+
     # ImageFolder transforms. Train: RandomResizedCrop(TRAIN_CROP_SIZE, TRAIN_SCALE, TRAIN_RATIO)
     # + optional horizontal flip; test: Resize(shorter side TEST_RESIZE) + CenterCrop.
     cfg.INPUT.CLS = CN()

@@ -18,7 +18,10 @@ from nst_det.modeling.teacher import build_teacher_cfg
 CONFIGS = sorted(
     [p for p in (REPO / "configs" / "VOC-Detection").rglob("*.yaml") if "Base" not in p.name]
     + [p for p in (REPO / "configs" / "quick_schedules").glob("faster_rcnn_*.yaml")]
+    + [p for p in (REPO / "configs" / "quick_schedules").glob("retinanet_*.yaml")]
 )
+# each distilling meta-architecture and the detectron2 class its student is
+STUDENT_ARCH = {"DistillationRCNN": "GeneralizedRCNN", "DistillationRetinaNet": "RetinaNet"}
 
 
 def _load(path):
@@ -42,11 +45,15 @@ def _build_teacher(config_yaml: str):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_detection_config_builds(path):
     cfg = _load(path)
-    distill = cfg.MODEL.META_ARCHITECTURE == "DistillationRCNN"
-    student_cfg = cfg.clone()
-    student_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # no teacher weights needed here
+    distill = cfg.MODEL.META_ARCHITECTURE in STUDENT_ARCH
+    student_cfg = cfg.clone()  # no teacher weights needed here
+    student_cfg.MODEL.META_ARCHITECTURE = STUDENT_ARCH.get(cfg.MODEL.META_ARCHITECTURE,
+                                                           cfg.MODEL.META_ARCHITECTURE)
     student = build_model(student_cfg)
-    assert student.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if student_cfg.MODEL.META_ARCHITECTURE == "RetinaNet":
+        assert student.num_classes == cfg.MODEL.RETINANET.NUM_CLASSES
+    else:
+        assert student.roi_heads.num_classes == cfg.MODEL.ROI_HEADS.NUM_CLASSES
     if not distill:
         return
     cwd = os.getcwd()
@@ -62,5 +69,5 @@ def test_detection_config_builds(path):
         teacher.backbone.output_shape(),
     )
     assert pairs and cfg.MODEL.NST.LOSS_WEIGHT > 0
-    if cfg.MODEL.KD.LOSS_WEIGHT > 0:
+    if cfg.MODEL.KD.LOSS_WEIGHT > 0 and hasattr(student, "roi_heads"):
         check_kd_heads(student.roi_heads, teacher.roi_heads)

@@ -19,13 +19,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("input", help="student checkpoint or torchvision-style state dict")
     parser.add_argument("output", help="detectron2 weights file to write (.pth)")
-    parser.add_argument("--family", choices=["resnet", "inception_bn"], default=None,
-                        help="network family (default: detected from the keys)")
+    parser.add_argument("--family", choices=["resnet", "inception_bn", "torchvision"],
+                        default=None, help="network family (default: detected from the keys; "
+                        "torchvision: keys kept as they are, for nst_det's TorchvisionBackbone)")
+    parser.add_argument("--arch", default=None,
+                        help="torchvision family: the model name (e.g. mobilenet_v3_large), to "
+                        "check the weights strictly against its backbone")
     args = parser.parse_args()
 
     state, not_student = read_classifier_file(args.input, "student checkpoint")
     family = args.family or detect_family(state)
-    converted, skipped = convert_student(state, family)
+    converted, skipped = convert_student(state, family, args.arch)
     skipped.update({k: "not part of the student (distiller-only module)" for k in not_student})
     save_d2_weights(converted, args.output)
     print(f"{args.input} ({family}): converted {len(converted)} tensors -> {args.output}")

@@ -28,6 +28,7 @@ from ..modeling.backbone.inception_bn import InceptionBNBackbone
 from ..utils.atomic import atomic_write
 
 __all__ = ["RESNET_RENAMES", "INCEPTION_BN_RENAMES", "DROPPED", "convert_student",
+           "convert_torchvision",
            "detect_family", "reference_backbone", "resnet_depth", "save_d2_weights"]
 
 _BN = r"(weight|bias|running_mean|running_var)"
@@ -57,6 +58,11 @@ DROPPED: list[tuple[str, str]] = [
     (r"\.num_batches_tracked$", "BN step counter (not used by FrozenBN)"),
 ]
 
+# top-level modules of torchvision classifiers' trunks (MobileNet, EfficientNet, ConvNeXt: features;
+# RegNet: stem/trunk_output); their backbone keys are the classifier's keys, nothing renamed
+_TORCHVISION_TRUNKS = ("features.", "stem.", "trunk_output.")
+_TORCHVISION_HEADS = r"^(classifier|fc|head|heads)\."
+
 _RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> depth
     ((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
     ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152,
@@ -64,13 +70,16 @@ _RESNET_DEPTHS = {  # (blocks per stage, bottleneck) -> depth
 
 
 def detect_family(state: dict) -> str:
-    """"resnet" (torchvision ResNet keys) or "inception_bn" (nst_det Inception-BN keys)."""
+    """"resnet" (torchvision ResNet keys), "inception_bn" (nst_det Inception-BN keys), or
+    "torchvision" (any other torchvision classifier: its keys are the backbone's own)."""
     if "layer1.0.conv1.weight" in state:
         return "resnet"
     if "stage5.inception5b.b1x1.conv.weight" in state:
         return "inception_bn"
-    raise ValueError("not a torchvision ResNet or nst_det Inception-BN state dict; first keys: "
-                     f"{sorted(state)[:8]}")
+    if any(k.startswith(_TORCHVISION_TRUNKS) for k in state):
+        return "torchvision"
+    raise ValueError("not a torchvision classifier or nst_det Inception-BN state dict; first "
+                     f"keys: {sorted(state)[:8]}")
 
 
 def resnet_depth(state: dict) -> int:
@@ -107,13 +116,40 @@ def _rename(key: str, table) -> str | None:
     return None
 
 
-def convert_student(state: dict, family: str | None = None
+def convert_torchvision(state: dict, arch: str | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A torchvision classifier's state dict as TorchvisionBackbone weights: the same keys, the
+    head and BN step counters dropped. With `arch`, checked strictly against that backbone
+    (every node up to the last map): a missing key or a shape mismatch is an error."""
+    converted, skipped = {}, {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            skipped[key] = "BN step counter (not used by FrozenBN)"
+        elif re.match(_TORCHVISION_HEADS, key):
+            skipped[key] = "classifier head"
+        else:
+            converted[key] = value
+    if arch:
+        from ..modeling.backbone.torchvision_backbone import TorchvisionBackbone
+        from ..modeling.torchvision_graph import build_torchvision_model, node_shapes
+
+        last = list(node_shapes(build_torchvision_model(arch)))[-1]
+        reference = TorchvisionBackbone(arch, [last])
+        unused = reference.load_classifier_state_dict(converted)  # strict: raises on a gap
+        for key in unused:
+            skipped[key] = f"not part of the {arch} backbone"
+            converted.pop(key)
+    return converted, skipped
+
+
+def convert_student(state: dict, family: str | None = None, arch: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Convert a classifier state dict to detectron2 backbone keys (no prefix).
 
     Args:
         state: torchvision ResNet or nst_det Inception-BN state dict (no `student.` prefix).
-        family: "resnet" | "inception_bn"; detected from the keys if None.
+        family: "resnet" | "inception_bn" | "torchvision"; detected from the keys if None.
+        arch: torchvision family only: the model name, for a strict check (`convert_torchvision`).
     Returns:
         (converted {d2 key: tensor}, not converted {source key: reason}).
     Raises:
@@ -121,6 +157,8 @@ def convert_student(state: dict, family: str | None = None
             (missing / unexpected keys or shapes, all listed).
     """
     family = family or detect_family(state)
+    if family == "torchvision":
+        return convert_torchvision(state, arch)
     table = {"resnet": RESNET_RENAMES, "inception_bn": INCEPTION_BN_RENAMES}[family]
     converted, skipped, unknown = {}, {}, []
     for key, value in state.items():

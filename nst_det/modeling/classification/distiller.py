@@ -129,12 +129,15 @@ class ClassificationDistiller(nn.Module):
         if not self.training:
             return [{"logits": row} for row in self.student(images)]
         labels = torch.as_tensor([x["label"] for x in batched_inputs], device=self.device)
-        logits_s, feats_s = self.student.forward_features(images, self.pre_relu_features)
+        pairs = self.distill.feature_pairs
+        logits_s, feats_s = self.student.forward_features(
+            images, self.pre_relu_features, names=[p.student for p in pairs])
         losses = {"loss_cls": F.cross_entropy(logits_s, labels)}
         if not self.distill.distilling:
             return losses
         with torch.no_grad():
-            logits_t, feats_t = self.teacher.forward_features(images, self.pre_relu_features)
+            logits_t, feats_t = self.teacher.forward_features(
+                images, self.pre_relu_features, names=[p.teacher for p in pairs])
         losses.update(self.distill.feature_losses(feats_s, feats_t, labels=labels))
         losses.update(self.distill.kd(logits_s, logits_t))
         return losses

@@ -204,13 +204,14 @@ class InceptionBN(nn.Module):
         init_weights(self)
 
     def forward_features(
-        self, x: torch.Tensor, pre_relu: bool = True
+        self, x: torch.Tensor, pre_relu: bool = True, names=None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the network once.
 
         Args:
             x: [B, 3, H, W] normalised images.
             pre_relu: take stage2..stage5 before the ReLU of their last block.
+            names: unused (every feature is returned).
         Returns:
             (logits [B, num_classes], {name: [B, C, ceil(H/stride), ceil(W/stride)]}).
         """

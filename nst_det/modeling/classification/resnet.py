@@ -53,13 +53,14 @@ class ResNetClassifier(ResNet):
         self.feature_strides = {"stem": 4, **{s: 4 * 2**i for i, s in enumerate(STAGES)}}
 
     def forward_features(
-        self, x: torch.Tensor, pre_relu: bool = True
+        self, x: torch.Tensor, pre_relu: bool = True, names=None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the network once.
 
         Args:
             x: [B, 3, H, W] normalised images.
             pre_relu: take each `resN` before the ReLU of its last block.
+            names: unused (every feature is returned).
         Returns:
             (logits [B, num_classes], {name: [B, C, ceil(H/stride), ceil(W/stride)]}).
         """

@@ -1,0 +1,134 @@
+"""RetinaNet distillation and a torchvision-backbone (MobileNetV3) Faster R-CNN student."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _detection_common import TOY, make_cfg, write_teacher
+from detectron2.data import build_detection_train_loader
+from detectron2.modeling import RetinaNet, build_model
+from detectron2.utils.events import EventStorage
+
+from nst_det.modeling import DistillationRCNN, DistillationRetinaNet
+from nst_det.modeling.distill_retinanet import sigmoid_kd_loss
+
+RETINA_TEACHER = TOY / "retinanet_R_34_FPN_toy_teacher.yaml"
+RETINA_STUDENT = TOY / "retinanet_R_18_FPN_toy_nst.yaml"
+MNV3_NST = TOY / "faster_rcnn_MNV3_FPN_toy_nst.yaml"
+R18_FPN_TOY = TOY / "faster_rcnn_R_18_FPN_toy.yaml"
+RETINA_TINY = ["MODEL.WEIGHTS", "", "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50"]
+
+
+def _write_retina_teacher(tmp_path):
+    """A toy RetinaNet R-34 teacher config (TINY, no weights file) and its random weights."""
+    cfg = make_cfg(RETINA_TEACHER, RETINA_TINY)
+    torch.manual_seed(7)
+    model = build_model(cfg)
+    for m in model.modules():  # non-trivial frozen statistics
+        if hasattr(m, "running_mean"):
+            m.running_mean.normal_(0, 0.1)
+    weights = tmp_path / "retina_teacher.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    yaml = tmp_path / "retina_teacher.yaml"
+    yaml.write_text(cfg.dump())
+    return yaml, weights
+
+
+def _step(model, batch):
+    with EventStorage(0):
+        return model(batch)
+
+
+def test_sigmoid_kd_is_zero_for_equal_logits_and_positive_otherwise():
+    z = torch.randn(10, 5)
+    assert sigmoid_kd_loss(z, z, 2.0).abs().item() < 1e-6
+    s = z.clone().requires_grad_()
+    loss = sigmoid_kd_loss(s + 1.0, z, 2.0)
+    assert loss.item() > 0
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_retinanet_distillation_teacher_inert_gradients_only_in_student(tiny_voc, tmp_path):
+    t_yaml, t_weights = _write_retina_teacher(tmp_path)
+    cfg = make_cfg(RETINA_STUDENT, RETINA_TINY + [
+        "MODEL.TEACHER.CONFIG_FILE", str(t_yaml), "MODEL.TEACHER.WEIGHTS", str(t_weights),
+        "MODEL.KD.LOSS_WEIGHT", "1.0", "MODEL.TRANSFER.NAMES", "['at']",
+        "MODEL.TRANSFER.WEIGHTS", "[10.0]"], data=tiny_voc)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model, DistillationRetinaNet) and isinstance(model.teacher, RetinaNet)
+    teacher = model.teacher
+    # outside the module tree: no teacher parameter, state_dict key or submodule
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    assert set(model.state_dict()) == set(build_model(plain_cfg).state_dict())
+    model.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    teacher_before = copy.deepcopy(teacher.state_dict())
+
+    loader = iter(build_detection_train_loader(cfg))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    student_before = copy.deepcopy(model.state_dict())
+    for _ in range(2):
+        losses = _step(model, next(loader))
+        assert {"loss_cls", "loss_box_reg", "loss_nst", "loss_kd", "loss_at"} == set(losses)
+        assert losses["loss_nst"].item() > 0 and math.isfinite(losses["loss_nst"].item())
+        assert losses["loss_kd"].item() > 0 and math.isfinite(losses["loss_kd"].item())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.grad is not None for p in trainable)
+        opt.step()
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k  # incl. frozen statistics
+    assert any(not torch.equal(v, student_before[k]) for k, v in model.state_dict().items())
+    model.double()  # moved with the student
+    assert all(p.dtype == torch.float64 for p in teacher.parameters())
+    model.float()
+
+    # inference is RetinaNet's: the teacher does no work
+    calls = []
+    handle = teacher.backbone.register_forward_pre_hook(lambda *a: calls.append(1))
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)}])
+    handle.remove()
+    assert not calls and "instances" in out[0]
+
+
+def test_retinanet_kd_needs_a_matching_retinanet_teacher(tiny_voc, tmp_path):
+    t_yaml, t_weights = _write_retina_teacher(tmp_path)
+    opts = RETINA_TINY + ["MODEL.TEACHER.CONFIG_FILE", str(t_yaml),
+                          "MODEL.TEACHER.WEIGHTS", str(t_weights), "MODEL.KD.LOSS_WEIGHT", "1.0",
+                          "MODEL.RETINANET.NUM_CLASSES", "4"]
+    with pytest.raises(ValueError, match="anchors"):
+        build_model(make_cfg(RETINA_STUDENT, opts))
+
+
+def test_mobilenet_v3_fpn_student_distils_from_resnet_teacher(tiny_voc, tmp_path):
+    t_yaml, t_weights = write_teacher(tmp_path)  # toy R-18 FPN Faster R-CNN, random weights
+    cfg = make_cfg(MNV3_NST, ["MODEL.WEIGHTS", "", "MODEL.TEACHER.CONFIG_FILE", str(t_yaml),
+                              "MODEL.TEACHER.WEIGHTS", str(t_weights), "MODEL.KD.LOSS_WEIGHT",
+                              "1.0"], data=tiny_voc)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    assert isinstance(model, DistillationRCNN)
+    assert type(model.backbone.bottom_up).__name__ == "TorchvisionBackbone"
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    loader = iter(build_detection_train_loader(cfg))
+    for _ in range(2):
+        losses = _step(model, next(loader))
+        assert losses["loss_nst"].item() > 0 and math.isfinite(losses["loss_kd"].item())
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        assert all(p.grad is None for p in model.teacher.parameters())
+        opt.step()
+    frozen = [p for n, p in model.named_parameters()
+              if n.startswith("backbone.bottom_up.features.0.")]
+    assert frozen and not any(p.requires_grad for p in frozen)
