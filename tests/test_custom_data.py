@@ -243,6 +243,7 @@ def _bad(tmp_path, data, text=None):
     (lambda d: d["annotations"][0]["bbox"].__setitem__(3, -4.0), "annotation id 1 .* non-positive"),
     (lambda d: d["annotations"][0]["bbox"].__setitem__(0, 1000.0), "annotation id 1 .* outside"),
     (lambda d: d["annotations"][0]["bbox"].__setitem__(1, -9.0), "annotation id 1 .* outside"),
+    (lambda d: d["annotations"][3].pop("area"), r"annotation id 4 .* no numeric 'area'"),
     (lambda d: d["images"][0].update(file_name="gone.jpg"), r"1 of 4 image files are missing .*"
      r"gone\.jpg \(id 1\)"),
     (lambda d: d["images"][1].update(id=1), "image id 1 is used more than once"),

@@ -129,6 +129,9 @@ def _check_annotations(json_file: str, annotations: list, sizes: dict, cat_ids: 
         if w <= 0 or h <= 0:
             raise COCODataError(f"{where}) has a box of non-positive size {box} ([x, y, width, "
                                 "height]). Fix or remove it")
+        if not isinstance(ann.get("area"), (int, float)):
+            raise COCODataError(f"{where}) has no numeric 'area'; COCO evaluation needs it (for a "
+                                "box, usually its width * height)")
         tol = BORDER_TOLERANCE
         if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
             raise COCODataError(f"{where}) has box {box} ([x, y, width, height]), outside the "
