@@ -32,6 +32,8 @@ from nst_det.pipeline import (  # noqa: E402
     PipelineRunner,
     build_plan,
 )
+from nst_det.pipeline.calibrate import calibrate_stage  # noqa: E402
+from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
 from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
 
@@ -46,6 +48,11 @@ def parse_args(argv=None):
     parser.add_argument("--paper", action="store_true",
                         help="ImageNet + VOC2007 (configs/ImageNet-Pretrain, VOC-Detection)")
     parser.add_argument("--seeds", default=None, help="comma-separated student seeds, e.g. 0,1,2")
+    parser.add_argument("--methods", default="",
+                        help="also train one detection-stage student per transfer method and "
+                             "seed from the plain pretrained student, each loss weight "
+                             f"calibrated (nst_det/pipeline/methods.py); any of "
+                             f"{','.join(METHODS)}")
     parser.add_argument("--jobs", type=int, default=None,
                         help="training stages run side by side, each in its own process with "
                              "cpu_count/jobs threads (default: 2 for toy runs on a CPU with 2+ "
@@ -84,7 +91,9 @@ def main(argv=None):
         scale = replace(scale, seeds=tuple(int(s) for s in args.seeds.split(",")))
     stages = build_plan(args.output, scale, PAPER_CONFIGS if args.paper else TOY_CONFIGS,
                         train_opts=amp_opts(args.amp, args.paper))
+    stages = add_method_stages(stages, parse_methods(args.methods))
     handlers = {
+        "calibrate": calibrate_stage,
         "convert": convert_stage,
         "export": lambda stage: export_stage(stage, stages),
         "report": lambda stage: write_report(stages, stage.out_dir),

@@ -26,6 +26,7 @@ from ..export import eager_runner, preprocess  # noqa: E402
 from ..export.student import load_student_detector  # noqa: E402
 from ..losses import nst_loss  # noqa: E402
 from .plan import STUDENT_METHODS, Stage  # noqa: E402
+from .report_methods import methods_section  # noqa: E402
 from .run import stage_result  # noqa: E402
 
 FIG_DIR = "figures"
@@ -130,6 +131,8 @@ class Report:
             axes[0].plot([r["iteration"] for r in rows], [r["total_loss"] for r in rows], ".-",
                          label=stage.name)
         for stage in self._find(stage="det"):
+            if stage.meta.get("role") == "method":  # the methods section has their plot
+                continue
             rows = _metrics_rows(stage.out_dir)
             loss = [r for r in rows if "total_loss" in r]
             axes[1].plot([r["iteration"] for r in loss], [r["total_loss"] for r in loss], ".-",
@@ -147,7 +150,7 @@ class Report:
         return self._save(fig, "curves.png")
 
     def per_class_ap(self) -> str:
-        dets = self._find(stage="det")
+        dets = [s for s in self._find(stage="det") if s.meta.get("role") != "method"]
         classes = sorted({k[5:] for s in dets for k in stage_result(s)["metrics"]["bbox"]
                           if k.startswith("AP50-")})
         fig, ax = plt.subplots(figsize=(12, 4))
@@ -313,6 +316,8 @@ def write_report(stages: list, out_dir: str) -> dict:
         "eager inference at the test size, teacher and student timed in the same run.", "",
         "## What the numbers show", "", *[f"- {line}" for line in _verdict(numbers, mmd)], "",
     ]
+    method_lines, method_numbers = methods_section(report.stages, out_dir, FIG_DIR)  # --methods
+    lines += method_lines
     for title, path in figures:
         lines += [f"## {title}", "", f"![{title}]({path})", ""]
     lines += ["## Runs", "", "| stage | wall-clock (s) | result file |", "|---|---|---|"]
@@ -324,4 +329,4 @@ def write_report(stages: list, out_dir: str) -> dict:
 
     with atomic_write(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return {"table": numbers, "mmd": mmd}
+    return {"table": numbers, "mmd": mmd, "methods": method_numbers}

@@ -31,7 +31,7 @@ STAGE_FILE = "stage.json"
 # pipeline runs (used only for the ETA)
 _PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
 _PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 3.0, "export": 40.0,
-                    "report": 30.0}
+                    "report": 30.0, "calibrate": 60.0}
 
 
 def stage_result(stage: Stage) -> dict | None:
