@@ -9,9 +9,15 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 
 from ..checkpoint.weights_file import load_weights_file
+from ..config import add_nst_config
 from ..utils.atomic import atomic_file_set, atomic_write
 from .runtime import eager_runner, onnx_runner, preprocess, torchscript_runner
-from .student import load_student_detector, save_student_checkpoint, student_state_dict
+from .student import (
+    load_student_detector,
+    save_student_checkpoint,
+    student_state_dict,
+    uses_nst_backbone,
+)
 from .tracing import export_onnx, export_torchscript
 from .verify import verify
 
@@ -50,7 +56,9 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
             path, cfg_path = save_student_checkpoint(cfg, student_state_dict(model), staging,
                                                      weights_path=final_weights)
             reloaded_cfg = get_cfg()
-            reloaded_cfg.merge_from_file(cfg_path)  # stock keys only: must merge into get_cfg()
+            if uses_nst_backbone(cfg):  # the backbone's own keys (MODEL.TORCHVISION, ...)
+                add_nst_config(reloaded_cfg)
+            reloaded_cfg.merge_from_file(cfg_path)  # else stock keys only, as in get_cfg()
             reloaded = build_model(reloaded_cfg)
             exported = load_weights_file(path, "exported checkpoint")
             reloaded.load_state_dict(exported["model"], strict=True)

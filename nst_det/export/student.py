@@ -13,13 +13,17 @@ from typing import Mapping
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import META_ARCH_REGISTRY, build_model
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_model
 
 from ..checkpoint.weights_file import load_weights_file, state_dict_from
 from ..utils.atomic import atomic_write
 
 # keys a student-only checkpoint must never carry (teacher weights live under these prefixes)
 TEACHER_KEY_PREFIXES = ("teacher.", "_teacher.", "teacher_model.")
+# training-only modules of the distillation core (e.g. FitNet regressors): not the student's
+DISTILL_ONLY_PREFIXES = ("distill.",)
+# config namespaces that nst_det's own backbones read (kept when such a backbone is used)
+NST_BACKBONE_NAMESPACES = ("TORCHVISION", "INCEPTION_BN")
 
 
 def _stock_subset(ours: CfgNode, stock: CfgNode) -> CfgNode:
@@ -47,13 +51,24 @@ def detectron2_meta_architecture(name: str) -> str:
     )
 
 
+def uses_nst_backbone(cfg: CfgNode) -> bool:
+    """Whether cfg's backbone is one of nst_det's (its exported config then keeps its keys)."""
+    return not BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME).__module__.startswith("detectron2.")
+
+
 def student_config(cfg: CfgNode) -> CfgNode:
     """A config that stock detectron2 (`get_cfg()`, no nst_det) can merge and build.
 
     Teacher and distillation keys are dropped; the meta-architecture is mapped back to detectron2's.
-    A backbone registered by nst_det (e.g. Inception-BN) still needs `import nst_det` to build.
+    A backbone registered by nst_det (torchvision networks, Inception-BN) keeps its own keys
+    (MODEL.TORCHVISION / MODEL.INCEPTION_BN): such a config is read with `import nst_det` and
+    `nst_det.config.load_config(path)` (or get_cfg() + add_nst_config(cfg) + merge_from_file).
     """
     out = _stock_subset(cfg, get_cfg())
+    if uses_nst_backbone(cfg):
+        for key in NST_BACKBONE_NAMESPACES:
+            if key in cfg.MODEL:
+                out.MODEL[key] = cfg.MODEL[key].clone()
     out.MODEL.META_ARCHITECTURE = detectron2_meta_architecture(cfg.MODEL.META_ARCHITECTURE)
     out.MODEL.WEIGHTS = ""
     return out
@@ -61,7 +76,8 @@ def student_config(cfg: CfgNode) -> CfgNode:
 
 def student_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights, checked to contain no teacher tensor."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
+             if not k.startswith(DISTILL_ONLY_PREFIXES)}
     leaked = [k for k in state if k.startswith(TEACHER_KEY_PREFIXES)]
     if leaked:
         raise RuntimeError(f"teacher tensors found in the student's state_dict: {leaked[:5]}")
@@ -103,7 +119,8 @@ def load_student_detector(cfg: CfgNode) -> torch.nn.Module:
     # one error for a missing, truncated or wrong-format file, before the model is built
     state = state_dict_from(load_weights_file(weights, "MODEL.WEIGHTS"), weights, "MODEL.WEIGHTS")
     model = build_model(student_config(cfg))
-    state = {k: v for k, v in state.items() if not k.startswith(TEACHER_KEY_PREFIXES)}
+    state = {k: v for k, v in state.items()
+             if not k.startswith(TEACHER_KEY_PREFIXES + DISTILL_ONLY_PREFIXES)}
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise KeyError(
