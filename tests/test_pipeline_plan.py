@@ -8,7 +8,7 @@ import pytest
 from detectron2.config import CfgNode
 
 from nst_det.config import load_config
-from nst_det.pipeline.plan import PAPER_CONFIGS, TOY_CONFIGS, TOY_SCALES, build_plan
+from nst_det.pipeline.plan import PAPER_CONFIGS, TOY_CONFIGS, TOY_PLANS, TOY_SCALES, build_plan
 
 REPO = Path(__file__).resolve().parents[1]
 # what a distillation run may add to its baseline: the method, and where it writes
@@ -31,7 +31,8 @@ def _differences(a: str, b: str) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-@pytest.mark.parametrize("configs", [TOY_CONFIGS, PAPER_CONFIGS], ids=["toy", "paper"])
+@pytest.mark.parametrize("configs", [TOY_CONFIGS, PAPER_CONFIGS, *TOY_PLANS.values()],
+                         ids=["toy", "paper", *(f"toy_{k}" for k in TOY_PLANS)])
 def test_detection_students_differ_only_by_distillation(configs):
     differences = _differences(configs.det_student, configs.det_student_nst)
     assert differences, "the NST config must change something"
@@ -59,3 +60,17 @@ def test_train_opts_reach_every_training_stage(tmp_path):
     for stage in trained:
         assert stage.opts[:2] == amp  # first, so a stage's own overrides still win
         assert load_config(str(REPO / stage.config), stage.opts).SOLVER.AMP.ENABLED
+
+
+@pytest.mark.parametrize("name", ["mnv3", "retinanet"])
+def test_other_toy_plans_load_every_training_config(tmp_path, name):
+    stages = build_plan(str(tmp_path), TOY_SCALES["ci"], TOY_PLANS[name])
+    archs = set()
+    for stage in stages:
+        if stage.kind == "train":
+            cfg = load_config(str(REPO / stage.config), stage.opts)
+            archs.add(cfg.MODEL.CLASSIFIER.ARCH if stage.meta["stage"] == "cls"
+                      else cfg.MODEL.META_ARCHITECTURE)
+    expected = {"mnv3": {"mobilenet_v3_large", "resnet34", "GeneralizedRCNN", "DistillationRCNN"},
+                "retinanet": {"resnet18", "resnet34", "RetinaNet", "DistillationRetinaNet"}}
+    assert archs == expected[name]

@@ -27,13 +27,13 @@ from detectron2.engine import default_argument_parser  # noqa: E402
 from nst_det.engine.cpu_amp import cpu_has_native_bfloat16  # noqa: E402
 from nst_det.pipeline import (  # noqa: E402
     PAPER_CONFIGS,
-    TOY_CONFIGS,
     TOY_SCALES,
     PipelineRunner,
     build_plan,
 )
 from nst_det.pipeline.calibrate import calibrate_stage  # noqa: E402
 from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  # noqa: E402
+from nst_det.pipeline.plan import TOY_PLANS  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
 from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
 
@@ -47,6 +47,9 @@ def parse_args(argv=None):
                         help="iteration counts: demo (default toy), ci (tiny), paper")
     parser.add_argument("--paper", action="store_true",
                         help="ImageNet + VOC2007 (configs/ImageNet-Pretrain, VOC-Detection)")
+    parser.add_argument("--toy-students", choices=sorted(TOY_PLANS), default="r18",
+                        help="toy plan: r18 (ResNet-18 Faster R-CNN students), mnv3 "
+                             "(MobileNetV3-Large FPN), retinanet (RetinaNet R-18 from R-34)")
     parser.add_argument("--seeds", default=None, help="comma-separated student seeds, e.g. 0,1,2")
     parser.add_argument("--methods", default="",
                         help="also train one detection-stage student per transfer method and "
@@ -89,7 +92,8 @@ def main(argv=None):
     scale = TOY_SCALES[args.scale or ("paper" if args.paper else "demo")]
     if args.seeds:
         scale = replace(scale, seeds=tuple(int(s) for s in args.seeds.split(",")))
-    stages = build_plan(args.output, scale, PAPER_CONFIGS if args.paper else TOY_CONFIGS,
+    stages = build_plan(args.output, scale,
+                        PAPER_CONFIGS if args.paper else TOY_PLANS[args.toy_students],
                         train_opts=amp_opts(args.amp, args.paper))
     stages = add_method_stages(stages, parse_methods(args.methods))
     handlers = {

@@ -9,6 +9,9 @@ Cost: one small stack + isfinite + one host sync per iteration (benchmarks/bench
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.distributed as dist
 from detectron2.utils import comm
@@ -22,8 +25,41 @@ def _current_iteration() -> str:
         return "unknown"
 
 
-def check_finite_losses(loss_dict: dict) -> None:
-    """Raise FloatingPointError naming the iteration and the losses if any loss is NaN/inf."""
+_WEIGHT_KEYS = {"loss_nst": "MODEL.NST.LOSS_WEIGHT", "loss_kd": "MODEL.KD.LOSS_WEIGHT"}
+
+
+def _checkpoint_note(output_dir: str | None) -> str:
+    """What the message says about checkpoints: only one that exists is mentioned."""
+    tag = os.path.join(output_dir, "last_checkpoint") if output_dir else None
+    if tag and os.path.isfile(tag):
+        with open(tag) as f:
+            name = f.read().strip()
+        if name and os.path.isfile(os.path.join(output_dir, name)):
+            return (f"The last checkpoint, {os.path.join(output_dir, name)}, is intact: fix the "
+                    "cause, then continue from it with --resume.")
+    return "No checkpoint had been saved yet."
+
+
+def _tensors(output):
+    if torch.is_tensor(output):
+        yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from _tensors(value)
+    elif isinstance(output, (list, tuple)):
+        for value in output:
+            yield from _tensors(value)
+
+
+def check_finite_losses(loss_dict: dict, teacher_finite: torch.Tensor | bool | None = None,
+                        output_dir: str | None = None) -> None:
+    """Raise FloatingPointError if any loss is NaN/inf, naming the iteration and the losses.
+
+    Args:
+        teacher_finite: whether every output of the teacher in this forward was finite (None:
+            no teacher, or not known); the message then says where to look.
+        output_dir: the run's OUTPUT_DIR: the message names its last checkpoint if there is one.
+    """
     values = [v for v in loss_dict.values() if torch.is_tensor(v)]
     if not values:
         return
@@ -35,19 +71,68 @@ def check_finite_losses(loss_dict: dict) -> None:
     if not bool(finite):
         shown = {k: (float(v.detach().float().sum()) if torch.is_tensor(v) else v)
                  for k, v in loss_dict.items()}
+        bad = [k for k, v in shown.items() if isinstance(v, float) and not math.isfinite(v)]
+        named = ", ".join(f"{k} = {shown[k]}" for k in bad) or "on another rank"
+        if teacher_finite is None:
+            teacher = ""
+        elif bool(teacher_finite):
+            teacher = "The teacher's outputs are finite: the student or the loss diverged. "
+        else:
+            teacher = ("The teacher's output is non-finite: check MODEL.TEACHER.WEIGHTS (NaN/inf "
+                       "in the teacher's weights) and its config. ")
+        weights = [f"{_WEIGHT_KEYS[k]} ({k})" for k in bad if k in _WEIGHT_KEYS]
+        advice = ("Lower SOLVER.BASE_LR" + (f" or {', '.join(weights)}" if weights else "")
+                  + ", or check the input data")
         raise FloatingPointError(
-            f"Non-finite loss at iteration {_current_iteration()} (on this or another rank): "
-            f"{shown}. Training stopped before this step was applied; the last checkpoint is "
-            "intact. Lower SOLVER.BASE_LR or a loss weight, or check the input data"
+            f"Non-finite loss at iteration {_current_iteration()}: {named} (all losses: {shown}). "
+            f"{teacher}Training stopped before this step was applied. "
+            f"{_checkpoint_note(output_dir)} {advice}"
         )
 
 
-def install_nan_guard(model: torch.nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Check every training forward's loss dict of `model` (DDP-wrapped or not)."""
+class _Handles:
+    """Removes every hook the guard installed."""
+
+    def __init__(self, handles):
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def install_nan_guard(model: torch.nn.Module, output_dir: str | None = None) -> _Handles:
+    """Check every training forward's loss dict of `model` (DDP-wrapped or not).
+
+    When the model has a `teacher` module, forward hooks on it and its direct children (the
+    parts a distiller calls, e.g. a detector's backbone) record whether their outputs were
+    finite, so that a non-finite loss says whether the teacher produced it. `output_dir`: see
+    `check_finite_losses`. Returns an object whose `remove()` removes the hooks.
+    """
     inner = model.module if hasattr(model, "module") else model
+    teacher = getattr(inner, "teacher", None)
+    state = {"teacher_finite": None}
+    handles = []
+
+    def reset(module, inputs):
+        state["teacher_finite"] = None
+
+    def teacher_hook(module, inputs, output):
+        flags = [t.detach().isfinite().all() for t in _tensors(output)
+                 if t.is_floating_point()]
+        if flags:  # a device tensor: no host sync unless a loss is non-finite
+            finite = torch.stack(flags).all()
+            previous = state["teacher_finite"]
+            state["teacher_finite"] = finite if previous is None else previous & finite
 
     def hook(module, inputs, output):
         if module.training and isinstance(output, dict):
-            check_finite_losses(output)
+            known = state["teacher_finite"] if isinstance(teacher, torch.nn.Module) else None
+            check_finite_losses(output, known, output_dir)
 
-    return inner.register_forward_hook(hook)
+    if isinstance(teacher, torch.nn.Module):
+        handles.append(inner.register_forward_pre_hook(reset))
+        for part in (teacher, *teacher.children()):
+            handles.append(part.register_forward_hook(teacher_hook))
+    handles.append(inner.register_forward_hook(hook))
+    return _Handles(handles)

@@ -92,7 +92,7 @@ class ReliableTrainer(TrainerBase):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        self.nan_guard = install_nan_guard(model)
+        self.nan_guard = install_nan_guard(model, cfg.OUTPUT_DIR)  # names its checkpoint
         if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
             autocast_training_forward(model, "cpu", torch.bfloat16)
         model = build_ddp_model(model)

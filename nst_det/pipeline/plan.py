@@ -11,7 +11,7 @@ skipped when done and the pipeline resumed.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # (name, pretraining config suffix) of the pretrained students; the paper's transfer methods
 STUDENT_METHODS = {"plain": "Student", "nst": "NST", "kd_nst": "KD+NST"}
@@ -128,6 +128,26 @@ PAPER_CONFIGS = PlanConfigs(
     # torchvision's published file, downloaded once and checked (nst_det/checkpoint/remote.py)
     cls_teacher_weights="https://download.pytorch.org/models/resnet50-0676ba61.pth",
 )
+
+# Other toy students (tools/run_pipeline.py --toy-students): the same teachers and schedule.
+# mnv3: torchvision's MobileNetV3-Large, plain and NST-pretrained from the ResNet-34 teacher,
+# fine-tuned as an FPN Faster R-CNN without / with NST from the R-34 FPN teacher detector.
+TOY_MNV3_CONFIGS = replace(
+    TOY_CONFIGS,
+    cls_students={"plain": "configs/quick_schedules/cls_MNV3_toy.yaml",
+                  "nst": "configs/quick_schedules/cls_MNV3_NST_toy.yaml"},
+    det_student="configs/quick_schedules/faster_rcnn_MNV3_FPN_toy_pretrained.yaml",
+    det_student_nst="configs/quick_schedules/faster_rcnn_MNV3_FPN_toy_nst.yaml",
+)
+# retinanet: the R-18 students as RetinaNets, distilled from a RetinaNet R-34 teacher detector
+TOY_RETINANET_CONFIGS = replace(
+    TOY_CONFIGS,
+    det_teacher="configs/quick_schedules/retinanet_R_34_FPN_toy_teacher.yaml",
+    det_student="configs/quick_schedules/retinanet_R_18_FPN_toy_pretrained.yaml",
+    det_student_nst="configs/quick_schedules/retinanet_R_18_FPN_toy_nst.yaml",
+    det_teacher_opts=[],
+)
+TOY_PLANS = {"r18": TOY_CONFIGS, "mnv3": TOY_MNV3_CONFIGS, "retinanet": TOY_RETINANET_CONFIGS}
 
 
 def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=()) -> list:
