@@ -54,3 +54,76 @@ def test_guard_ignores_eval_mode_outputs():
     model = TwoLosses(float("nan")).eval()
     install_nan_guard(model)
     assert torch.isnan(model(None)["loss_nst"])  # inference outputs are not training losses
+
+
+class WithTeacher(torch.nn.Module):
+    """loss_nst compares w with a teacher's output; loss_cls = w^2 (scale poisons it)."""
+
+    def __init__(self, teacher_value, scale=1.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.teacher = torch.nn.Linear(3, 3)
+        with torch.no_grad():
+            self.teacher.weight.fill_(teacher_value)
+        self.scale = scale
+
+    def forward(self, batch):
+        with torch.no_grad():
+            target = self.teacher(torch.ones(3))
+        return {"loss_cls": (self.w ** 2).sum() * self.scale,
+                "loss_nst": ((self.w - target) ** 2).sum()}
+
+
+def _message(model, output_dir=None):
+    install_nan_guard(model, output_dir)
+    with EventStorage(0), pytest.raises(FloatingPointError) as info:
+        model(None)
+    return str(info.value)
+
+
+def test_message_names_the_loss_and_says_the_teacher_output_is_non_finite():
+    text = _message(WithTeacher(float("nan")))
+    assert "iteration 0: loss_nst = nan (all losses:" in text
+    assert "The teacher's output is non-finite: check MODEL.TEACHER.WEIGHTS" in text
+    assert "MODEL.NST.LOSS_WEIGHT (loss_nst)" in text
+    # nothing was saved: no checkpoint is promised
+    assert "No checkpoint had been saved yet" in text and "intact" not in text
+
+
+def test_message_says_the_teacher_is_finite_and_names_an_existing_checkpoint(tmp_path):
+    torch.save({"model": {}}, tmp_path / "model_0000004.pth")
+    (tmp_path / "last_checkpoint").write_text("model_0000004.pth")
+    text = _message(WithTeacher(0.5, scale=float("inf")), str(tmp_path))
+    assert "loss_cls = inf" in text and "loss_nst =" not in text
+    assert "The teacher's outputs are finite: the student or the loss diverged" in text
+    assert f"The last checkpoint, {tmp_path / 'model_0000004.pth'}, is intact" in text
+    # a tag without its file is no checkpoint
+    (tmp_path / "model_0000004.pth").unlink()
+    assert "No checkpoint had been saved yet" in _message(WithTeacher(0.5, float("inf")),
+                                                         str(tmp_path))
+
+
+def test_message_without_a_teacher_says_nothing_about_one():
+    text = _message(TwoLosses(float("nan")))
+    assert "teacher" not in text.lower() and "loss_nst = nan" in text
+
+
+def test_detection_distiller_with_nan_teacher_weights_is_blamed_on_the_teacher(tmp_path):
+    """The real DistillationRCNN: its teacher is called part by part (backbone, heads)."""
+    from _detection_common import R18_FPN_TOY, distill_opts, make_cfg, write_teacher
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+
+    yaml, weights = write_teacher(tmp_path)
+    state = torch.load(weights, weights_only=True)
+    state["model"]["backbone.bottom_up.stem.conv1.weight"].fill_(float("nan"))
+    torch.save(state, weights)
+    model = build_model(make_cfg(R18_FPN_TOY, distill_opts(yaml, weights))).train()
+    instances = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10.0, 60.0, 70.0]])),
+                          gt_classes=torch.tensor([1]))
+    batch = [{"image": torch.rand(3, 96, 128) * 255, "instances": instances}]
+    install_nan_guard(model)
+    with EventStorage(0), pytest.raises(FloatingPointError) as info:
+        model(batch)
+    assert "loss_nst = nan" in str(info.value)
+    assert "The teacher's output is non-finite" in str(info.value)
