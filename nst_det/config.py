@@ -126,6 +126,38 @@ def add_nst_config(cfg: CN) -> None:
     cfg.SOLVER.CLS.OPTIMIZER = "SGD"
 
 
+def check_config_files(config_file: str) -> None:
+    """Raise FileNotFoundError naming a config file that does not exist, with the file whose
+    `_BASE_` names it (resolved as detectron2 does: relative to the including file's folder)."""
+    import os
+
+    import yaml
+
+    chain = []  # the files that include the one checked, innermost first
+    path = config_file
+    while path:
+        if not os.path.isfile(path):
+            if not chain:
+                raise FileNotFoundError(
+                    f"config file {path} does not exist (working directory {os.getcwd()}). Check "
+                    "the path; the project's configs are under configs/")
+            included = " <- ".join(chain)
+            raise FileNotFoundError(
+                f"config file {path} does not exist: it is the _BASE_ of {included}. Fix that "
+                "_BASE_ line (a relative path is read from the including file's folder)")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError:
+            return  # detectron2's own loader reports the syntax error
+        base = data.get("_BASE_") if isinstance(data, dict) else None
+        if not isinstance(base, str) or "://" in base:
+            return
+        base = os.path.expanduser(base)
+        chain.insert(0, path)
+        path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+
+
 def load_config(config_file: str, opts=()) -> CN:
     """get_cfg() + add_nst_config + the file + `opts` (KEY VALUE ...), with errors that name them.
 
@@ -134,6 +166,7 @@ def load_config(config_file: str, opts=()) -> CN:
     """
     from detectron2.config import get_cfg
 
+    check_config_files(config_file)
     cfg = get_cfg()
     add_nst_config(cfg)
     for source, merge in ((f"config file {config_file}", lambda: cfg.merge_from_file(config_file)),

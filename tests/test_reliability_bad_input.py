@@ -1,5 +1,6 @@
 """The bad-input catalogue: every entry fails loudly, naming the file or key and the fix."""
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -147,6 +148,25 @@ def test_unknown_config_key_is_named(tmp_path):
     bad.write_text(f"_BASE_: {R18_TOY}\nMODEL:\n  NST:\n    KERNAL: poly\n")
     with pytest.raises(KeyError, match=f"config file {bad}: .*MODEL.NST.KERNAL"):
         load_config(str(bad))
+
+
+def test_missing_config_file_or_base_names_it_and_its_includer(tmp_path):
+    from nst_det.config import load_config
+
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(FileNotFoundError, match=f"config file {missing} does not exist") as info:
+        load_config(str(missing))
+    assert "spelling" not in str(info.value)  # no advice about key names for a missing file
+    leaf, middle = tmp_path / "leaf.yaml", tmp_path / "sub" / "middle.yaml"
+    middle.parent.mkdir()
+    leaf.write_text("_BASE_: sub/middle.yaml\n")
+    middle.write_text("_BASE_: ../Base-Gone.yaml\nSEED: 3\n")
+    gone = os.path.join(str(middle.parent), "../Base-Gone.yaml")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"config file {gone} does not exist: it is the _BASE_ of {middle} <- {leaf}")):
+        load_config(str(leaf))
+    middle.write_text(f"_BASE_: {R18_TOY}\nSEED: 3\n")  # fixed: loads
+    assert load_config(str(leaf)).SEED == 3
 
 
 def _trainer(cfg, train, out):
