@@ -111,3 +111,28 @@ def test_detectron2_client_loads_torchvision_student_after_import_nst_det(
     for exp, boxes in zip(expected, got):
         assert len(boxes) == len(exp) > 0
         np.testing.assert_allclose(np.array(boxes), np.array(exp), atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "torchscript", "onnx"])
+def test_retinanet_student_export_matches_eager(tiny_voc, module_tmp_path, tmp_path, fmt):
+    from detectron2.modeling import build_model
+
+    from nst_det.config import load_config
+
+    config = REPO / "configs" / "quick_schedules" / "retinanet_R_18_FPN_toy_nst.yaml"
+    opts = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "200",
+            "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20",
+            "DATASETS.TEST", f"('{tiny_voc[1]}',)"]
+    cfg = load_config(str(config), [*opts, "MODEL.WEIGHTS", "",
+                                    "MODEL.META_ARCHITECTURE", "RetinaNet"])
+    torch.manual_seed(0)
+    weights = module_tmp_path / "retinanet.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    out = tmp_path / fmt
+    rc = _load_tool("export_model").main(["--config-file", str(config), "--format", fmt,
+                                          "--output", str(out), "--num-images", "2",
+                                          *opts, "MODEL.WEIGHTS", str(weights)])
+    summary = json.loads((out / "verification.json").read_text())
+    assert rc == 0 and summary["passed"] and summary["total_detections"] > 0, summary
+    if fmt == "checkpoint":
+        assert "RetinaNet" in (out / "config.yaml").read_text()

@@ -19,8 +19,16 @@ OUTPUT_NAMES = ("boxes", "classes", "scores", "image_size")
 
 
 def _rcnn_inference(model, inputs):
-    """GeneralizedRCNN inference without postprocessing (boxes stay in the input's frame)."""
-    instances = model.inference(inputs, do_postprocess=False)[0]
+    """Inference without postprocessing (boxes stay in the input's frame): GeneralizedRCNN's
+    `inference`, or for detectron2's dense detectors (RetinaNet) backbone + head +
+    `forward_inference`, their forward without its postprocessing."""
+    if hasattr(model, "forward_inference"):
+        images = model.preprocess_image(inputs)
+        features = model.backbone(images.tensor)
+        features = [features[f] for f in model.head_in_features]
+        instances = model.forward_inference(images, features, model.head(features))[0]
+    else:
+        instances = model.inference(inputs, do_postprocess=False)[0]
     return [{"instances": instances}]
 
 
