@@ -132,3 +132,43 @@ def test_mobilenet_v3_fpn_student_distils_from_resnet_teacher(tiny_voc, tmp_path
     frozen = [p for n, p in model.named_parameters()
               if n.startswith("backbone.bottom_up.features.0.")]
     assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def _mask_batch():
+    """Two images with box-shaped polygon masks (the toy sets have no segmentation)."""
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    batch = []
+    for i in range(2):
+        inst = Instances((96, 128))
+        boxes = torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 120.0, 90.0]])
+        inst.gt_boxes = Boxes(boxes)
+        inst.gt_classes = torch.tensor([i, 3])
+        inst.gt_masks = PolygonMasks([[[x0, y0, x1, y0, x1, y1, x0, y1]]
+                                      for x0, y0, x1, y1 in boxes.tolist()])
+        batch.append({"image": torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8),
+                      "instances": inst, "height": 96, "width": 128})
+    return batch
+
+
+def test_mask_rcnn_student_keeps_working(tmp_path):
+    mask = ["MODEL.MASK_ON", "True", "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+            "MODEL.ROI_MASK_HEAD.NUM_CONV", "1", "MODEL.ROI_MASK_HEAD.CONV_DIM", "32"]
+    t_yaml, t_weights = write_teacher(tmp_path, mask)
+    cfg = make_cfg(R18_FPN_TOY, mask + [
+        "MODEL.META_ARCHITECTURE", "DistillationRCNN", "MODEL.TEACHER.CONFIG_FILE", str(t_yaml),
+        "MODEL.TEACHER.WEIGHTS", str(t_weights), "MODEL.NST.LOSS_WEIGHT", "25.0",
+        "MODEL.DISTILL.STUDENT_FEATURES", "['p3', 'p4']",
+        "MODEL.DISTILL.TEACHER_FEATURES", "['p3', 'p4']", "MODEL.DISTILL.FEATURE_WEIGHTS",
+        "[0.5, 0.5]", "MODEL.KD.LOSS_WEIGHT", "1.0"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    losses = _step(model, _mask_batch())
+    assert {"loss_mask", "loss_nst", "loss_kd"} <= set(losses)
+    assert losses["loss_nst"].item() > 0 and math.isfinite(losses["loss_mask"].item())
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)}])
+    assert out[0]["instances"].has("pred_masks")
