@@ -178,7 +178,7 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
     else:  # a published teacher: evaluate it (for the table) and use its weights as they are
         teacher_ckpt = configs.cls_teacher_weights
         stages.append(Stage("cls_teacher", "evaluate", teacher_dir, configs.cls_teacher,
-                            ["OUTPUT_DIR", teacher_dir, "MODEL.NST.LOSS_WEIGHT", "0",
+                            ["OUTPUT_DIR", teacher_dir, "MODEL.NST.LOSS_WEIGHT", "0.0",
                              "MODEL.CLASSIFIER.ARCH", "resnet50",
                              "MODEL.CLASSIFIER.WEIGHTS", teacher_ckpt],
                             meta={"role": "teacher", "stage": "cls"}))
