@@ -2,7 +2,12 @@
 
 Every number is read from the stage files of the runs just made (stage.json, metrics.json) or
 measured here (parameters, inference time, MMD between teacher and student features); the
-report names the file each number comes from.
+report names the file each number comes from. What was run (backbones, detectors, the feature
+levels NST pairs, the data sets) is read from each run's own config (its `config.yaml`, else the
+plan's config file and overrides), and the results table has a column for each detection metric
+the stage records hold (VOC: AP50, AP, AP75; COCO: AP, AP50, AP75, APs, APm, APl), so the same
+code describes a toy run and a paper-scale one. Measurements that need a run's weights and test
+images are skipped, saying so, when those files are not there.
 """
 
 from __future__ import annotations
@@ -30,6 +35,79 @@ from .report_methods import methods_section  # noqa: E402
 from .run import stage_result  # noqa: E402
 
 FIG_DIR = "figures"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# preferred column order of the detection metrics, by evaluator type; others follow sorted
+_METRIC_ORDER = {"pascal_voc": ("AP50", "AP", "AP75"),
+                 "coco": ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+_DETECTORS = {"GeneralizedRCNN": "Faster R-CNN", "DistillationRCNN": "Faster R-CNN",
+              "RetinaNet": "RetinaNet", "DistillationRetinaNet": "RetinaNet"}
+_CLASSIFIERS = {"inception_bn": "Inception-BN", "mobilenet_v3_large": "MobileNetV3-Large",
+                "mobilenet_v3_small": "MobileNetV3-Small"}
+
+
+def stage_config(stage: Stage):
+    """The config a stage ran with: its OUTPUT_DIR's config.yaml (written by the run), else
+    the plan's config file (relative to the repository) with the stage's overrides."""
+    written = os.path.join(stage.out_dir, "config.yaml")
+    if os.path.isfile(written):
+        return load_config(written)
+    config = stage.config if os.path.isabs(stage.config) else os.path.join(REPO, stage.config)
+    return load_config(config, stage.opts)
+
+
+def classifier_name(arch: str) -> str:
+    """'resnet18' -> 'R-18', 'inception_bn' -> 'Inception-BN', torchvision names as they are."""
+    arch = arch.split(":", 1)[-1]
+    if arch.startswith("resnet") and arch[6:].isdigit():
+        return f"R-{arch[6:]}"
+    return _CLASSIFIERS.get(arch, arch)
+
+
+def backbone_name(cfg) -> str:
+    """A detector's backbone in the paper's words, e.g. 'R-50' (from its config)."""
+    name = cfg.MODEL.BACKBONE.NAME
+    if "resnet" in name:
+        return f"R-{cfg.MODEL.RESNETS.DEPTH}"
+    if "inception" in name.lower():
+        return "Inception-BN"
+    return name
+
+
+def detector_name(cfg) -> str:
+    """e.g. 'Faster R-CNN, R-18 FPN backbone' (from the config)."""
+    arch = _DETECTORS.get(cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.META_ARCHITECTURE)
+    layout = "FPN" if "fpn" in cfg.MODEL.BACKBONE.NAME.lower() else "C4"
+    return f"{arch}, {backbone_name(cfg)} {layout} backbone"
+
+
+def _distillation(cfg) -> str:
+    """The transfer losses a config turns on, with their feature pairs, or ''."""
+    parts = []
+    pairs = ", ".join(f"{s}→{t}" for s, t in zip(cfg.MODEL.DISTILL.STUDENT_FEATURES,
+                                                  cfg.MODEL.DISTILL.TEACHER_FEATURES))
+    if cfg.MODEL.NST.LOSS_WEIGHT > 0:
+        parts.append(f"NST ({cfg.MODEL.NST.KERNEL} kernel, MODEL.NST.LOSS_WEIGHT "
+                     f"{cfg.MODEL.NST.LOSS_WEIGHT:g}) on student→teacher features {pairs}")
+    if cfg.MODEL.KD.LOSS_WEIGHT > 0:
+        parts.append(f"KD (weight {cfg.MODEL.KD.LOSS_WEIGHT:g}, T = "
+                     f"{cfg.MODEL.KD.TEMPERATURE:g})")
+    for name, weight in zip(cfg.MODEL.TRANSFER.NAMES, cfg.MODEL.TRANSFER.WEIGHTS):
+        if weight > 0:
+            parts.append(f"{name} (weight {weight:g}) on {pairs}")
+    return "; ".join(parts)
+
+
+def _sets(names) -> str:
+    return ", ".join(f"`{n}`" for n in names) or "none"
+
+
+def _evaluator(test_set: str) -> tuple[str, str]:
+    """(evaluator type, a label such as 'VOC2007 test') of a registered test set."""
+    meta = MetadataCatalog.get(test_set)
+    kind = meta.get("evaluator_type", "")
+    if kind == "pascal_voc":
+        return kind, f"VOC{meta.get('year', '')} metric"
+    return kind, f"{kind or 'detection'} metric"
 
 
 def _metrics_rows(run_dir: str) -> list[dict]:
@@ -84,44 +162,115 @@ class Report:
         os.makedirs(os.path.join(out_dir, FIG_DIR), exist_ok=True)
 
     def _find(self, **meta) -> list:
-        return [s for s in self.stages if s.kind == "train"
+        return [s for s in self.stages if s.kind in ("train", "evaluate")
                 and all(s.meta.get(k) == v for k, v in meta.items())]
+
+    def student_name(self, method: str = "plain") -> str:
+        """The pretrained student's classifier, e.g. 'R-18', from its classification config."""
+        runs = self._find(stage="cls", role="student", method=method)
+        return classifier_name(stage_config(runs[0]).MODEL.CLASSIFIER.ARCH) if runs else "?"
+
+    def measure(self, teacher: Stage, student: Stage) -> dict | str:
+        """Parameters and CPU time per image of the teacher and a student detector, or why they
+        cannot be measured here (a run's weights, config or test images are not there)."""
+        for stage in (teacher, student):
+            for name in ("model_final.pth", "config.yaml"):
+                if not os.path.isfile(os.path.join(stage.out_dir, name)):
+                    return f"{os.path.join(stage.out_dir, name)} is not there"
+        try:
+            t_cfg, t_model = _load_detector(teacher)
+            _, tensors = _test_images(t_cfg, self.timing_images)
+            _, s_model = _load_detector(student)
+        except OSError as e:  # e.g. the test images are on another machine
+            return f"{type(e).__name__}: {e}"
+        # timed in one run, alternating, so both see the same machine load
+        return {"params": {"teacher": sum(p.numel() for p in t_model.parameters()) / 1e6,
+                           "student": sum(p.numel() for p in s_model.parameters()) / 1e6},
+                "speed": {"teacher": _ms_per_image(t_model, tensors),
+                          "student": _ms_per_image(s_model, tensors)}}
 
     # ---------------------------------------------------------------- the table
     def table(self) -> tuple[str, dict]:
+        """The paper-layout table: one column per detection metric in the stage records."""
         det_teacher = self._find(stage="det", role="teacher")[0]
         cls_teacher = self._find(stage="cls", role="teacher")[0]
-        t_cfg, teacher = _load_detector(det_teacher)
-        _, tensors = _test_images(t_cfg, self.timing_images)
-        student_stage = self._find(stage="det", role="student")[0]
-        _, student = _load_detector(student_stage)
-        # timed in one run, alternating, so both see the same machine load
-        speed = {"teacher": _ms_per_image(teacher, tensors),
-                 "student": _ms_per_image(student, tensors)}
-        teacher_depth = t_cfg.MODEL.RESNETS.DEPTH
-        params = {"teacher": sum(p.numel() for p in teacher.parameters()) / 1e6,
-                  "student": sum(p.numel() for p in student.parameters()) / 1e6}
-        header = ("| Method (pretraining → detection) | top-1 of pretrained backbone (%) | "
-                  "VOC07 AP50 | AP | Params (M) | CPU ms/img |\n|---|---|---|---|---|---|\n")
-        rows = []
+        students = self._find(stage="det", role="student")
+        t_cfg = stage_config(det_teacher)
+        kind, _ = _evaluator(t_cfg.DATASETS.TEST[0])
+        bbox = {s.name: stage_result(s)["metrics"]["bbox"] for s in [det_teacher, *students]}
+        common = set.intersection(*({k for k in b if "-" not in k} for b in bbox.values()))
+        order = _METRIC_ORDER.get(kind, _METRIC_ORDER["coco"])
+        self.metrics = [k for k in order if k in common] + sorted(common - set(order))
+        measured = self.measure(det_teacher, students[0])
+        self.not_measured = measured if isinstance(measured, str) else ""
+        extra_cols = [] if self.not_measured else ["Params (M)", "CPU ms/img"]
+        cols = ["Method (pretraining → detection)", "top-1 of pretrained backbone (%)",
+                *self.metrics, *extra_cols]
+        header = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+
+        def extra(who):
+            if self.not_measured:
+                return ""
+            return (f" {measured['params'][who]:.1f} | {measured['speed'][who]:.0f} |")
+
         t_top1 = stage_result(cls_teacher)["metrics"]["classification"]["top1"]
-        t_det = stage_result(det_teacher)["metrics"]["bbox"]
-        rows.append(f"| Teacher R-{teacher_depth} | {t_top1:.1f} | {t_det['AP50']:.1f} | "
-                    f"{t_det['AP']:.1f} | {params['teacher']:.1f} | {speed['teacher']:.0f} |")
-        numbers = {"teacher": {"top1": t_top1, "AP50": t_det["AP50"], "AP": t_det["AP"]}}
+        t_det = bbox[det_teacher.name]
+        rows = [f"| Teacher {backbone_name(t_cfg)} | {t_top1:.1f} | "
+                + " | ".join(f"{t_det[k]:.1f}" for k in self.metrics) + " |" + extra("teacher")]
+        numbers = {"teacher": {"top1": t_top1, **{k: t_det[k] for k in self.metrics}}}
         for method, label in STUDENT_METHODS.items():
             top1 = [stage_result(s)["metrics"]["classification"]["top1"]
                     for s in self._find(stage="cls", role="student", method=method)]
             for det_nst in (False, True):
                 runs = self._find(stage="det", role="student", method=method, det_nst=det_nst)
-                ap50 = [stage_result(s)["metrics"]["bbox"]["AP50"] for s in runs]
-                ap = [stage_result(s)["metrics"]["bbox"]["AP"] for s in runs]
+                if not runs:
+                    continue
+                values = {k: [bbox[s.name][k] for s in runs] for k in self.metrics}
                 name = f"{label} → {'NST' if det_nst else 'fine-tune'}"
-                numbers[name] = {"top1": top1, "AP50": ap50, "AP": ap}
-                rows.append(f"| R-18 {name} | {_mean_std(top1)} | {_mean_std(ap50)} | "
-                            f"{_mean_std(ap)} | {params['student']:.1f} | "
-                            f"{speed['student']:.0f} |")
+                numbers[name] = {"top1": top1, **values}
+                rows.append(f"| {self.student_name(method)} {name} | {_mean_std(top1)} | "
+                            + " | ".join(_mean_std(values[k]) for k in self.metrics) + " |"
+                            + extra("student"))
         return header + "\n".join(rows) + "\n", numbers
+
+    def what_was_run(self) -> list[str]:
+        """One line per kind of run: network, data sets and transfer losses, from the configs."""
+        lines = []
+        cls_teacher = self._find(stage="cls", role="teacher")[0]
+        cfg = stage_config(cls_teacher)
+        how = "trained here" if cls_teacher.kind == "train" else \
+            f"published weights `{cfg.MODEL.CLASSIFIER.WEIGHTS}`, evaluated here"
+        lines.append(f"Classification teacher: {classifier_name(cfg.MODEL.CLASSIFIER.ARCH)} "
+                     f"({how}); train {_sets(cfg.DATASETS.TRAIN)}, top-1 on "
+                     f"{_sets(cfg.DATASETS.TEST)}.")
+        for method, label in STUDENT_METHODS.items():
+            runs = self._find(stage="cls", role="student", method=method)
+            if runs:
+                cfg = stage_config(runs[0])
+                losses = _distillation(cfg) or "cross-entropy only"
+                lines.append(f"Pretrained student \"{label}\": "
+                             f"{classifier_name(cfg.MODEL.CLASSIFIER.ARCH)}, {losses}; train "
+                             f"{_sets(cfg.DATASETS.TRAIN)}, top-1 on {_sets(cfg.DATASETS.TEST)}.")
+        cfg = stage_config(self._find(stage="det", role="teacher")[0])
+        lines.append(f"Teacher detector: {detector_name(cfg)}; train {_sets(cfg.DATASETS.TRAIN)}"
+                     f", test {_sets(cfg.DATASETS.TEST)} ({_evaluator(cfg.DATASETS.TEST[0])[1]}).")
+        for det_nst in (False, True):
+            runs = self._find(stage="det", role="student", det_nst=det_nst)
+            if runs:
+                cfg = stage_config(runs[0])
+                losses = _distillation(cfg) or "detection losses only (fine-tuning)"
+                lines.append(f"Student detectors {'with' if det_nst else 'without'} "
+                             f"detection-stage NST: {detector_name(cfg)}, {losses}; train "
+                             f"{_sets(cfg.DATASETS.TRAIN)}, test {_sets(cfg.DATASETS.TEST)}.")
+        return lines
+
+    def nst_feature(self) -> tuple[str, str] | None:
+        """The first (student, teacher) feature pair of the detection-stage NST runs."""
+        runs = self._find(stage="det", role="student", det_nst=True)
+        if not runs:
+            return None
+        cfg = stage_config(runs[0])
+        return cfg.MODEL.DISTILL.STUDENT_FEATURES[0], cfg.MODEL.DISTILL.TEACHER_FEATURES[0]
 
     # ---------------------------------------------------------------- pictures
     def curves(self) -> str:
@@ -141,7 +290,7 @@ class Report:
             axes[2].plot([r["iteration"] for r in ap], [r["bbox/AP50"] for r in ap], "o-",
                          label=stage.name)
         for ax, title in zip(axes, ("classification pretraining: loss",
-                                    "detection: total loss", "detection: VOC07 AP50")):
+                                    "detection: total loss", "detection: AP50")):
             ax.set_title(title)
             ax.set_xlabel("iteration")
             ax.legend(fontsize=6)
@@ -162,7 +311,7 @@ class Report:
                        [bbox.get(f"AP50-{c}", 0.0) for c in classes], width, label=stage.name)
             ax.set_xticks(np.arange(len(classes)) + 0.4, classes)
         ax.set_ylabel("AP50 (%)")
-        ax.set_title("per-class VOC07 AP50")
+        ax.set_title("per-class AP50")
         ax.legend(fontsize=6, ncol=3)
         return self._save(fig, "per_class_ap50.png")
 
@@ -190,15 +339,17 @@ class Report:
         fig.suptitle(f"{stage.name}: detections with score >= 0.5 ({', '.join(names)})")
         return self._save(fig, "detections.png")
 
-    def selectivity(self, feature: str = "p3", channels: int = 5, images: int = 8) -> tuple:
+    def selectivity(self, channels: int = 5, images: int = 8) -> tuple:
         """Teacher channels' normalised activation maps next to the best-matching student channel
         of the student detector without and with detection-stage NST (the paper's picture),
-        plus the MMD^2 (poly) between teacher and student features on `images` test images."""
+        plus the MMD^2 (poly) between teacher and student features on `images` test images, at
+        the first feature pair the NST runs' config names."""
         teacher_stage = self._find(stage="det", role="teacher")[0]
         plain = self._find(stage="det", role="student", det_nst=False)
         nst = self._find(stage="det", role="student", det_nst=True)
         if not plain or not nst:
             return "", {}
+        s_feature, t_feature = self.nst_feature()
         models = {}
         for key, stage in (("teacher", teacher_stage), ("without NST", plain[0]),
                            ("with NST", nst[0])):
@@ -208,13 +359,14 @@ class Report:
         feats = {}
         with torch.no_grad():
             for key, model in models.items():
+                feature = t_feature if key == "teacher" else s_feature
                 batch = model.preprocess_image([{"image": t} for t in tensors[:1]])
                 feats[key] = model.backbone(batch.tensor)[feature][0]
                 mmd = []
                 for t in tensors:
                     fs = model.backbone(model.preprocess_image([{"image": t}]).tensor)[feature]
                     ft = models["teacher"].backbone(
-                        models["teacher"].preprocess_image([{"image": t}]).tensor)[feature]
+                        models["teacher"].preprocess_image([{"image": t}]).tensor)[t_feature]
                     mmd.append(float(nst_loss(fs, ft, kernel="poly")))
                 feats[key + "_mmd"] = statistics.mean(mmd)
         t = feats["teacher"].flatten(1)
@@ -233,7 +385,8 @@ class Report:
                 title = f"teacher ch {int(ch)}" if key == "teacher" else f"ch {match}"
                 axes[row, col].set_title(title, fontsize=8)
             axes[row, 0].set_ylabel(key if key == "teacher" else f"student {key}")
-        fig.suptitle(f"neuron selectivity maps at {feature} (normalised channel activations)")
+        fig.suptitle(f"neuron selectivity maps: student {s_feature}, teacher {t_feature} "
+                     "(normalised channel activations)")
         mmd = {k: feats[k + "_mmd"] for k in ("without NST", "with NST")}
         return self._save(fig, "selectivity.png"), mmd
 
@@ -246,7 +399,7 @@ class Report:
 
 
 def _precision(stage: Stage) -> str:
-    cfg = load_config(os.path.join(stage.out_dir, "config.yaml"))
+    cfg = stage_config(stage)
     layout = ", channels_last" if cfg.NST_DET.CHANNELS_LAST else ""
     if not cfg.SOLVER.AMP.ENABLED:
         return f"float32{layout}"
@@ -255,66 +408,87 @@ def _precision(stage: Stage) -> str:
     return f"bfloat16 autocast on the CPU (SOLVER.AMP.ENABLED){layout}; evaluation in float32"
 
 
-def _verdict(numbers: dict, mmd: dict) -> list[str]:
-    """Plain statements about what the numbers do and do not show (computed, not hand-written)."""
+def _verdict(numbers: dict, mmd: dict, main: str, student: str, pair) -> list[str]:
+    """Plain statements about what the numbers do and do not show (computed, not hand-written).
+
+    `main`: the detection metric compared (the table's first, e.g. AP50 for VOC, AP for COCO);
+    `student`: the student's name (e.g. R-18); `pair`: the (student, teacher) features of MMD."""
     lines = []
-    base = numbers.get("Student → fine-tune", {}).get("AP50", [])
-    teacher = numbers["teacher"]["AP50"]
+    base = numbers.get("Student → fine-tune", {}).get(main, [])
+    teacher = numbers["teacher"][main]
     if base:
         gap = teacher - statistics.mean(base)
-        lines.append(f"Capacity gap: the teacher detector's AP50 is {teacher:.1f}, the plain "
-                     f"R-18 student's {statistics.mean(base):.1f} ({gap:+.1f}); "
+        lines.append(f"Capacity gap: the teacher detector's {main} is {teacher:.1f}, the plain "
+                     f"{student} student's {statistics.mean(base):.1f} ({gap:+.1f}); "
                      + ("there is something to transfer." if gap > 1 else
-                        "the toy world is too easy for a teacher to help at this scale."))
+                        "the task is too easy for a teacher to help at this scale."))
         if statistics.mean(base) < 0.25 * teacher:
-            lines.append("The plain student is far from converged at this schedule (under a "
-                         "quarter of the teacher's AP50): the differences below say how much "
+            lines.append(f"The plain student is far from converged at this schedule (under a "
+                         f"quarter of the teacher's {main}): the differences below say how much "
                          "faster each method learns in a short fine-tuning, not where longer "
                          "training would end.")
     spread = statistics.stdev(base) if len(base) > 1 else None
     for name, values in numbers.items():
-        if name in ("teacher", "Student → fine-tune") or not values["AP50"] or not base:
+        if name in ("teacher", "Student → fine-tune") or not values[main] or not base:
             continue
-        diff = statistics.mean(values["AP50"]) - statistics.mean(base)
+        diff = statistics.mean(values[main]) - statistics.mean(base)
         if spread is None:
             judged = "one seed only: no spread to judge it against"
         elif abs(diff) <= 2 * spread:
             judged = f"within twice the seed spread ({spread:.1f}): not a measurable effect here"
         else:
             judged = f"beyond twice the seed spread ({spread:.1f})"
-        lines.append(f"{name}: AP50 {diff:+.1f} against the plain student ({judged}).")
+        lines.append(f"{name}: {main} {diff:+.1f} against the plain student ({judged}).")
     if mmd:
-        lines.append(f"MMD² (poly) between student and teacher p3 features on test images: "
-                     f"{mmd['without NST']:.4f} without detection-stage NST, "
+        lines.append(f"MMD² (poly) between student {pair[0]} and teacher {pair[1]} features on "
+                     f"test images: {mmd['without NST']:.4f} without detection-stage NST, "
                      f"{mmd['with NST']:.4f} with it (NST minimises exactly this).")
     return lines
 
 
 def write_report(stages: list, out_dir: str) -> dict:
-    """Write out_dir/report.md (+ figures/) and return the table's numbers."""
+    """Write out_dir/report.md (+ figures/) and return the table's numbers.
+
+    Figures that need weights and test images (detections, selectivity) are left out, saying
+    why, when those files are not there (e.g. a report written on another machine)."""
     report = Report(stages, out_dir)
     table, numbers = report.table()
+    main = report.metrics[0]
     figures = [("Loss and AP curves", report.curves()),
                ("Per-class AP50", report.per_class_ap())]
     students = report._find(stage="det", role="student")
-    best = max(students, key=lambda s: stage_result(s)["metrics"]["bbox"]["AP50"])
-    figures.append((f"Detections of the best student ({best.name})", report.detections(best)))
-    selectivity, mmd = report.selectivity()
-    if selectivity:
-        figures.append(("Neuron selectivity: teacher vs student channels, before and after NST",
-                        selectivity))
+    best = max(students, key=lambda s: stage_result(s)["metrics"]["bbox"][main])
+    mmd = {}
+    if report.not_measured:
+        skipped = [f"Parameters, speed, detections and selectivity maps were not measured: "
+                   f"{report.not_measured}.", ""]
+    else:
+        skipped = []
+        figures.append((f"Detections of the best student ({best.name})", report.detections(best)))
+        selectivity, mmd = report.selectivity()
+        if selectivity:
+            figures.append(("Neuron selectivity: teacher vs student channels, before and after "
+                            "NST", selectivity))
     seeds = sorted({s.meta.get("seed") for s in students})
+    cls_test = stage_config(report._find(stage="cls", role="teacher")[0]).DATASETS.TEST
+    det_test = stage_config(students[0]).DATASETS.TEST
+    measured = "" if report.not_measured else \
+        " CPU ms/img: median eager inference at the test size, teacher and student timed in " \
+        "the same run."
     lines = [
         "# nst_det reproduction report", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the runs in `{out_dir}`. Every number "
         "below was read from those runs' `stage.json` / `metrics.json` files or measured while "
         "writing this report (parameters, CPU time per image, MMD).", "",
+        "## What was run", "", *[f"- {line}" for line in report.what_was_run()], "",
         "## Results (the paper's detection-table layout)", "", table,
         f"Training precision: {_precision(students[0])}. "
         f"Student rows: mean ± standard deviation over seeds {seeds}. Top-1 is the pretrained "
-        "classification backbone's, on the toy classification val split. CPU ms/img: median "
-        "eager inference at the test size, teacher and student timed in the same run.", "",
-        "## What the numbers show", "", *[f"- {line}" for line in _verdict(numbers, mmd)], "",
+        f"classification backbone's, on {_sets(cls_test)}; detection metrics ("
+        f"{', '.join(report.metrics)}) on {_sets(det_test)}.{measured}", "", *skipped,
+        "## What the numbers show", "",
+        *[f"- {line}" for line in _verdict(numbers, mmd, main, report.student_name(),
+                                           report.nst_feature())], "",
     ]
     method_lines, method_numbers = methods_section(report.stages, out_dir, FIG_DIR)  # --methods
     lines += method_lines

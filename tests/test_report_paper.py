@@ -1,0 +1,97 @@
+"""The report describes what was run, from the runs' configs and records: rendered here from a
+paper-scale plan's stage records (fabricated stage.json files: no ImageNet, VOC or GPU needed)."""
+
+import json
+import re
+import statistics
+
+import pytest
+
+from nst_det.pipeline.plan import PAPER_CONFIGS, TOY_SCALES, build_plan
+
+VOC_KEYS = {"AP": 40.0, "AP50": 70.0, "AP75": 45.0}
+COCO_KEYS = {"AP": 30.0, "AP50": 50.0, "AP75": 32.0, "APs": 15.0, "APm": 33.0, "APl": 41.0}
+
+
+def _fabricate(root, det_keys):
+    """A paper plan whose training/evaluation stages all hold a stage.json (numbers made up,
+    distinct per stage); returns (stages, records by stage name)."""
+    stages = build_plan(str(root), TOY_SCALES["paper"], PAPER_CONFIGS)
+    records = {}
+    for i, stage in enumerate(s for s in stages if s.kind in ("train", "evaluate")):
+        if stage.meta["stage"] == "cls":
+            metrics = {"classification": {"top1": 60.0 + i, "top5": 85.0 + i / 10}}
+        else:
+            bbox = {k: v + i / 4 for k, v in det_keys.items()}
+            bbox.update({"AP50-aeroplane": 60.0 + i, "AP50-bicycle": 70.0 - i})
+            metrics = {"bbox": bbox}
+        record = {"kind": stage.kind, "seconds": 100.0 * (i + 1), "meta": stage.meta,
+                  "metrics": metrics}
+        (root / stage.name).mkdir(parents=True, exist_ok=True)
+        (root / stage.name / "stage.json").write_text(json.dumps(record))
+        records[stage.name] = record
+    return stages, records
+
+
+def _table(report: str) -> list[list[str]]:
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Method"))
+    rows = []
+    for line in lines[start:]:
+        if line.startswith("| stage"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_paper_scale_report_names_what_ran_and_nothing_toy(tmp_path):
+    from nst_det.pipeline.report import write_report
+
+    stages, records = _fabricate(tmp_path, VOC_KEYS)
+    write_report(stages, str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+
+    assert "toy" not in report.lower()
+    run = report.split("## What was run", 1)[1].split("## Results", 1)[0]
+    # networks, data sets and feature levels, as the paper configs set them
+    assert "Classification teacher: R-50 (published weights `https://download.pytorch.org/" \
+        "models/resnet50-0676ba61.pth`, evaluated here)" in run
+    assert "train `imagenet_train`, top-1 on `imagenet_val`" in run
+    assert 'Pretrained student "NST": R-18, NST (poly kernel, MODEL.NST.LOSS_WEIGHT 25) on ' \
+        "student→teacher features res5→res5" in run
+    assert "Teacher detector: Faster R-CNN, R-50 FPN backbone; train `voc_2007_trainval`, test " \
+        "`voc_2007_test` (VOC2007 metric)" in run
+    assert "with detection-stage NST: Faster R-CNN, R-18 FPN backbone, NST (poly kernel, " \
+        "MODEL.NST.LOSS_WEIGHT 25) on student→teacher features p2→p2, p3→p3, p4→p4, p5→p5, " \
+        "p6→p6" in run
+
+    rows = _table(report)
+    # VOC's metrics, AP50 first (the paper's); no measured columns without weights
+    assert rows[0] == ["Method (pretraining → detection)", "top-1 of pretrained backbone (%)",
+                       "AP50", "AP", "AP75"]
+    assert [r[0] for r in rows[1:]] == [
+        "Teacher R-50", "R-18 Student → fine-tune", "R-18 Student → NST",
+        "R-18 NST → fine-tune", "R-18 NST → NST", "R-18 KD+NST → fine-tune",
+        "R-18 KD+NST → NST"]
+    teacher = records["det_teacher"]["metrics"]["bbox"]
+    assert rows[1][1:] == [f"{records['cls_teacher']['metrics']['classification']['top1']:.1f}",
+                           f"{teacher['AP50']:.1f}", f"{teacher['AP']:.1f}",
+                           f"{teacher['AP75']:.1f}"]
+    ap75 = [records[f"det_nst_detnst_s{seed}"]["metrics"]["bbox"]["AP75"] for seed in (0, 1, 2)]
+    expected = f"{statistics.mean(ap75):.1f} ± {statistics.stdev(ap75):.1f}"
+    assert rows[5][4] == expected
+    assert "over seeds [0, 1, 2]" in report
+    assert re.search(r"not measured: \S+det_teacher/model_final\.pth is not there", report)
+    assert "detection metrics (AP50, AP, AP75) on `voc_2007_test`" in report
+
+
+@pytest.mark.parametrize("keys", [COCO_KEYS, {"AP50": 60.0, "AP": 30.0}], ids=["coco", "ap50"])
+def test_table_has_a_column_for_each_metric_the_records_hold(tmp_path, keys):
+    from nst_det.pipeline.report import write_report
+
+    stages, records = _fabricate(tmp_path, keys)
+    write_report(stages, str(tmp_path))
+    header = _table((tmp_path / "report.md").read_text())[0]
+    # the paper's VOC order first, then the rest; never a per-class key
+    order = ["AP50", "AP", "AP75", *sorted(set(keys) - {"AP50", "AP", "AP75"})]
+    assert header[2:] == [k for k in order if k in keys]
