@@ -4,11 +4,18 @@
     tools/run_pipeline.py                          # toy data, this CPU
     tools/run_pipeline.py --scale ci               # a few iterations per stage (tests)
     tools/run_pipeline.py --paper --num-gpus 8     # ImageNet + VOC2007 under $DETECTRON2_DATASETS
+    tools/run_pipeline.py --paper --cluster slurm --slurm-gpus 8 --slurm-partition learnfair
+    tools/run_pipeline.py --paper --cluster slurm --status   # each stage: state, job id, log
 
 Stages: classification teacher -> students (plain, NST, KD+NST) -> conversion to detectron2
 backbones -> teacher detector -> student detectors from each pretrained student, without and with
 detection-stage NST -> VOC07 evaluation -> export of the best student -> report.md. Finished
 stages are skipped when the command is run again (same --output), so it can be resumed.
+
+Each stage is a submitit job: on this machine (`--cluster local`, at most --jobs training stages
+at a time) or on SLURM (`--cluster slurm`: the whole plan submitted at once, each stage `afterok`
+the stages it reads; settings from --slurm-* options or a --slurm-config YAML file with the same
+keys, e.g. `{partition: learnfair, time: {cls: 4320, det: 720}, gpus: 8, sbatch: {qos: high}}`).
 """
 
 import os
@@ -35,6 +42,7 @@ from nst_det.pipeline.calibrate import calibrate_stage  # noqa: E402
 from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  # noqa: E402
 from nst_det.pipeline.plan import TOY_PLANS  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
+from nst_det.pipeline.run import ClusterSettings  # noqa: E402
 from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
 
 
@@ -57,9 +65,33 @@ def parse_args(argv=None):
                              f"calibrated (nst_det/pipeline/methods.py); any of "
                              f"{','.join(METHODS)}")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="training stages run side by side, each in its own process with "
+                        help="--cluster local: training stages run side by side, each a job with "
                              "cpu_count/jobs threads (default: 2 for toy runs on a CPU with 2+ "
-                             "cores, else 1: one stage at a time, launched with --num-gpus)")
+                             "cores, else 1: one stage at a time with --num-gpus processes)")
+    parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
+                        help="run the stages as submitit jobs on this machine or on SLURM")
+    parser.add_argument("--status", action="store_true",
+                        help="list every stage (pending/queued/running/done/failed, job id, "
+                             "log) and exit")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="--cluster slurm: submit the plan and exit (follow with --status)")
+    slurm = parser.add_argument_group(
+        "SLURM", "per stage kind as KIND=VALUE,... (kinds: cls, det = training/evaluation "
+                 "stages; other = conversion, export, report) or one VALUE for all")
+    slurm.add_argument("--slurm-config", default=None,
+                       help="YAML file with keys partition, account, time, gpus, tasks, nodes, "
+                            "cpus, sbatch (command-line options win)")
+    slurm.add_argument("--slurm-partition", default=None)
+    slurm.add_argument("--slurm-account", default=None)
+    slurm.add_argument("--slurm-time", default=None, help="time limit in minutes")
+    slurm.add_argument("--slurm-gpus", default=None, help="GPUs per node (one task per GPU)")
+    slurm.add_argument("--slurm-tasks", default=None,
+                       help="processes per node (default: the GPUs, or 1; >1 without GPUs: "
+                            "gloo on CPUs)")
+    slurm.add_argument("--slurm-nodes", default=None, help="nodes per stage")
+    slurm.add_argument("--slurm-cpus", default=None, help="CPUs per task (= torch threads)")
+    slurm.add_argument("--slurm-sbatch", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra sbatch option, e.g. qos=high (repeatable)")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="SOLVER.AMP.ENABLED for every training stage; auto: on, with "
                              "NST_DET.CHANNELS_LAST, for toy runs on a CPU with native bfloat16 "
@@ -72,7 +104,50 @@ def parse_args(argv=None):
     if args.jobs > 1 and (args.num_gpus > 1 or args.num_machines > 1):
         parser.error("--jobs > 1 runs single-process stages side by side: use it without "
                      "--num-gpus/--num-machines (those launch one stage at a time)")
+    if args.cluster == "local" and args.num_machines > 1:
+        parser.error("--num-machines > 1 needs --cluster slurm (--slurm-nodes)")
     return args
+
+
+def _per_kind(value) -> dict:
+    """`8`, `cls=8,det=4` or a YAML mapping -> {kind: int}; kind "default" for a plain value."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {k: int(v) for k, v in value.items()}
+    if "=" not in str(value):
+        return {"default": int(value)}
+    return {k.strip(): int(v) for k, v in (p.split("=", 1) for p in str(value).split(","))}
+
+
+def cluster_settings(args) -> ClusterSettings:
+    """ClusterSettings from --slurm-config and the --slurm-* / --num-gpus options."""
+    conf = {}
+    if args.slurm_config:
+        import yaml
+
+        with open(args.slurm_config) as f:
+            conf = yaml.safe_load(f) or {}
+    pick = {name: getattr(args, f"slurm_{name}") or conf.get(name)
+            for name in ("time", "gpus", "tasks", "nodes", "cpus")}
+    tasks = _per_kind(pick["tasks"])
+    if args.num_gpus > 1:  # detectron2's flag: processes (GPUs) per training stage
+        tasks = {"default": args.num_gpus, **tasks}
+    gpus = _per_kind(pick["gpus"])
+    if args.cluster == "local" and args.num_gpus > 1 and not gpus:
+        import torch
+
+        gpus = {"default": args.num_gpus} if torch.cuda.is_available() else {}
+    nodes = _per_kind(pick["nodes"])
+    if args.num_machines > 1:
+        nodes = {"default": args.num_machines, **nodes}
+    sbatch = dict(conf.get("sbatch") or {})
+    sbatch.update(item.split("=", 1) for item in args.slurm_sbatch)
+    return ClusterSettings(
+        cluster=args.cluster, jobs=args.jobs, tasks=tasks, gpus=gpus, nodes=nodes,
+        time_min=_per_kind(pick["time"]), cpus=_per_kind(pick["cpus"]),
+        partition=args.slurm_partition or conf.get("partition"),
+        account=args.slurm_account or conf.get("account"), sbatch=sbatch)
 
 
 def amp_opts(choice: str, paper: bool) -> list:
@@ -102,9 +177,14 @@ def main(argv=None):
         "export": lambda stage: export_stage(stage, stages),
         "report": lambda stage: write_report(stages, stage.out_dir),
     }
+    runner = PipelineRunner(stages, handlers, cluster_settings(args))
+    if args.status:
+        print(runner.status())
+        return 0
     os.makedirs(args.output, exist_ok=True)
-    PipelineRunner(stages, args, handlers, jobs=args.jobs).run()
-    print(f"report: {os.path.join(args.output, 'report.md')}")
+    runner.run(wait=not args.no_wait)
+    if not args.no_wait:
+        print(f"report: {os.path.join(args.output, 'report.md')}")
     return 0
 
 

@@ -1,46 +1,85 @@
-"""Run a pipeline plan: each stage once, skipping finished ones, with progress and an ETA.
+"""Run a pipeline plan as submitit jobs, on this machine or on SLURM, skipping finished stages.
 
-A stage is finished when its folder holds `stage.json` (written atomically at its end, with its
-metrics and wall-clock time), so an interrupted pipeline resumes at the first unfinished stage,
-and a training stage itself resumes from its last checkpoint. detectron2's own log of a stage
-goes to `<stage>/log.txt`; the console shows one progress line per ~10% of a stage.
+Every unfinished stage becomes one submitit job (`worker.StageJob`). On SLURM the whole plan is
+submitted at once: a stage depends (`afterok`) on the unfinished stages it reads, so SLURM runs
+independent stages side by side and cancels the dependents of a stage that failed
+(`--kill-on-invalid-dep=yes`). With the local executor (a workstation, `make demo`) a stage is
+submitted when the stages it reads have finished, at most `jobs` training stages at a time.
+
+A stage is finished when its folder holds `stage.json` (written atomically by its job), so a
+rerun resubmits only what is not finished (and reuses SLURM jobs still queued or running), and
+a training stage resumes from its last checkpoint. The runner is the only process that prints:
+one line per stage start and end, ~10 progress lines per training stage (read from the
+stage's `progress.json`), each with the one pipeline ETA. `status()` lists every stage as
+pending / queued / running / done / failed with its job id and log.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
+import shutil
 import subprocess
-import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from detectron2.engine import HookBase, launch
-from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
+import submitit
 
-from ..config import load_config
-from ..engine import TRAINER_REGISTRY
 from ..utils.atomic import atomic_write
-from ..utils.dist import release_process_group
 from .plan import Stage
+from .worker import (
+    PROGRESS_FILE,
+    STAGE_FILE,
+    SUMMARY_KINDS,
+    StageJob,
+    stage_paths,
+    stage_result,
+    sweep_temp_files,
+)
 
-STAGE_FILE = "stage.json"
-# prior seconds per iteration on a 2-core CPU, per stage kind; replaced by measurements as the
-# pipeline runs (used only for the ETA)
+__all__ = ["STAGE_FILE", "ClusterSettings", "PipelineRunner", "stage_result"]
+
+JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
+# prior seconds per iteration on a 2-core CPU, per stage kind, and fixed seconds per stage;
+# replaced by the stages' measured pace as the pipeline runs (used only for the ETA)
 _PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
-_PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 3.0, "export": 40.0,
+_PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 5.0, "export": 40.0,
                     "report": 30.0, "calibrate": 60.0}
+_HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
+# squeue states -> this runner's words
+_SLURM_ACTIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
+                 "REQUEUE_FED": "queued", "SUSPENDED": "queued", "RESV_DEL_HOLD": "queued",
+                 "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
+                 "RESIZING": "running", "STAGE_OUT": "running", "SIGNALING": "running"}
 
 
-def stage_result(stage: Stage) -> dict | None:
-    """The stage's stage.json, or None when it has not finished."""
-    path = os.path.join(stage.out_dir, STAGE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+@dataclass
+class ClusterSettings:
+    """Where the stages run and with what, per stage kind ("cls", "det": training/evaluation
+    stages of that task; "other": conversion, export, report).
+
+    cluster: "local" (submitit's local executor) or "slurm".
+    jobs: local only: training stages side by side.
+    tasks / gpus / nodes / time_min / cpus: per kind, `{"cls": 8, ...}`, a missing kind
+        falling back to "default". tasks: processes per node (one per GPU; default = gpus or 1).
+    partition, account: SLURM's; sbatch: extra `#SBATCH --key=value` options.
+    """
+
+    cluster: str = "local"
+    jobs: int = 1
+    tasks: dict = field(default_factory=dict)
+    gpus: dict = field(default_factory=dict)
+    nodes: dict = field(default_factory=dict)
+    time_min: dict = field(default_factory=dict)
+    cpus: dict = field(default_factory=dict)
+    partition: str | None = None
+    account: str | None = None
+    sbatch: dict = field(default_factory=dict)
+
+    def get(self, name: str, kind: str, default):
+        values = getattr(self, name)
+        return values.get(kind, values.get("default", default))
 
 
 def _fmt(seconds: float) -> str:
@@ -48,253 +87,420 @@ def _fmt(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _route_logs(log_file: str) -> None:
-    """Send detectron2/fvcore/nst_det logging of this stage to its own file, not the console."""
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s]: %(message)s"))
-    for name in ("detectron2", "fvcore", "nst_det", "d2"):
-        logger = logging.getLogger(name)
-        for old in list(logger.handlers):
-            logger.removeHandler(old)
-            old.close()
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+def _kind(stage: Stage) -> str:
+    return stage.meta.get("stage", "other") if stage.kind in _HEAVY else "other"
 
 
-class _Progress(HookBase):
-    """Print `iter i/N (x%) s/it | stage ETA | pipeline ETA` about ten times per stage.
-
-    `later` = (seconds of later training stages at `rate` s/it, seconds of other later stages,
-    rate): later training is rescaled by how fast this stage actually runs.
-    """
-
-    def __init__(self, label: str, later: tuple):
-        self._label, self._later = label, later
-        self._start = None
-
-    def _later_seconds(self, per_iter: float) -> float:
-        train, other, rate = self._later
-        return train * per_iter / rate + other
-
-    def before_train(self):
-        self._start, self._first = time.perf_counter(), self.trainer.iter
-
-    def after_step(self):
-        done = self.trainer.iter + 1
-        total = self.trainer.max_iter
-        if comm.is_main_process() and (done % max(1, total // 10) == 0 or done == total):
-            per_iter = (time.perf_counter() - self._start) / max(1, done - self._first)
-            left = per_iter * (total - done)
-            print(f"    {self._label}: iter {done}/{total} ({100 * done // total}%) "
-                  f"{per_iter:.2f} s/it | stage ETA {_fmt(left)} | pipeline ETA "
-                  f"{_fmt(left + self._later_seconds(per_iter))}", flush=True)
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # absent, or being replaced right now
+        return None
 
 
-def _train_worker(stage_dict: dict, progress_label: str, later: tuple) -> None:
-    """Train + evaluate one stage (run under detectron2's launch, once per process)."""
-    stage = Stage(**stage_dict)
-    cfg = load_config(stage.config, stage.opts)
-    cfg.freeze()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    _route_logs(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt"))
-    if comm.is_main_process():
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-    trainer = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)(cfg)
-    trainer.register_hooks([_Progress(progress_label, later)])
-    trainer.resume_or_load(resume=True)
-    trainer.train()
-    # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS; EvalHook keeps them
-    results = getattr(trainer, "_last_eval_results", None) or {}
-    if comm.is_main_process():
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    release_process_group()
-
-
-def _evaluate_worker(stage_dict: dict) -> None:
-    """Evaluate one stage's model as its config builds it (run under detectron2's launch)."""
-    stage = Stage(**stage_dict)
-    cfg = load_config(stage.config, stage.opts)
-    cfg.freeze()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    _route_logs(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt"))
-    trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
-    results = trainer_cls.test(cfg, trainer_cls.build_model(cfg)) or {}
-    if comm.is_main_process():
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-    release_process_group()
-
-
-SUMMARY_KINDS = ("export", "report")  # stages that summarise every training run
-
-
-def spawn_train_worker(stage: Stage, label: str, later: tuple, threads: int):
-    """Start `nst_det.pipeline.worker` for one training stage; returns the Popen handle."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    payload = json.dumps({"stage": vars(stage), "label": label, "later": list(later),
-                          "threads": threads})
-    # the upstream deprecation notices tools/run_pipeline.py silences; given as -W options
-    # because they are raised while the package imports, before the worker's own code runs
-    quiet = ["-W", "ignore:`torch.jit.script` is deprecated", "-W", "ignore:torch.meshgrid"]
-    return subprocess.Popen([sys.executable, *quiet, "-m", "nst_det.pipeline.worker", payload],
-                            env=env)
+def _squeue(job_ids) -> dict:
+    """job id -> (state, reason) for SLURM jobs slurmctld still knows."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%r",
+                          "-j", ",".join(sorted(job_ids))], capture_output=True, text=True)
+    states = {}
+    for line in out.stdout.splitlines():
+        job_id, state, reason = (line.split("|") + ["", ""])[:3]
+        states[job_id.strip()] = (state.strip(), reason.strip())
+    return states
 
 
 class PipelineRunner:
-    """Runs each stage of a plan once, in dependency order (`Stage.after`), skipping done ones.
+    """Runs each unfinished stage of a plan once as a submitit job, in dependency order.
 
-    jobs == 1: one stage at a time, training in this process through detectron2's launch, so
-    --num-gpus / --num-machines apply (paper scale). jobs > 1 (CPU toy runs): up to `jobs`
-    training stages at once, each in its own process with cpu_count // jobs threads: a toy
-    detector's step keeps only ~1.3 of 2 cores busy (python-side RPN/RoI work), so two
-    single-thread runs side by side finish sooner than the same two runs one after the other.
-    Conversion, export and report run in this process. `handlers` maps a non-training stage kind
-    to a function(stage) -> metrics dict; `spawn` starts a training stage's process (tests
-    replace it).
+    Args:
+        stages: the plan (`Stage.after` names the stages whose outputs a stage reads).
+        handlers: stage kind -> function(stage) -> metrics, for the non-training kinds
+            (pickled into the job: module-level functions or closures over plain data).
+        settings: `ClusterSettings`.
     """
 
-    def __init__(self, stages: list, launch_args: argparse.Namespace, handlers: dict,
-                 jobs: int = 1, spawn=spawn_train_worker):
-        self.stages, self.launch_args, self.handlers = stages, launch_args, handlers
-        self.jobs, self._spawn = max(1, jobs), spawn
-        self._threads = max(1, (os.cpu_count() or 1) // self.jobs)
-        self._rate = dict(_PRIOR_SEC_PER_ITER)  # measured seconds per iteration, per stage kind
+    def __init__(self, stages: list, handlers: dict, settings: ClusterSettings | None = None):
+        self.stages, self.handlers = stages, handlers
+        self.settings = settings or ClusterSettings()
+        self.slurm = self.settings.cluster == "slurm"
+        self.jobs = max(1, self.settings.jobs)
+        self._by_name = {s.name: s for s in stages}
+        self._rate = dict(_PRIOR_SEC_PER_ITER)
         # what export / report were built from: when the plan has grown (e.g. more seeds), they
         # are redone even if an earlier, smaller run finished them
-        self._trained = sorted(s.name for s in stages if s.kind in ("train", "evaluate"))
-        names = {s.name for s in stages}
-        unknown = {s.name: [d for d in s.after if d not in names] for s in stages}
+        self._trained = sorted(s.name for s in stages if s.kind in _HEAVY)
+        unknown = {s.name: [d for d in s.after if d not in self._by_name] for s in stages}
         unknown = {k: v for k, v in unknown.items() if v}
         if unknown:
             raise ValueError(f"stages wait for stages that are not in the plan: {unknown}")
+        self._labels = {s.name: f"[{i + 1}/{len(stages)} {s.name}]"
+                        for i, s in enumerate(stages)}
 
+    # ---- what a stage is -------------------------------------------------------------------
     def _done(self, stage: Stage) -> bool:
         result = stage_result(stage)
         if result is None:
             return False
         return stage.kind not in SUMMARY_KINDS or result.get("built_from") == self._trained
 
+    @staticmethod
+    def _job_folder(stage: Stage) -> str:
+        return os.path.join(stage.out_dir, "submitit")
+
+    def _record(self, stage: Stage) -> dict | None:
+        return _read_json(os.path.join(self._job_folder(stage), JOB_FILE))
+
+    def _logs(self, stage: Stage, job_id: str) -> str:
+        return (f"{stage_paths(self._job_folder(stage), job_id)['stderr']} and "
+                f"{os.path.join(stage.out_dir, 'log.rank0.txt')}")
+
+    # ---- submission ---------------------------------------------------------------------------
+    def _executor(self, stage: Stage, after_ids=()):
+        """A submitit executor for one stage, with its resources (and SLURM dependencies)."""
+        s, kind = self.settings, _kind(stage)
+        gpus = s.get("gpus", kind, 0)
+        tasks = s.get("tasks", kind, gpus or 1) if kind != "other" else 1
+        folder = self._job_folder(stage)
+        name = f"nst_det:{stage.name}"
+        if not self.slurm:
+            cpus = max(1, (os.cpu_count() or 1) // self.jobs) if stage.kind in _HEAVY else 1
+            executor = submitit.LocalExecutor(folder)
+            # a long limit: submitit's local default (2 min) would signal a time-out
+            executor.update_parameters(
+                timeout_min=s.get("time_min", kind, 60 * 24 * 30), tasks_per_node=tasks,
+                gpus_per_node=gpus, name=name)
+            return executor, cpus
+        cpus = s.get("cpus", kind, None)
+        extra = {"kill-on-invalid-dep": "yes", **s.sbatch}
+        if after_ids:
+            extra["dependency"] = "afterok:" + ":".join(after_ids)
+        executor = submitit.SlurmExecutor(folder)
+        executor.update_parameters(
+            job_name=name, time=s.get("time_min", kind, 60 * 24), nodes=s.get("nodes", kind, 1),
+            ntasks_per_node=tasks, gpus_per_node=gpus or None, cpus_per_task=cpus,
+            partition=s.partition, account=s.account, additional_parameters=extra,
+            setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
+        return executor, cpus or 0
+
+    def _submit(self, stage: Stage, after_ids=()):
+        executor, threads = self._executor(stage, after_ids)
+        others = [s.out_dir for s in self.stages if s is not stage]
+        # a local job's processes take their environment from this one at submission (submitit's
+        # `setup` would put a shell between the runner and the job, which Ctrl-C would not stop)
+        threads_env = {} if self.slurm else {"OMP_NUM_THREADS": str(threads),
+                                             "MKL_NUM_THREADS": str(threads)}
+        with _environ(**threads_env):
+            job = executor.submit(StageJob(stage, self.handlers.get(stage.kind),
+                                           self._trained if stage.kind in SUMMARY_KINDS else None,
+                                           threads=threads, others=others))
+        with atomic_write(os.path.join(self._job_folder(stage), JOB_FILE), "w") as f:
+            json.dump({"cluster": self.settings.cluster, "job_id": str(job.job_id),
+                       "submitted": time.time()}, f)
+        return job
+
+    # ---- state ------------------------------------------------------------------------------
+    def _local_alive(self, record: dict) -> bool:
+        try:
+            os.kill(int(record["job_id"]), 0)  # a local job id is its controller's pid
+        except (OSError, ValueError):
+            return False
+        cmdline = _read_cmdline(int(record["job_id"]))
+        return "submitit" in cmdline
+
+    def states(self) -> dict:
+        """name -> (state, job id or "", logs); state: pending/queued/running/done/failed."""
+        records = {s.name: self._record(s) for s in self.stages}
+        slurm_ids = [r["job_id"] for r in records.values() if r and r["cluster"] == "slurm"]
+        squeue = _squeue(slurm_ids) if slurm_ids and shutil.which("squeue") else {}
+        out = {}
+        for stage in self.stages:
+            record = records[stage.name]
+            job_id = record["job_id"] if record else ""
+            log = self._logs(stage, job_id) if record else ""
+            if self._done(stage):
+                state = "done"
+            elif record is None:
+                state = "pending"
+            elif record["cluster"] == "slurm":
+                slurm_state, reason = squeue.get(job_id, ("", ""))
+                state = _SLURM_ACTIVE.get(slurm_state, "failed")
+                if reason == "DependencyNeverSatisfied":  # an input failed: it never ran
+                    state = "pending"
+            else:
+                state = "running" if self._local_alive(record) else "failed"
+            out[stage.name] = (state, job_id, log)
+        return out
+
+    def status(self) -> str:
+        """A table: each stage's state, job id and log (for `run_pipeline.py --status`)."""
+        states = self.states()
+        width = max(len(n) for n in states)
+        lines = [f"{'stage':<{width}}  {'state':<8} {'job':<10} log"]
+        for name, (state, job_id, log) in states.items():
+            lines.append(f"{name:<{width}}  {state:<8} {job_id:<10} {log}")
+        return "\n".join(lines)
+
+    # ---- ETA --------------------------------------------------------------------------------
     def _estimate(self, stage: Stage) -> float:
         if stage.kind == "train":
             return stage.iters * self._rate[stage.meta["stage"]] + _PRIOR_SEC_FIXED["train"]
         return _PRIOR_SEC_FIXED[stage.kind]
 
-    def _critical_path(self, stage: Stage) -> float:
+    def _critical_path(self, stage: Stage, memo: dict) -> float:
         """Estimated seconds of the longest chain of stages from `stage` to the end."""
-        later = [s for s in self.stages if stage.name in s.after]
-        return self._estimate(stage) + max(map(self._critical_path, later), default=0.0)
+        if stage.name not in memo:
+            later = [s for s in self.stages if stage.name in s.after]
+            memo[stage.name] = self._estimate(stage) + max(
+                (self._critical_path(s, memo) for s in later), default=0.0)
+        return memo[stage.name]
 
-    def _remaining(self, pending: list) -> float:
-        """Estimated seconds for the pending stages, training shared among the jobs."""
-        train = sum(self._estimate(s) for s in pending if s.kind == "train")
-        return train / self.jobs + sum(self._estimate(s) for s in pending if s.kind != "train")
+    def _eta(self, left: dict, finished: set) -> float:
+        """Seconds until every stage in `left` (name -> seconds still needed) has run.
 
-    def _later(self, stage: Stage, pending: list) -> tuple:
-        """(later training seconds, later other seconds, this stage's s/it) for _Progress."""
-        later = [s for s in pending if s is not stage]
-        train = sum(self._estimate(s) for s in later if s.kind == "train") / self.jobs
-        other = sum(self._estimate(s) for s in later if s.kind != "train")
-        return train, other, self._rate[stage.meta["stage"]]
+        A replay of how the stages will be started: each when the stages it reads are done,
+        the longest chain first, locally at most `jobs` training stages at a time.
+        """
+        memo, now, running, waiting = {}, 0.0, {}, dict(left)
+        done = set(finished)
+        while waiting or running:
+            ready = sorted((n for n in waiting if set(self._by_name[n].after) <= done),
+                           key=lambda n: -self._critical_path(self._by_name[n], memo))
+            for name in ready:
+                heavy = sum(self._by_name[r].kind in _HEAVY for r in running)
+                if self._by_name[name].kind in _HEAVY and not self.slurm and heavy >= self.jobs:
+                    continue
+                running[name] = now + waiting.pop(name)
+            if not running:  # waits for a stage that failed: not part of this estimate
+                break
+            name = min(running, key=running.get)
+            now = running.pop(name)
+            done.add(name)
+        return now
 
-    def run(self) -> None:
+    # ---- the run ----------------------------------------------------------------------------
+    def run(self, wait: bool = True) -> None:
+        """Submit the unfinished stages and (with `wait`) follow them until all have ended.
+
+        Raises RuntimeError naming each failed stage (job id, logs) and the stages that did not
+        run because of it. Any exception or Ctrl-C/SIGTERM cancels the jobs this call started.
+        """
         t0 = time.perf_counter()
-        labels = {s.name: f"[{i + 1}/{len(self.stages)} {s.name}]"
-                  for i, s in enumerate(self.stages)}
-        pending, finished = [], set()
+        self._started = {}  # name -> (job or job id, start time)
+        self._finished = set()
+        pending = []
         for stage in self.stages:
             if self._done(stage):
-                print(f"{labels[stage.name]} done earlier: skipped", flush=True)
-                finished.add(stage.name)
+                print(f"{self._labels[stage.name]} done earlier: skipped", flush=True)
+                self._finished.add(stage.name)
             else:
                 pending.append(stage)
-        running = {}  # name -> (process, stage, start time)
+        self._in_dependency_order(pending)  # refuses a plan whose stages wait for each other
         try:
-            self._run_pending(pending, finished, running, labels)
-        except BaseException:  # incl. Ctrl-C: no stage process may outlive the runner
-            for process, *_ in running.values():
-                process.terminate()
-            for process, *_ in running.values():
-                process.wait()
+            if self.slurm:
+                self._submit_all(pending)
+                if not wait:
+                    print("submitted; follow it with --status", flush=True)
+                    self._started = {}
+                    return
+            failed = self._follow(pending)
+        except BaseException:  # incl. Ctrl-C/SIGTERM: no job of this run may outlive it
+            self._stop_started()
             raise
+        if failed:
+            raise RuntimeError("\n".join(failed) + "\nFinished stages are kept: run the same "
+                               "command again to resume.")
         print(f"pipeline finished in {_fmt(time.perf_counter() - t0)}", flush=True)
 
-    def _run_pending(self, pending: list, finished: set, running: dict, labels: dict) -> None:
-        while pending or running:
-            ready = [s for s in pending if set(s.after) <= finished
-                     and not (s.kind == "train" and self.jobs > 1 and len(running) >= self.jobs)]
-            # the stage heading the longest chain of work first (e.g. the teacher detector
-            # before a student pretraining that nothing waits for)
-            stage = max(ready, key=self._critical_path, default=None)
-            if stage is None:  # everything left waits for a running stage
-                if not running:
-                    raise RuntimeError("the plan's stages wait for each other: "
-                                       f"{[(s.name, s.after) for s in pending]}")
-                finished.add(self._wait_for_one(running, labels))
+    def _submit_all(self, pending: list) -> None:
+        """SLURM: every unfinished stage at once, `afterok` on the unfinished ones it reads."""
+        job_ids, active = {}, _squeue([r["job_id"] for r in map(self._record, pending) if r])
+        for stage in self._in_dependency_order(pending):
+            record = self._record(stage)
+            if record and active.get(record["job_id"], ("",))[0] in _SLURM_ACTIVE:
+                job_ids[stage.name] = record["job_id"]  # still queued or running: keep it
+                print(f"{self._labels[stage.name]} already submitted (job {record['job_id']})",
+                      flush=True)
+                self._started[stage.name] = (record["job_id"], time.time())
                 continue
-            later = self._later(stage, pending) if stage.kind == "train" else None
-            print(f"{labels[stage.name]} starting ({stage.kind}); pipeline ETA "
-                  f"{_fmt(self._remaining(pending))}", flush=True)
-            pending.remove(stage)
-            start = time.perf_counter()
-            if stage.kind == "train" and self.jobs > 1:
-                process = self._spawn(stage, labels[stage.name], later, self._threads)
-                running[stage.name] = (process, stage, start)
-                continue
-            if stage.kind in ("train", "evaluate"):
-                metrics = self._run_in_process(stage, labels[stage.name], later)
-            else:
-                metrics = self.handlers[stage.kind](stage) or {}
-            self._finish(stage, metrics, time.perf_counter() - start, labels[stage.name])
-            finished.add(stage.name)
+            after = [job_ids[d] for d in stage.after if d in job_ids]
+            job = self._submit(stage, after)
+            job_ids[stage.name] = str(job.job_id)
+            self._started[stage.name] = (str(job.job_id), time.time())
+            print(f"{self._labels[stage.name]} submitted (job {job.job_id}"
+                  f"{', after ' + ','.join(after) if after else ''})", flush=True)
 
-    def _wait_for_one(self, running: dict, labels: dict) -> str:
-        """Block until a spawned stage ends; record it, or stop everything if it failed."""
-        while True:
-            for name, (process, stage, start) in list(running.items()):
-                code = process.poll()
-                if code is None:
+    def _in_dependency_order(self, stages: list) -> list:
+        names, ordered, placed = {s.name for s in stages}, [], set()
+        while len(ordered) < len(stages):
+            ready = [s for s in stages if s.name not in placed
+                     and all(d in placed or d not in names for d in s.after)]
+            if not ready:
+                raise RuntimeError("the plan's stages wait for each other: "
+                                   f"{[(s.name, s.after) for s in stages if s.name not in placed]}")
+            ordered += ready
+            placed |= {s.name for s in ready}
+        return ordered
+
+    def _follow(self, pending: list) -> list:
+        """Start (locally) and watch the stages until none is left; returns failure messages."""
+        waiting = {s.name: s for s in pending if s.name not in self._started}
+        order = {s.name: i for i, s in enumerate(self.stages)}
+        blocked, failed, shown = set(), [], {}
+        while waiting or self._started:
+            # in plan (= dependency) order, so a failure is seen before its dependents end
+            ended = sorted(self._poll_ended(), key=lambda e: order[e[0]])
+            for name, job_id in ended:
+                stage = self._by_name[name]
+                result = stage_result(stage)
+                if result is not None:
+                    self._finished.add(name)
+                    print(f"{self._labels[name]} finished in {_fmt(result['seconds'])} "
+                          f"{_summary(result['metrics'])}", flush=True)
                     continue
-                del running[name]
-                if code != 0:  # run() stops the other stages (a rerun resumes them)
-                    raise RuntimeError(
-                        f"stage {name} failed (exit code {code}); its log is in "
-                        f"{os.path.join(stage.out_dir, 'log.rank0.txt')}. Finished stages are "
-                        "kept: run the same command again to resume.")
-                self._finish(stage, _final_metrics(stage), time.perf_counter() - start,
-                             labels[name])
-                return name
-            time.sleep(0.5)
+                if name in blocked:  # SLURM cancelled it: a stage it reads failed
+                    continue
+                later = self._dependents(name)
+                blocked |= later
+                for d in later:
+                    waiting.pop(d, None)
+                failed.append(f"stage {name} failed (job {job_id}); see {self._logs(stage, job_id)}"
+                              + (f"; not run because of it: {', '.join(sorted(later))}"
+                                 if later else ""))
+                print(f"{self._labels[name]} FAILED (job {job_id}); see "
+                      f"{self._logs(stage, job_id)}", flush=True)
+            if not self.slurm:
+                self._start_ready(waiting)
+            self._show_progress(shown, waiting)
+            if waiting or self._started:
+                time.sleep(2.0 if self.slurm else 0.5)
+        return failed
 
-    def _finish(self, stage: Stage, metrics: dict, seconds: float, label: str) -> None:
-        if stage.kind == "train" and stage.iters >= 20:
-            # evaluation and start-up ride on the per-iteration rate: good enough for an ETA
-            self._rate[stage.meta["stage"]] = seconds / stage.iters
-        os.makedirs(stage.out_dir, exist_ok=True)
-        extra = {"built_from": self._trained} if stage.kind in SUMMARY_KINDS else {}
-        with atomic_write(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
-            json.dump({"name": stage.name, "kind": stage.kind, "seconds": seconds,
-                       "meta": stage.meta, "metrics": metrics, **extra}, f, indent=2)
-        print(f"{label} finished in {_fmt(seconds)} {_summary(metrics)}", flush=True)
+    def _dependents(self, name: str) -> set:
+        out, frontier = set(), {name}
+        while frontier:
+            frontier = {s.name for s in self.stages if set(s.after) & frontier} - out
+            out |= frontier
+        return out
 
-    def _run_in_process(self, stage: Stage, label: str, later) -> dict:
-        a = self.launch_args
-        worker, args = ((_train_worker, (vars(stage), label, later))
-                        if stage.kind == "train" else (_evaluate_worker, (vars(stage),)))
-        launch(worker, a.num_gpus, num_machines=a.num_machines, machine_rank=a.machine_rank,
-               dist_url=a.dist_url, args=args)
-        return _final_metrics(stage)
+    def _poll_ended(self) -> list:
+        """(name, job id) of the started jobs that have ended since the last call."""
+        ended = []
+        if self.slurm:
+            states = _squeue([job_id for job_id, _ in self._started.values()])
+            for name, (job_id, _) in list(self._started.items()):
+                if states.get(job_id, ("",))[0] not in _SLURM_ACTIVE:
+                    del self._started[name]
+                    ended.append((name, job_id))
+            return ended
+        for name, (job, _) in list(self._started.items()):
+            if job.done():
+                del self._started[name]
+                ended.append((name, str(job.job_id)))
+        return ended
+
+    def _start_ready(self, waiting: dict) -> None:
+        """Local: submit the stages whose inputs are done, longest chain first, up to `jobs`."""
+        memo = {}
+        ready = [s for s in waiting.values() if set(s.after) <= self._finished]
+        for stage in sorted(ready, key=lambda s: -self._critical_path(s, memo)):
+            heavy = sum(self._by_name[n].kind in _HEAVY for n in self._started)
+            if stage.kind in _HEAVY and heavy >= self.jobs:
+                continue
+            left = self._left(waiting)
+            job = self._submit(stage)
+            del waiting[stage.name]
+            self._started[stage.name] = (job, time.time())
+            print(f"{self._labels[stage.name]} starting ({stage.kind}); pipeline ETA "
+                  f"{_fmt(self._eta(left, self._finished))}", flush=True)
+
+    def _progress(self, stage: Stage) -> dict | None:
+        return _read_json(os.path.join(stage.out_dir, PROGRESS_FILE)) \
+            if stage.kind == "train" else None
+
+    def _left(self, waiting: dict) -> dict:
+        """name -> estimated seconds still needed, for the waiting and the started stages."""
+        left = {n: self._estimate(self._by_name[n]) for n in waiting}
+        for name, (_, started) in self._started.items():
+            stage = self._by_name[name]
+            progress = self._progress(stage)
+            if progress and progress["iter"] < progress["max_iter"]:
+                left[name] = progress["sec_per_iter"] * (progress["max_iter"] - progress["iter"])
+            else:
+                left[name] = max(1.0, self._estimate(stage) - (time.time() - started))
+        return left
+
+    def _show_progress(self, shown: dict, waiting: dict) -> None:
+        """One line per new ~10% of a running training stage, with the pipeline ETA."""
+        for name in list(self._started):
+            stage = self._by_name[name]
+            progress = self._progress(stage)
+            if not progress:
+                continue
+            done, total = progress["iter"], progress["max_iter"]
+            tenth = done * 10 // max(1, total)
+            if tenth <= shown.get(name, 0) or done < total and tenth == 0:
+                continue
+            shown[name] = tenth
+            self._rate[stage.meta["stage"]] = progress["sec_per_iter"]
+            eta = self._eta(self._left(waiting), self._finished)
+            print(f"    {self._labels[name]}: iter {done}/{total} ({100 * done // total}%) "
+                  f"{progress['sec_per_iter']:.2f} s/it | stage ETA "
+                  f"{_fmt(progress['sec_per_iter'] * (total - done))} | pipeline ETA "
+                  f"{_fmt(eta)}", flush=True)
+
+    def _stop_started(self) -> None:
+        """Ask this run's jobs to stop (so they clean up), wait for them, sweep what is left."""
+        started, self._started = self._started, {}
+        if not started:
+            return
+        if self.slurm:
+            ids = [job_id for job_id, _ in started.values()]
+            subprocess.run(["scancel", *ids], capture_output=True)
+            deadline = time.time() + 60
+            while time.time() < deadline and any(
+                    state in _SLURM_ACTIVE for state, _ in _squeue(ids).values()):
+                time.sleep(1.0)
+        else:
+            # Ctrl-C in a terminal reached the jobs too: let them stop by themselves first, so
+            # they are not interrupted a second time while they clean up
+            deadline = time.time() + 2.0
+            while time.time() < deadline and not all(j.done() for j, _ in started.values()):
+                time.sleep(0.1)
+            for job, _ in started.values():
+                if not job.done():
+                    job.cancel()  # SIGINT to submitit's controller: SIGINT, then SIGKILL, to tasks
+            deadline = time.time() + 20.0
+            while time.time() < deadline and not all(j.done() for j, _ in started.values()):
+                time.sleep(0.1)
+        for name in started:
+            sweep_temp_files(self._by_name[name].out_dir,
+                             [s.out_dir for s in self.stages if s.name != name])
 
 
-def _final_metrics(stage: Stage) -> dict:
-    path = os.path.join(stage.out_dir, "final_metrics.json")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"stage {stage.name} ended without writing {path}")
-    with open(path) as f:
-        return json.load(f)
+@contextmanager
+def _environ(**values):
+    """Set environment variables for the duration of the block."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _read_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _summary(metrics: dict) -> str:
@@ -303,3 +509,4 @@ def _summary(metrics: dict) -> str:
         if isinstance(values, dict):
             flat.update({k: v for k, v in values.items() if k in ("top1", "AP50", "AP")})
     return " ".join(f"{k}={v:.2f}" for k, v in flat.items())
+

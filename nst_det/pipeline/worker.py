@@ -1,28 +1,251 @@
-"""One training stage of the pipeline in a process of its own (PipelineRunner with jobs > 1).
+"""What runs inside one stage's submitit job: `StageJob`, on a workstation or a SLURM node.
 
-    python -m nst_det.pipeline.worker '<json: {"stage": ..., "label": ..., "later": ...,
-                                               "threads": ...}>'
-
-Trains and evaluates the stage exactly as the in-process path does (`run._train_worker`), with
-`threads` torch threads; its result is the stage folder's final_metrics.json.
+A job trains + evaluates (or only evaluates, converts, exports, reports) one stage and, on its
+global rank 0, writes the stage's `stage.json` atomically at its end: the file that marks the
+stage finished. Multi-task jobs (one task per GPU, possibly on several nodes) set up
+detectron2's distributed state from submitit's JobEnvironment, so nothing is spawned inside a
+job. A job asked to stop (SIGINT, SIGTERM: Ctrl-C, `scancel`, the runner) raises inside the
+stage, so atomic writes remove their temporary files; what a hard kill leaves is removed when
+the stage starts again (`sweep_temp_files`). On a time limit or preemption (SLURM's USR2 signal),
+submitit calls `checkpoint()` and requeues the job, which resumes from the stage's last
+checkpoint (the trainers' exact resume).
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import submitit
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+
+from ..utils.atomic import atomic_write
+from .plan import Stage
+
+STAGE_FILE = "stage.json"
+PROGRESS_FILE = "progress.json"  # a training stage's iteration count and speed, for the runner
+SUMMARY_KINDS = ("export", "report")  # stages that summarise every training run
 
 
-def main(argv=None) -> int:
-    payload = json.loads((argv if argv is not None else sys.argv[1:])[0])
+def stage_result(stage: Stage) -> dict | None:
+    """The stage's stage.json, or None when it has not finished."""
+    path = os.path.join(stage.out_dir, STAGE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def sweep_temp_files(folder: str, exclude=()) -> list:
+    """Remove what interrupted atomic writes left in `folder` (recursively); returns the paths.
+
+    atomic_write / atomic_dir / atomic_link name their temporaries `.<name>.<random>.tmp` (and
+    `.<name>.<random>.old`), submitit its own `*.save_tmp`. Sub-folders listed in `exclude`
+    (other stages' folders, written by other jobs) are not entered.
+    """
+    exclude = {os.path.abspath(e) for e in exclude}
+    removed = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(parent, d)) not in exclude]
+        for name in [*dirs, *files]:
+            temp = (name.startswith(".") and name.endswith((".tmp", ".old"))) \
+                or name.endswith(".save_tmp")
+            if not temp:
+                continue
+            path = os.path.join(parent, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+            removed.append(path)
+    return removed
+
+
+def _route_logs(log_file: str) -> None:
+    """Send detectron2/fvcore/nst_det logging of this stage to its own file."""
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s]: %(message)s"))
+    for name in ("detectron2", "fvcore", "nst_det", "d2"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+class _ProgressFile(HookBase):
+    """Write `progress.json` (iteration, max_iter, s/it) ~20 times per stage, for the runner.
+
+    The runner alone prints progress and the one pipeline ETA; a stage only reports its pace.
+    """
+
+    def __init__(self, path: str):
+        self._path = path
+
+    def before_train(self):
+        self._start, self._first = time.perf_counter(), self.trainer.iter
+
+    def after_step(self):
+        done, total = self.trainer.iter + 1, self.trainer.max_iter
+        if comm.is_main_process() and (done % max(1, total // 20) == 0 or done == total):
+            per_iter = (time.perf_counter() - self._start) / max(1, done - self._first)
+            with atomic_write(self._path, "w") as f:
+                json.dump({"iter": done, "max_iter": total, "sec_per_iter": per_iter,
+                           "start_iter": self._first}, f)
+
+
+def _write_metrics(out_dir: str, results: dict) -> None:
+    if comm.is_main_process():
+        with atomic_write(os.path.join(out_dir, "final_metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def train_stage(stage: Stage) -> dict:
+    """Train + evaluate one stage (every task of its job runs this); returns its metrics."""
+    from ..config import load_config
+    from ..engine import TRAINER_REGISTRY
+    from ..utils.dist import release_process_group
+
+    cfg = load_config(stage.config, stage.opts)
+    cfg.freeze()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    _route_logs(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt"))
+    logging.getLogger("nst_det").info("stage %s: rank %d of world size %d", stage.name,
+                                      comm.get_rank(), comm.get_world_size())
+    if comm.is_main_process():
+        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+    trainer = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)(cfg)
+    trainer.register_hooks([_ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))])
+    trainer.resume_or_load(resume=True)
+    trainer.train()
+    # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS; EvalHook keeps them
+    results = getattr(trainer, "_last_eval_results", None) or {}
+    _write_metrics(cfg.OUTPUT_DIR, results)
+    release_process_group()
+    return results
+
+
+def evaluate_stage(stage: Stage) -> dict:
+    """Evaluate one stage's model as its config builds it; returns its metrics."""
+    from ..config import load_config
+    from ..engine import TRAINER_REGISTRY
+    from ..utils.dist import release_process_group
+
+    cfg = load_config(stage.config, stage.opts)
+    cfg.freeze()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    _route_logs(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt"))
+    trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
+    results = trainer_cls.test(cfg, trainer_cls.build_model(cfg)) or {}
+    _write_metrics(cfg.OUTPUT_DIR, results)
+    release_process_group()
+    return results
+
+
+def init_distributed(env) -> None:
+    """detectron2's distributed state for a job of several tasks, from submitit's environment.
+
+    One process per task (per GPU), all started by the scheduler (srun, or submitit's local
+    controller): the process group is joined at the first node's address on a port derived from
+    the job id, and detectron2's per-machine group is built as its launch() does.
+    """
+    if env.num_tasks <= 1:
+        return
     import torch
+    import torch.distributed as dist
 
-    from .run import _train_worker
+    cuda = torch.cuda.is_available()
+    master = "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0]
+    # one port per job, so jobs side by side on a node do not meet each other
+    port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}:{port}",
+                            world_size=env.num_tasks, rank=env.global_rank)
+    per_node = env.num_tasks // env.num_nodes
+    if hasattr(comm, "create_local_process_group"):  # detectron2 after v0.6 (public)
+        comm.create_local_process_group(per_node)
+    else:  # v0.6 has no public way: exactly what its launch() sets up
+        for node in range(env.num_nodes):
+            group = dist.new_group(list(range(node * per_node, (node + 1) * per_node)))
+            if node == env.node:
+                comm._LOCAL_PROCESS_GROUP = group
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    comm.synchronize()
 
-    torch.set_num_threads(int(payload["threads"]))
-    _train_worker(payload["stage"], payload["label"], tuple(payload["later"]))
-    return 0
+
+def _stop_cleanly(signum, frame):
+    """SIGTERM raises like Ctrl-C, so `finally`/`except` blocks (atomic writes) clean up."""
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+STAGE_FUNCTIONS = {"train": train_stage, "evaluate": evaluate_stage}
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage as a submitit job.
+
+    Args:
+        stage: the stage (plain data from the plan).
+        handler: function(stage) -> metrics (convert, export, report); None for training and
+            evaluation stages, which run `train_stage` / `evaluate_stage`.
+        built_from: for export/report, the training stages they summarise (kept in stage.json
+            so that a grown plan redoes them).
+        threads: torch threads per task.
+        others: the other stages' folders (never swept by this job).
+    """
+
+    def __init__(self, stage: Stage, handler=None, built_from=None, threads: int = 0,
+                 others=()):
+        self.stage, self.handler, self.built_from = stage, handler, built_from
+        self.threads, self.others = threads, list(others)
+
+    def __call__(self) -> dict:
+        # submitit logs and ignores SIGTERM (SLURM sends it before USR2 on some preemptions);
+        # here it must stop the stage so that its temporary files are removed
+        signal.signal(signal.SIGTERM, _stop_cleanly)
+        start = time.perf_counter()
+        env = submitit.JobEnvironment()
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        stage = self.stage
+        if env.global_rank == 0:
+            os.makedirs(stage.out_dir, exist_ok=True)
+            sweep_temp_files(stage.out_dir, self.others)  # what a hard kill left
+        init_distributed(env)
+        run = self.handler or STAGE_FUNCTIONS[stage.kind]
+        metrics = run(stage) or {}
+        if env.global_rank == 0:
+            extra = {"built_from": self.built_from} if stage.kind in SUMMARY_KINDS else {}
+            record = {"name": stage.name, "kind": stage.kind,
+                      "seconds": time.perf_counter() - start, "meta": stage.meta,
+                      "metrics": metrics, "job_id": env.job_id, **extra}
+            with atomic_write(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
+                json.dump(record, f, indent=2)
+        return metrics
+
+    def checkpoint(self, *args, **kwargs):
+        """Requeue as is: the stage resumes from its own last checkpoint (trainer resume)."""
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def stage_paths(folder: str | Path, job_id: str) -> dict:
+    """submitit's log files of a job in a stage's job folder."""
+    paths = submitit.core.utils.JobPaths(folder, job_id=str(job_id), task_id=0)
+    return {"stdout": str(paths.stdout), "stderr": str(paths.stderr)}
