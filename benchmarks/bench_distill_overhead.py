@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/bench_distill_overhead.py --device cuda --iters 50
     .venv/bin/python benchmarks/bench_distill_overhead.py --ablations     # what each choice saves
     .venv/bin/python benchmarks/bench_distill_overhead.py --setup paper --iters 3  # VOC shapes
+    .venv/bin/python benchmarks/bench_distill_overhead.py --setup paper --methods all --iters 2
 
 All variants run on the same batch and are interleaved iteration by iteration, so machine noise
 hits them alike; the figures are ratios of medians measured in this one run:
@@ -12,6 +13,12 @@ hits them alike; the figures are ratios of medians measured in this one run:
   only the teacher's backbone features, so this is the cost it cannot avoid (target <= 1.10);
   the same against the teacher's full inference forward is printed too;
 - NST share = nst_loss forward + backward on the step's own feature pairs / distillation step.
+
+--methods (a list from nst_det/pipeline/methods.py, or all): one distiller per transfer method
+(the pipeline's method opts, every weight 1: the cost does not depend on it), all from the same
+student weights and teacher, timed side by side in the same interleaved loop: each method's
+overhead, and its loss share = the method's losses alone (forward + backward on the first
+batch's feature pairs / RoI logit shape, as the calibration stage times them) / its step.
 """
 
 from __future__ import annotations
@@ -112,7 +119,16 @@ def main():
                              "800x1333 image, random weights")
     parser.add_argument("--ablations", action="store_true",
                         help="also time what each design choice saves (see `ablations`)")
+    parser.add_argument("--methods", default="",
+                        help="comma-separated transfer methods (nst_det/pipeline/methods.py) or "
+                             "'all': overhead and loss share of each, side by side (only this)")
     args = parser.parse_args()
+    if args.methods:
+        from nst_det.pipeline.methods import METHODS, parse_methods
+
+        methods_overhead(args, list(METHODS) if args.methods == "all"
+                         else parse_methods(args.methods))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         student, distill, batch = build(args.device, tmp, args.setup)
@@ -184,6 +200,101 @@ def main():
         ablations(teacher, student, images, pairs, med, args.device, args.iters)
     if args.paper_shapes:
         paper_nst(args.device)
+
+
+def build_methods(device: str, tmp: str, setup: str, methods: list):
+    """The plain student, one distiller per method (same student weights, same teacher weights,
+    random) and the batch, as `build` makes them for NST."""
+    from nst_det.pipeline.methods import method_opts
+
+    student_file, teacher_file = SETUPS[setup]
+    opts = ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", ""]
+    teacher_weights = str(Path(tmp) / "teacher.pth")
+    torch.save({"model": build_model(load_config(str(teacher_file), opts)).state_dict()},
+               teacher_weights)
+    student = build_model(load_config(str(student_file),
+                                      [*opts, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"]))
+    distillers = {}
+    for method in methods:
+        cfg = load_config(str(student_file), [
+            *opts, "MODEL.TEACHER.WEIGHTS", teacher_weights,
+            "MODEL.TEACHER.CONFIG_FILE", str(teacher_file), "MODEL.TEACHER.OPTS", str(opts),
+            *method_opts(method)])
+        model = build_model(cfg)
+        # student-side extras (e.g. FitNet regressors) keep their own initialisation
+        model.load_state_dict(student.state_dict(), strict=False)
+        distillers[method] = (cfg, model.train())
+    if setup == "paper":
+        batch = paper_batch()
+    else:
+        cfg = next(iter(distillers.values()))[0]
+        mapper = DatasetMapper(cfg, is_train=True)
+        batch = [mapper(r) for r in DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[:2]]
+    return student.train(), distillers, batch
+
+
+def methods_overhead(args, methods: list):
+    """Every method's overhead and loss share, measured side by side (module doc)."""
+    from nst_det.pipeline.calibrate import method_loss_step, teacher_of
+
+    with tempfile.TemporaryDirectory() as tmp:
+        student, distillers, batch = build_methods(args.device, tmp, args.setup, methods)
+    models = [student, *(m for _, m in distillers.values())]
+    # lr 0: the optimizer step still runs, but no weight moves, so every iteration times the same
+    # computation (at weight 1 some losses, e.g. gauss_kl, would make a random model diverge)
+    optimizers = {m: torch.optim.SGD(m.parameters(), lr=0.0) for m in models}
+    teacher = teacher_of(next(iter(distillers.values()))[1])
+
+    def train_step(model):
+        losses = model(batch)
+        optimizers[model].zero_grad()
+        sum(losses.values()).backward()
+        optimizers[model].step()
+
+    images = student.preprocess_image(batch).tensor
+    logits_shape = []
+    hook = student.roi_heads.box_predictor.register_forward_hook(
+        lambda m, i, o: logits_shape.append(tuple(o[0].shape)) and None)
+    with EventStorage(0):
+        train_step(student)  # warm-up (and the RoI logit shape)
+        hook.remove()
+        with torch.no_grad():
+            s_feats, t_feats = student.backbone(images), teacher.backbone(images)
+        loss_steps = {m: method_loss_step(cfg, m, s_feats, t_feats, logits_shape[0])
+                      for m, (cfg, _) in distillers.items()}
+        for method, (_, model) in distillers.items():
+            train_step(model)  # warm-up
+            loss_steps[method]()
+
+        def teacher_backbone():
+            with torch.no_grad():
+                teacher.backbone(images)
+
+        times = {"student step": [], "teacher backbone fwd": [],
+                 **{f"{m} step": [] for m in methods}, **{f"{m} loss": [] for m in methods}}
+        for _ in range(args.iters):
+            times["student step"].append(_timed(lambda: train_step(student), args.device))
+            times["teacher backbone fwd"].append(_timed(teacher_backbone, args.device))
+            for method, (_, model) in distillers.items():
+                times[f"{method} step"].append(
+                    _timed(lambda model=model: train_step(model), args.device))
+                times[f"{method} loss"].append(_timed(loss_steps[method], args.device))
+    med = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    base = med["student step"] + med["teacher backbone fwd"]
+    print(f"device {args.device}, {args.iters} interleaved iterations (median), {args.setup} "
+          f"setup, batch of {len(batch)} {tuple(images.shape)}; student step "
+          f"{med['student step']:.1f} ms, teacher backbone fwd {med['teacher backbone fwd']:.1f}"
+          f" ms")
+    print("| method | distill step (ms) | overhead (target <= 1.10) | loss fwd+bwd (ms) | "
+          "loss share of step |\n|---|---|---|---|---|")
+    missed = []
+    for method in methods:
+        step, loss = med[f"{method} step"], med[f"{method} loss"]
+        if step / base > 1.10:
+            missed.append(method)
+        print(f"| {method} | {step:.1f} | {step / base:.3f} | {loss:.1f} | "
+              f"{100 * loss / step:.1f}% |")
+    print(f"over 1.10: {', '.join(missed) if missed else 'none'}")
 
 
 def nst_per_level(student, teacher, images, pairs, device: str, iters: int) -> dict:

@@ -25,7 +25,8 @@ from ..utils.atomic import atomic_write
 from .methods import CALIBRATION, METHODS, loss_keys, method_opts
 from .plan import Stage
 
-__all__ = ["calibrate_stage", "weights_from", "opts_to_yaml"]
+__all__ = ["calibrate_stage", "weights_from", "opts_to_yaml", "method_loss_step",
+           "time_method_loss", "teacher_of"]
 
 
 def weights_from(detection: list, raw: dict, fraction: float) -> dict:
@@ -64,7 +65,8 @@ def _pair_names(cfg):
     return list(ns.STUDENT_FEATURES), list(ns.TEACHER_FEATURES), list(ns.FEATURE_WEIGHTS)
 
 
-def _teacher_of(model):
+def teacher_of(model):
+    """The frozen teacher of a distilling detector (model.teacher or model.distill.teacher)."""
     teacher = getattr(model, "teacher", None)
     if teacher is None and hasattr(model, "distill"):
         teacher = model.distill.teacher
@@ -89,15 +91,19 @@ def _loss_fns(cfg, method: str) -> list:
     return fns
 
 
-def time_method_loss(cfg, method: str, s_feats: dict, t_feats: dict, logits_shape,
-                     repeats: int = 10) -> float:
-    """Median ms of the method's transfer losses, forward + backward, on recorded inputs."""
+def method_loss_step(cfg, method: str, s_feats: dict, t_feats: dict, logits_shape):
+    """A function running the method's transfer losses once, forward + backward.
+
+    Inputs: the recorded student / teacher backbone features (the configured pairs, cropped to
+    their common extent as `align_pair` does at equal strides) and random [R, K + 1] RoI
+    logits of the recorded shape for KD (its cost depends only on the shape).
+    """
     import torch
 
     students, teachers, weights = _pair_names(cfg)
     pairs = []
     for s, t, w in zip(students, teachers, weights):
-        f_s, f_t = s_feats[s].detach(), t_feats[t].detach()
+        f_s, f_t = s_feats[s].detach().float(), t_feats[t].detach().float()
         h, wd = min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1])
         pairs.append((w, f_s[..., :h, :wd].contiguous().requires_grad_(), f_t[..., :h, :wd]))
     gen = torch.Generator().manual_seed(0)
@@ -114,7 +120,14 @@ def time_method_loss(cfg, method: str, s_feats: dict, t_feats: dict, logits_shap
                 total = total + sum(w * fn(s, t) for w, s, t in pairs)
         total.backward()
 
-    step()  # warm-up
+    return step
+
+
+def time_method_loss(cfg, method: str, s_feats: dict, t_feats: dict, logits_shape,
+                     repeats: int = 10) -> float:
+    """Median ms of `method_loss_step` after one warm-up run."""
+    step = method_loss_step(cfg, method, s_feats, t_feats, logits_shape)
+    step()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -144,7 +157,7 @@ def calibrate_stage(stage: Stage) -> dict:
     model.train()
     keys = loss_keys(method)
     recorded = {}
-    teacher = _teacher_of(model)
+    teacher = teacher_of(model)
 
     def keep_first(key, pick=lambda o: o):
         def hook(module, inputs, output):  # returns None: the output is not replaced
