@@ -177,7 +177,9 @@ def resolve_detection_weights(path: str, key: str = "MODEL.WEIGHTS") -> str:
     converted = local[: -len(".pth")] + ".d2.pth"
     if os.path.isfile(converted):
         return converted
-    state = torch.load(local, map_location="cpu", weights_only=True)
+    from .weights_file import load_weights_file
+
+    state = load_weights_file(local, key)  # one clear error for a damaged or foreign file
     if not (isinstance(state, dict) and "layer1.0.conv1.weight" in state):
         return local  # not a torchvision ResNet classifier: a detectron2 checkpoint, say
     from .convert import convert_student, save_d2_weights
