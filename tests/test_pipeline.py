@@ -19,11 +19,20 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline_run(module_tmp_path):
     root = module_tmp_path
+    # an empty data root and two stages side by side, as `make demo` on a fresh clone: the
+    # classification teacher and the plain student start together and both ask for the toy
+    # set (toy_cls_tiny has the demo's number of training images, so writing it takes long
+    # enough for them to race; an unsafe writer once deleted the copy the other stage read)
+    assert not (root / "datasets").exists()
     env = dict(os.environ, DETECTRON2_DATASETS=str(root / "datasets"))
     cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
-           "--output", str(root / "out")]
+           "--jobs", "2", "--output", str(root / "out")]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
+    # one finished copy of each set, no writer's leftovers beside it
+    toy = root / "datasets" / "toy"
+    assert (toy / "cls_tiny" / "toy_spec.json").is_file()
+    assert [p.name for p in toy.iterdir() if p.name.startswith(".") and p.is_dir()] == []
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, (second.stdout + second.stderr)[-5000:]
     return root / "out", first.stdout, second.stdout

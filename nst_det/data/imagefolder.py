@@ -103,9 +103,12 @@ def register_builtin_imagefolders() -> None:
     for split in ("train", "val"):
         register_imagefolder(f"imagenet_{split}", os.path.join(root, "imagenet", split))
     register_toy_imagefolder("toy_cls", os.path.join(root, "toy", "cls"), **TOY_CLS)
-    # a reduced copy for the pipeline's CI-scale run (tools/run_pipeline.py --scale ci)
+    # a reduced copy for the pipeline's CI-scale run (tools/run_pipeline.py --scale ci): few
+    # val images (evaluation cost), but as many training images as the demo's set, so writing
+    # it takes long enough (~1-2 s) that stages started side by side race for it, as on a fresh
+    # clone's `make demo` (tests/test_pipeline.py); training runs a fixed few iterations
     register_toy_imagefolder("toy_cls_tiny", os.path.join(root, "toy", "cls_tiny"),
-                             **{**TOY_CLS, "train_per_class": 8, "val_per_class": 4})
+                             **{**TOY_CLS, "val_per_class": 4})
 
 
 register_builtin_imagefolders()
