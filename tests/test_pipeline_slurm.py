@@ -1,0 +1,189 @@
+"""The pipeline on a real one-node SLURM cluster (slurmctld + slurmd + munged, started here).
+
+The CI-scale pipeline submitted at once through sbatch with afterok dependencies; a 2-task gloo
+DDP stage; a stage cancelled with scancel and resumed on resubmission to the same final
+weights; a failing stage whose dependents never run. Skipped where SLURM cannot be started
+(run as root after `apt-get install -y slurm-wlm munge`, as .ci/run does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import torch
+from _slurm_cluster import SlurmCluster, unavailable_reason
+
+from nst_det.pipeline.plan import TOY_CONFIGS, TOY_SCALES, Stage, build_plan
+from nst_det.pipeline.run import STAGE_FILE, ClusterSettings, PipelineRunner
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None,
+                                                   reason=str(unavailable_reason()))]
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # stand-in stages travel by value
+
+
+@pytest.fixture(scope="module")
+def slurm(module_tmp_path):
+    """A running one-node cluster; SLURM_CONF points this process (and its jobs) at it."""
+    cluster = SlurmCluster(module_tmp_path / "slurm").start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        subprocess.run(["scancel", "--user", "root"], capture_output=True)
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture(scope="module")
+def data_root(module_tmp_path):
+    root = module_tmp_path / "datasets"
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+
+
+def _job_id(stage) -> str:
+    return json.loads((Path(stage.out_dir) / "submitit" / "job.json").read_text())["job_id"]
+
+
+def _slurm_state(job_id) -> str:
+    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%T|%r", "-j", job_id],
+                         capture_output=True, text=True).stdout.strip()
+    return out
+
+
+def test_ci_pipeline_through_sbatch_with_dependencies(slurm, data_root, module_tmp_path):
+    out = module_tmp_path / "pipeline"
+    cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
+           "--output", str(out), "--cluster", "slurm", "--slurm-time", "30"]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    stages = build_plan(str(out), TOY_SCALES["ci"], TOY_CONFIGS)
+    # the whole plan went in before anything finished, dependent stages with afterok
+    submitted = [line for line in run.stdout.splitlines() if " submitted (job " in line]
+    assert len(submitted) == len(stages) == 17
+    assert run.stdout.index(submitted[-1]) < run.stdout.index(" finished in ")
+    for stage in stages:
+        job_id = _job_id(stage)
+        script = (Path(stage.out_dir) / "submitit" / f"{job_id}_submission.sh").read_text()
+        deps = stage.after
+        if deps:
+            wanted = ":".join(_job_id(next(s for s in stages if s.name == d)) for d in deps)
+            assert f"#SBATCH --dependency=afterok:{wanted}" in script, stage.name
+        else:
+            assert "--dependency" not in script
+        assert json.loads((Path(stage.out_dir) / STAGE_FILE).read_text())["job_id"] == job_id
+    assert (out / "report.md").is_file()
+    status = subprocess.run([*cmd, "--status"], cwd=REPO, capture_output=True, text=True)
+    assert status.returncode == 0 and status.stdout.count(" done ") == 17, status.stdout
+
+
+def _cls_stage(out_dir, iters, *extra):
+    """The CI plan's plain classification student, `iters` iterations, as its own plan."""
+    (stage,) = [s for s in build_plan(str(out_dir), TOY_SCALES["ci"], TOY_CONFIGS)
+                if s.name == "cls_plain_s0"]
+    stage.opts = [*stage.opts, "SOLVER.MAX_ITER", str(iters), *extra]
+    stage.iters = iters
+    return stage
+
+
+def test_two_task_gloo_ddp_stage(slurm, data_root, module_tmp_path):
+    stage = _cls_stage(module_tmp_path / "ddp", 4)
+    runner = PipelineRunner([stage], {}, ClusterSettings(cluster="slurm", tasks={"cls": 2},
+                                                         time_min={"cls": 20}))
+    runner.run()
+    job_id, folder = _job_id(stage), Path(stage.out_dir)
+    # one task per rank, each its own process under srun, both training the same stage
+    for rank in (0, 1):
+        assert (folder / "submitit" / f"{job_id}_{rank}_log.out").is_file()
+        assert (folder / f"log.rank{rank}.txt").is_file()
+    for rank in (0, 1):
+        log = (folder / f"log.rank{rank}.txt").read_text()
+        assert f"rank {rank} of world size 2" in log, log[-2000:]
+    final = torch.load(folder / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == 3
+
+
+def test_scancel_then_resubmission_resumes_to_the_same_weights(slurm, data_root,
+                                                               module_tmp_path):
+    iters, ckpt = ["SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0"], 16
+    reference = _cls_stage(module_tmp_path / "reference", ckpt, *iters)
+    settings = ClusterSettings(cluster="slurm", time_min={"cls": 20}, cpus={"cls": 1})
+    PipelineRunner([reference], {}, settings).run()
+
+    stage = _cls_stage(module_tmp_path / "cancelled", ckpt, *iters)
+    runner = PipelineRunner([stage], {}, settings)
+    runner.run(wait=False)
+    job_id = _job_id(stage)
+    folder = Path(stage.out_dir)
+    deadline = time.time() + 600
+    while not list(folder.glob("model_00000*.pth")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(folder.glob("model_00000*.pth")), _slurm_state(job_id)
+    subprocess.run(["scancel", job_id], check=True)
+    while "CANCELLED" not in _slurm_state(job_id) and time.time() < deadline:
+        time.sleep(0.5)
+    assert runner.states()[stage.name][0] == "failed"
+    assert not (folder / STAGE_FILE).exists()  # it did not finish
+    assert [p for p in folder.rglob("*") if p.name.endswith(".tmp")] == []
+
+    PipelineRunner([stage], {}, settings).run()  # the same command again: resubmitted
+    assert _job_id(stage) != job_id
+    # the resubmitted job started from the checkpoint the cancelled one left, not from 0
+    assert json.loads((folder / "progress.json").read_text())["start_iter"] >= 4
+    got = torch.load(folder / "model_final.pth", map_location="cpu", weights_only=True)
+    want = torch.load(Path(reference.out_dir) / "model_final.pth", map_location="cpu",
+                      weights_only=True)
+    assert got["iteration"] == want["iteration"]
+    for key, value in want["model"].items():
+        torch.testing.assert_close(got["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def _marker(stage):
+    """A stand-in stage that leaves a file behind when it runs."""
+    Path(stage.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(stage.out_dir) / "ran").write_text("yes")
+    return {}
+
+
+def _failing(stage):
+    raise ValueError(f"stand-in failure of {stage.name}")
+
+
+def test_a_failing_stage_stops_its_dependents(slurm, module_tmp_path):
+    root = module_tmp_path / "failing"
+    bad = Stage("bad", "convert", str(root / "bad"))
+    child = Stage("child", "export", str(root / "child"), after=["bad"])
+    grandchild = Stage("grandchild", "report", str(root / "grandchild"), after=["child"])
+    other = Stage("other", "report", str(root / "other"))
+    runner = PipelineRunner([bad, child, grandchild, other],
+                            {"convert": _failing, "export": _marker, "report": _marker},
+                            ClusterSettings(cluster="slurm", time_min={"other": 10}))
+    with pytest.raises(RuntimeError) as err:
+        runner.run()
+    job_id = _job_id(bad)
+    assert f"stage bad failed (job {job_id})" in str(err.value)
+    assert f"{bad.out_dir}/submitit/{job_id}_0_log.err" in str(err.value)
+    assert "stand-in failure of bad" in (Path(bad.out_dir) / "submitit" /
+                                         f"{job_id}_0_log.err").read_text()
+    assert "not run because of it: child, grandchild" in str(err.value)
+    for stage in (child, grandchild):  # submitted with afterok, cancelled by SLURM, never ran
+        assert "DependencyNeverSatisfied" in _slurm_state(_job_id(stage))
+        assert not (Path(stage.out_dir) / "ran").exists()
+    assert (Path(other.out_dir) / "ran").exists() and (Path(other.out_dir) / STAGE_FILE).exists()
