@@ -162,4 +162,8 @@ def build_resumable_train_loader(
         num_workers=num_workers,
         collate_fn=collate_fn or trivial_batch_collator,
         worker_init_fn=worker_init_reset_seed,
+        # each new iterator draws its base seed from this generator, not from the global torch
+        # RNG: upstream detectron2 creates the iterator lazily at the first step, which after a
+        # resume would shift the restored RNG stream (RPN/ROI sampling) by one draw
+        generator=torch.Generator().manual_seed(seed),
     )
