@@ -145,6 +145,32 @@ def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path):
     assert live.exists() and elsewhere.exists()  # a running writer's, another machine's: kept
 
 
+@pytest.mark.parametrize("handler", [True, False], ids=["exit_on_sigterm", "python_default"])
+def test_sigterm_mid_write_removes_the_temporary_only_with_the_handler(tmp_path, handler):
+    """SIGTERM arriving inside an atomic write: with exit_on_sigterm (as train_net and
+    export_model install it) the write unwinds and its temporary goes; Python's default action
+    ends the process on the spot and leaves it (which the next write then removes)."""
+    script = (
+        "import os, signal, sys\n"
+        "from nst_det.utils.atomic import atomic_write, exit_on_sigterm\n"
+        f"if {handler}:\n"
+        "    exit_on_sigterm()\n"
+        "with atomic_write(sys.argv[1] + '/model_final.pth') as f:\n"
+        "    f.write(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    f.write(b'never')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == (143 if handler else -signal.SIGTERM), run.stderr[-2000:]
+    assert not (tmp_path / "model_final.pth").exists()
+    assert len(_temps(tmp_path)) == (0 if handler else 1)
+    if not handler:  # the next write in the folder removes the dead writer's temporary
+        with atomic_write(tmp_path / "last_checkpoint", "w") as f:
+            f.write("x")
+        assert _temps(tmp_path) == []
+
+
 # ---- interrupted export ----------------------------------------------------------------------
 
 def _export_set_is_whole_or_absent(out: Path) -> str:
