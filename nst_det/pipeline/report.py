@@ -70,6 +70,8 @@ def backbone_name(cfg) -> str:
         return f"R-{cfg.MODEL.RESNETS.DEPTH}"
     if "inception" in name.lower():
         return "Inception-BN"
+    if "torchvision" in name:  # nst_det's torchvision backbones
+        return classifier_name(cfg.MODEL.TORCHVISION.ARCH)
     return name
 
 
