@@ -216,13 +216,13 @@ _INTERRUPTED_RUN = textwrap.dedent("""
         from nst_det.utils.atomic import atomic_write
         for i in range(int(stage.meta["saves"])):
             with atomic_write(os.path.join(stage.out_dir, f"model_{{i % 2}}.pth")) as f:
-                for _ in range(64):
-                    f.write(os.urandom(1 << 16))
+                for _ in range(32):
+                    f.write(os.urandom(1 << 15))
         return {{}}
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as tools/run_pipeline.py does
     root = sys.argv[1]
-    stages = [Stage(n, "train", os.path.join(root, n), meta={{"stage": "det", "saves": 60}},
+    stages = [Stage(n, "train", os.path.join(root, n), meta={{"stage": "det", "saves": 120}},
                     iters=1, after=after) for n, after in (("a", []), ("b", []), ("c", ["a"]))]
     PipelineRunner(stages, {{"train": saving}}, ClusterSettings(jobs=2)).run()
 """)
@@ -247,11 +247,18 @@ def test_stopping_the_pipeline_at_random_moments_leaves_no_temporary_file(tmp_pa
     out = tmp_path / "out"
     rng = random.Random(int(os.environ.get("NST_DET_TEST_SEED", "17")))
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    stopped_mid_stage = 0
     for trial in range(4):
+        for old in out.glob("*/model_*.pth"):  # what an earlier trial's stages wrote
+            old.unlink()
         run = subprocess.Popen([sys.executable, str(script), str(out)], cwd=REPO, env=env,
                                start_new_session=True, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-        time.sleep(rng.uniform(3, 22))
+        # a random moment once a stage is writing (before that, only start-up is interrupted)
+        deadline = time.time() + 120
+        while not list(out.glob("*/model_*.pth")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 3))
         how = (signal.SIGINT, signal.SIGTERM)[trial % 2]
         if how == signal.SIGINT:  # Ctrl-C: the terminal signals the whole process group
             os.killpg(run.pid, signal.SIGINT)
@@ -259,12 +266,15 @@ def test_stopping_the_pipeline_at_random_moments_leaves_no_temporary_file(tmp_pa
             run.send_signal(signal.SIGTERM)
         log = run.communicate(timeout=120)[0]
         assert run.returncode != 0 or "pipeline finished" in log, log[-3000:]
+        stopped_mid_stage += any((out / n / "model_0.pth").exists()
+                                 and not (out / n / STAGE_FILE).exists() for n in "abc")
         deadline = time.time() + 30
         while _job_processes(out) and time.time() < deadline:
             time.sleep(0.5)
         assert _job_processes(out) == [], f"trial {trial}: jobs outlived the pipeline"
         temps = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".save_tmp"))]
         assert temps == [], f"trial {trial} ({how.name}): {temps}\n{log[-3000:]}"
+    assert stopped_mid_stage >= 3  # the interruptions landed while stages were writing
     final = subprocess.run([sys.executable, str(script), str(out)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]

@@ -120,22 +120,44 @@ def test_two_task_gloo_ddp_stage(slurm, data_root, module_tmp_path):
     assert final["iteration"] == 3
 
 
-def test_scancel_then_resubmission_resumes_to_the_same_weights(slurm, data_root,
-                                                               module_tmp_path):
-    iters, ckpt = ["SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0"], 16
-    reference = _cls_stage(module_tmp_path / "reference", ckpt, *iters)
-    settings = ClusterSettings(cluster="slurm", time_min={"cls": 20}, cpus={"cls": 1})
-    PipelineRunner([reference], {}, settings).run()
+_ITERS, _RESUME_OPTS = 16, ["SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "0"]
+_SETTINGS = ClusterSettings(cluster="slurm", time_min={"cls": 20}, cpus={"cls": 1})
 
-    stage = _cls_stage(module_tmp_path / "cancelled", ckpt, *iters)
-    runner = PipelineRunner([stage], {}, settings)
-    runner.run(wait=False)
-    job_id = _job_id(stage)
-    folder = Path(stage.out_dir)
+
+@pytest.fixture(scope="module")
+def reference_weights(slurm, data_root, module_tmp_path):
+    """model_final of an uninterrupted run of the stage the resume tests interrupt."""
+    reference = _cls_stage(module_tmp_path / "reference", _ITERS, *_RESUME_OPTS)
+    PipelineRunner([reference], {}, _SETTINGS).run()
+    return torch.load(Path(reference.out_dir) / "model_final.pth", map_location="cpu",
+                      weights_only=True)
+
+
+def _assert_same_weights(folder, want):
+    got = torch.load(Path(folder) / "model_final.pth", map_location="cpu", weights_only=True)
+    assert got["iteration"] == want["iteration"]
+    for key, value in want["model"].items():
+        torch.testing.assert_close(got["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def _started_and_checkpointed(stage):
+    """Submit `stage` without waiting; return its job id once a checkpoint exists."""
+    PipelineRunner([stage], {}, _SETTINGS).run(wait=False)
+    job_id, folder = _job_id(stage), Path(stage.out_dir)
     deadline = time.time() + 600
     while not list(folder.glob("model_00000*.pth")) and time.time() < deadline:
         time.sleep(0.2)
     assert list(folder.glob("model_00000*.pth")), _slurm_state(job_id)
+    return job_id
+
+
+def test_scancel_then_resubmission_resumes_to_the_same_weights(slurm, data_root,
+                                                               module_tmp_path,
+                                                               reference_weights):
+    stage = _cls_stage(module_tmp_path / "cancelled", _ITERS, *_RESUME_OPTS)
+    runner = PipelineRunner([stage], {}, _SETTINGS)
+    job_id, folder = _started_and_checkpointed(stage), Path(stage.out_dir)
+    deadline = time.time() + 600
     subprocess.run(["scancel", job_id], check=True)
     while "CANCELLED" not in _slurm_state(job_id) and time.time() < deadline:
         time.sleep(0.5)
@@ -143,16 +165,27 @@ def test_scancel_then_resubmission_resumes_to_the_same_weights(slurm, data_root,
     assert not (folder / STAGE_FILE).exists()  # it did not finish
     assert [p for p in folder.rglob("*") if p.name.endswith(".tmp")] == []
 
-    PipelineRunner([stage], {}, settings).run()  # the same command again: resubmitted
+    PipelineRunner([stage], {}, _SETTINGS).run()  # the same command again: resubmitted
     assert _job_id(stage) != job_id
     # the resubmitted job started from the checkpoint the cancelled one left, not from 0
     assert json.loads((folder / "progress.json").read_text())["start_iter"] >= 4
-    got = torch.load(folder / "model_final.pth", map_location="cpu", weights_only=True)
-    want = torch.load(Path(reference.out_dir) / "model_final.pth", map_location="cpu",
-                      weights_only=True)
-    assert got["iteration"] == want["iteration"]
-    for key, value in want["model"].items():
-        torch.testing.assert_close(got["model"][key], value, rtol=0, atol=0, msg=key)
+    _assert_same_weights(folder, reference_weights)
+
+
+def test_preempted_stage_is_requeued_and_resumes(slurm, data_root, module_tmp_path,
+                                                 reference_weights):
+    """USR2 (SLURM's signal before a time limit or preemption, `--signal=USR2@90`): submitit
+    checkpoints the job and requeues it under the same id; it resumes from its checkpoint."""
+    stage = _cls_stage(module_tmp_path / "preempted", _ITERS, *_RESUME_OPTS)
+    job_id = _started_and_checkpointed(stage)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    runner = PipelineRunner([stage], {}, _SETTINGS)
+    runner.run()  # follows the job already submitted: the same id, requeued, then finished
+    assert _job_id(stage) == job_id
+    folder = Path(stage.out_dir)
+    assert "Requeued" in "".join(p.read_text() for p in (folder / "submitit").glob("*_log.*"))
+    assert json.loads((folder / "progress.json").read_text())["start_iter"] >= 4
+    _assert_same_weights(folder, reference_weights)
 
 
 def _marker(stage):

@@ -50,6 +50,9 @@ def parse_args(argv=None):
     # detectron2's launch flags (--num-gpus, --num-machines, --machine-rank, --dist-url)
     parser = default_argument_parser()
     parser.description = __doc__.splitlines()[0]
+    # detectron2's epilog shows train_net usage; --machine-rank/--dist-url are unused here (a
+    # multi-node stage's ranks and address come from its SLURM job)
+    parser.epilog = None
     parser.add_argument("--output", default="output/pipeline", help="root of every stage's folder")
     parser.add_argument("--scale", choices=sorted(TOY_SCALES), default=None,
                         help="iteration counts: demo (default toy), ci (tiny), paper")

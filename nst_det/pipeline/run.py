@@ -174,7 +174,8 @@ class PipelineRunner:
                 gpus_per_node=gpus, name=name)
             return executor, cpus
         cpus = s.get("cpus", kind, None)
-        extra = {"kill-on-invalid-dep": "yes", **s.sbatch}
+        # a requeued job (time limit, preemption) appends to its logs instead of truncating them
+        extra = {"kill-on-invalid-dep": "yes", "open-mode": "append", **s.sbatch}
         if after_ids:
             extra["dependency"] = "afterok:" + ":".join(after_ids)
         executor = submitit.SlurmExecutor(folder)
