@@ -172,11 +172,13 @@ def test_coco_evaluator_ground_truth_is_100_on_toy_coco(tmp_path, tiny_voc):
     prefix = _unique("toy_coco_t")
     _, test = register_toy_coco(prefix, tiny_voc[2], str(tmp_path / "coco"), seed=1,
                                 num_trainval=8, num_test=4)
-    records = DatasetCatalog.get(test)  # writes the json from the toy VOC set
+    # the evaluator first (as a trainer may build it): it has the json written
+    evaluator = build_dataset_evaluator(test, str(tmp_path / "eval"))
+    assert (tmp_path / "coco" / "instances_test.json").is_file()
+    records = DatasetCatalog.get(test)
     voc_records = DatasetCatalog.get(tiny_voc[1])
     assert [len(r["annotations"]) for r in records] == [len(r["annotations"])
                                                          for r in voc_records]
-    evaluator = build_dataset_evaluator(test, str(tmp_path / "eval"))
     assert isinstance(evaluator, COCOEvaluator)
     evaluator.reset()
     for r in records:
@@ -269,6 +271,11 @@ def test_unparsable_coco_json_through_the_catalog(tmp_path, tool_export):
     assert (tmp_path / "bad.json").exists()  # nothing is lost: the file is left as it was
     with pytest.raises(COCODataError, match="does not exist"):
         check_coco_json(str(tmp_path / "nope.json"), image_root)
+    missing = _unique("missing_coco")
+    register_datasets_from_config(_cfg_with(coco=[[missing, str(tmp_path / "no.json"),
+                                                   image_root]]))
+    with pytest.raises(COCODataError, match=r"no\.json does not exist"):
+        build_dataset_evaluator(missing)  # not pycocotools' bare FileNotFoundError
 
 
 def test_wrong_entry_shape_is_named():

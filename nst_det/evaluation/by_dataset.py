@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 
 from .voc_per_class import PerClassVOCEvaluator
@@ -35,6 +35,11 @@ def build_dataset_evaluator(dataset_name: str, output_dir: str | None = None):
     if kind == "pascal_voc":
         return PerClassVOCEvaluator(dataset_name)
     if kind == "coco":
+        json_file = MetadataCatalog.get(dataset_name).get("json_file")
+        if json_file and "://" not in json_file and not os.path.isfile(json_file):
+            # a trainer may build evaluators before loading the data: the toy COCO sets write
+            # their json on first load, a user's missing json gets the checked loader's error
+            DatasetCatalog.get(dataset_name)
         if output_dir:
             os.makedirs(output_dir, exist_ok=True)
         # detectron2's fast COCOeval is a compiled op; pycocotools' own COCOeval gives the same AP
