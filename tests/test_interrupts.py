@@ -3,6 +3,7 @@ temporary file and nothing unverified at a final path; what a hard kill leaves i
 next run. A full disk is reported as such, naming the file."""
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -182,6 +183,8 @@ def _export_set_is_whole_or_absent(out: Path) -> str:
     info = json.loads((out / "export_info.json").read_text())
     model = out / info["file"]
     assert summary["passed"] and info["size_bytes"] == model.stat().st_size
+    # both records describe these very bytes (not a model file of another export)
+    assert summary["sha256"] == info["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     check_weights_file(model, "exported checkpoint")
     cfg_text = (out / "config.yaml").read_text()
     assert f"WEIGHTS: {model}" in cfg_text  # the final path, not the staging folder
@@ -195,24 +198,32 @@ def test_export_stopped_at_random_moments_leaves_a_verified_export_or_none(tmp_p
     from nst_det.config import load_config
 
     cfg = load_config(str(TOY / "faster_rcnn_R_18_FPN_toy.yaml"))
-    weights = tmp_path / "model.pth"
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    # two different detectors, exported in turn: a file of one under the other's records shows
+    weights = [tmp_path / "a.pth", tmp_path / "b.pth"]
+    for seed, path in enumerate(weights):
+        torch.manual_seed(seed)
+        torch.save({"model": build_model(cfg).state_dict()}, path)
     out = tmp_path / "export"
-    cmd = [sys.executable, "tools/export_model.py", "--config-file",
-           str(TOY / "faster_rcnn_R_18_FPN_toy.yaml"), "--format", "checkpoint", "--output",
-           str(out), "--num-images", "1", "MODEL.WEIGHTS", str(weights)]
+
+    def cmd(trial):
+        return [sys.executable, "tools/export_model.py", "--config-file",
+                str(TOY / "faster_rcnn_R_18_FPN_toy.yaml"), "--format", "checkpoint",
+                "--output", str(out), "--num-images", "1", "MODEL.WEIGHTS",
+                str(weights[trial % 2])]
+
     env = _env(tmp_path)
-    seconds = _timed(cmd, env)  # also writes the toy data set once
+    seconds = _timed(cmd(0), env)  # also writes the toy data set once
     assert _export_set_is_whole_or_absent(out) == "whole"
     rng = random.Random(SEED)
-    for trial, how in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM]):
-        run = _interrupt(cmd, env, rng.uniform(0.3, 1.0) * seconds, how)
+    for trial, how in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM],
+                                start=1):
+        run = _interrupt(cmd(trial), env, rng.uniform(0.3, 1.0) * seconds, how)
         assert _temps(out) == [], (trial, how, run.stderr[-2000:])
         _export_set_is_whole_or_absent(out)
     # a hard kill cannot clean up: its staging folder is removed by the next export
-    _interrupt(cmd, env, rng.uniform(0.5, 1.0) * seconds, signal.SIGKILL)
+    _interrupt(cmd(5), env, rng.uniform(0.5, 1.0) * seconds, signal.SIGKILL)
     _export_set_is_whole_or_absent(out)
-    subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, check=True, timeout=900)
+    subprocess.run(cmd(6), cwd=REPO, env=env, capture_output=True, check=True, timeout=900)
     assert _export_set_is_whole_or_absent(out) == "whole" and _temps(out) == []
 
 

@@ -1,5 +1,6 @@
 """Export a student detector in one format and verify it against the eager model."""
 
+import hashlib
 import json
 import os
 
@@ -32,6 +33,14 @@ def sample_images(cfg, count):
                    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         for r in records
     ]
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 MARKER = "verification.json"  # written last: an export folder without it holds no export
@@ -72,11 +81,14 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
             export_onnx(model, images[0], path)
             candidate = onnx_runner(path)
         summary = verify(eager_runner(model), candidate, images)
-        summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path))
+        digest = _sha256(path)  # binds both records to these very bytes
+        summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path),
+                       sha256=digest)
         info = {
             "format": fmt,
             "file": os.path.basename(path),
             "size_bytes": os.path.getsize(path),
+            "sha256": digest,
             "input_format": cfg.INPUT.FORMAT,
             "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
             "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
