@@ -156,7 +156,8 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
     if _read_spec(spec_path) == spec:
         return final  # the common case: no lock, no write access needed
     final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.parent / f".{final.name}.lock")):
+    # mode 0o666: another user sharing the data root can take the lock too
+    with FileLock(str(final.parent / f".{final.name}.lock"), mode=0o666):
         if _read_spec(spec_path) == spec:  # another process wrote it while we waited
             return final
         _remove_leftovers(final)  # what a hard kill of an earlier writer left behind
