@@ -122,6 +122,9 @@ def test_a_different_spec_replaces_the_set_and_leftovers_are_removed(tmp_path):
     root = tmp_path / "cls"
     make_toy_imagefolder(root, seed=0, train_per_class=2, val_per_class=1, size=32)
     first_spec = (root / SPEC_FILE).stat().st_ino
+    umask = os.umask(0)
+    os.umask(umask)
+    assert root.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by other users, not 0700
     # the same spec again: reused as it is (same file, nothing rewritten)
     make_toy_imagefolder(root, seed=0, train_per_class=2, val_per_class=1, size=32)
     assert (root / SPEC_FILE).stat().st_ino == first_spec

@@ -170,6 +170,9 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
         try:
             writer(tmp)
             (tmp / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
+            umask = os.umask(0)  # mkdtemp made it 0700: give the set the usual folder mode,
+            os.umask(umask)  # so other users of the data root can read it
+            os.chmod(tmp, 0o777 & ~umask)
             if final.exists():
                 # a different spec was asked for: move the old set away, the new one in, and
                 # only then delete the old (the path is absent only between two renames)
