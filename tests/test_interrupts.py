@@ -126,6 +126,30 @@ def test_disk_full_on_a_real_small_file_system_is_the_last_error_line(tmp_path):
     assert run.stdout.split() == ["model_final.pth"]  # the previous file only, no temp file
 
 
+@pytest.mark.slow
+def test_training_on_a_full_disk_ends_on_the_file_and_the_cause(tmp_path):
+    """The bug report's case: OUTPUT_DIR on a small tmpfs, a checkpoint save does not fit."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user+mount namespaces here to mount a small tmpfs")
+    out = tmp_path / "out"
+    out.mkdir()
+    train = [sys.executable, "tools/train_net.py", "--config-file", str(TOY / "cls_R18_toy.yaml"),
+             "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",
+             "SOLVER.IMS_PER_BATCH", "8", "INPUT.CLS.TRAIN_CROP_SIZE", "32", "TEST.EVAL_PERIOD",
+             "0"]
+    # 60 MiB: the logs fit, a ResNet-18 checkpoint with its optimizer state (~130 MB) does not
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=60m tmpfs "$1" && shift && "$@"; '
+         'rc=$?; exit $rc', "sh", str(out), *train],
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("nst_det.utils.atomic.DiskFullError: [Errno 28] No space left on "
+                           f"device (ENOSPC) while writing {out}/model_0000001.pth"), \
+        run.stderr[-3000:]
+
+
 # ---- stale temporaries -----------------------------------------------------------------------
 
 def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path):
