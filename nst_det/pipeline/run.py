@@ -166,7 +166,9 @@ class PipelineRunner:
         folder = self._job_folder(stage)
         name = f"nst_det:{stage.name}"
         if not self.slurm:
-            cpus = max(1, (os.cpu_count() or 1) // self.jobs) if stage.kind in _HEAVY else 1
+            # the cores shared among the training stages side by side and their processes
+            cpus = max(1, (os.cpu_count() or 1) // (self.jobs * tasks)) \
+                if stage.kind in _HEAVY else 1
             executor = submitit.LocalExecutor(folder)
             # a long limit: submitit's local default (2 min) would signal a time-out
             executor.update_parameters(
