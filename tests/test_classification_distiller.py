@@ -165,7 +165,7 @@ def test_trainer_few_iterations_teacher_untouched(tiny_cls, teacher_file, tmp_pa
     n_student = len(trainer.model.student.state_dict())
     assert sum(k.startswith("student.") for k in ckpt["model"]) == n_student
     assert all(k.startswith(("student.", "distill.regressors.")) for k in ckpt["model"])
-    result = trainer._last_eval_results["classification"]  # one test set: not keyed by name
+    result = trainer.last_eval_results["classification"]  # one test set: not keyed by name
     assert 0.0 <= result["top1"] <= 100.0 and result["top5"] == 100.0  # 5 classes
     assert result["num_images"] == 10
 

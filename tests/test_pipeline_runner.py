@@ -218,6 +218,9 @@ _INTERRUPTED_RUN = textwrap.dedent("""
             with atomic_write(os.path.join(stage.out_dir, f"model_{{i % 2}}.pth")) as f:
                 for _ in range(32):
                     f.write(os.urandom(1 << 15))
+            # a floor on the stage's length, so that on a fast, idle machine the random
+            # moments below still land while the stages are writing
+            time.sleep(0.02)
         return {{}}
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as tools/run_pipeline.py does

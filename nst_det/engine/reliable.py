@@ -123,11 +123,6 @@ class ReliableTrainer(TrainerBase):
     def data_loader(self):
         return self.step_trainer.data_loader
 
-    @property
-    def _last_eval_results(self):
-        """DefaultTrainer's name for `last_eval_results`, for code written against it."""
-        return self.last_eval_results
-
     def build_step_trainer(self, model, data_loader, optimizer):
         """The trainer of one iteration: detectron2's AMPTrainer for AMP on a GPU, else its
         SimpleTrainer (CPU AMP is the model's own autocast, see cpu_amp.py)."""

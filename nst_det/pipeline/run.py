@@ -46,6 +46,8 @@ JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted fo
 _PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
 _PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 5.0, "export": 40.0,
                     "report": 30.0, "calibrate": 60.0}
+# of a training stage's fixed seconds, those after its last iteration (evaluation, saving)
+_TRAIN_TAIL_SEC = _PRIOR_SEC_FIXED["train"] / 2
 _HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
 # squeue states -> this runner's words
 _SLURM_ACTIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
@@ -429,8 +431,16 @@ class PipelineRunner:
         for name, (_, started) in self._started.items():
             stage = self._by_name[name]
             progress = self._progress(stage)
-            if progress and progress["iter"] < progress["max_iter"]:
-                left[name] = progress["sec_per_iter"] * (progress["max_iter"] - progress["iter"])
+            if progress:
+                # iterations still to run plus the stage's tail (final evaluation, saving),
+                # counted from the start so the estimate never jumps up when the last
+                # iteration ends and only the tail is left
+                iters_left = progress["max_iter"] - progress["iter"]
+                tail = _TRAIN_TAIL_SEC
+                if iters_left <= 0:
+                    tail -= time.time() - os.path.getmtime(
+                        os.path.join(stage.out_dir, PROGRESS_FILE))
+                left[name] = max(1.0, progress["sec_per_iter"] * iters_left + tail)
             else:
                 left[name] = max(1.0, self._estimate(stage) - (time.time() - started))
         return left

@@ -25,7 +25,17 @@ def best_student(stages: list) -> Stage:
                 and s.meta.get("role") == "student" and stage_result(s)]
     if not students:
         raise RuntimeError("no finished student detector to export")
-    return max(students, key=lambda s: stage_result(s)["metrics"]["bbox"]["AP50"])
+    return max(students, key=lambda s: _first_test_set_ap50(stage_result(s)["metrics"]))
+
+
+def _first_test_set_ap50(metrics: dict) -> float:
+    """AP50 on the first test set: detectron2 keys results by data set only when there are
+    several (VOC and COCO evaluators both report bbox/AP50)."""
+    bbox = metrics.get("bbox") or next(
+        (m["bbox"] for m in metrics.values() if isinstance(m, dict) and "bbox" in m), None)
+    if bbox is None or "AP50" not in bbox:
+        raise RuntimeError(f"a student's final metrics hold no bbox AP50: {sorted(metrics)}")
+    return bbox["AP50"]
 
 
 def export_stage(stage: Stage, stages: list) -> dict:

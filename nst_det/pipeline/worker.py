@@ -134,7 +134,7 @@ def train_stage(stage: Stage) -> dict:
     trainer.resume_or_load(resume=True)
     trainer.train()
     # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS; EvalHook keeps them
-    results = getattr(trainer, "_last_eval_results", None) or {}
+    results = trainer.last_eval_results or {}
     _write_metrics(cfg.OUTPUT_DIR, results)
     release_process_group()
     return results
