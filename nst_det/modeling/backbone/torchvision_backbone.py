@@ -100,15 +100,17 @@ class TorchvisionBackbone(Backbone):
             KeyError: backbone keys missing from `state`; ValueError: shape mismatches.
         """
         own = self.state_dict()
-        missing = [k for k in own if k not in state]
+        # BN step counters: upstream detectron2's convert_frozen_batchnorm keeps them as buffers
+        # of FrozenBatchNorm2d (v0.6 drops them), and the conversion tool leaves them out
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
         if missing:
             raise KeyError(f"classifier state dict lacks {len(missing)} keys of the {self.arch} "
                            f"backbone: {missing[:10]}")
         wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                 if tuple(state[k].shape) != tuple(v.shape)]
+                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
         if wrong:
             raise ValueError(f"shape mismatch for {len(wrong)} keys: {wrong[:10]}")
-        self.load_state_dict({k: state[k] for k in own}, strict=True)
+        self.load_state_dict({k: state.get(k, v) for k, v in own.items()}, strict=True)
         skipped = [k for k in state if k not in own]
         logger.info("%s backbone: loaded %d tensors, skipped %d (%s...)", self.arch, len(own),
                     len(skipped), skipped[:3])
