@@ -178,6 +178,24 @@ def test_the_stage_heading_the_longest_chain_starts_first(tmp_path):
     assert order == ["head", "lone", "tail"]  # plan order would have run lone first
 
 
+def test_start_order_uses_the_pace_of_stages_of_the_same_role(tmp_path):
+    # a slow classification teacher and a fast student have reported their paces; the teacher's
+    # pace must not be taken for the student's, which would put the student's chain ahead
+    student = _stage(tmp_path, "cls_student", stage="cls", role="student")
+    teacher_det = _stage(tmp_path, "det_teacher", role="teacher")
+    stages = [student, _stage(tmp_path, "det_of_student", after=["cls_student"], role="student"),
+              teacher_det, _stage(tmp_path, "det_distilled", after=["det_teacher"], role="student")]
+    for stage in stages:
+        stage.iters = 100
+    runner, order = _runner(stages, jobs=1), []
+    runner.observe_pace(_stage(tmp_path, "s", stage="cls", role="student"), 0.2)
+    runner.observe_pace(_stage(tmp_path, "t", stage="cls", role="teacher"), 2.0)
+    runner._submit = lambda stage, after=(): _Instant(stage, order)
+    runner.run()
+    # chains: cls_student 100 x 0.2 s + det_of_student < det_teacher + det_distilled (det prior)
+    assert order[0] == "det_teacher", order
+
+
 def test_one_pipeline_eta_while_stages_run_side_by_side(tmp_path, capsys):
     stages = [Stage(n, "train", str(tmp_path / n), meta={"stage": "det"}, iters=24)
               for n in ("a", "b")]

@@ -42,7 +42,7 @@ __all__ = ["STAGE_FILE", "ClusterSettings", "PipelineRunner", "stage_result"]
 
 JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
 # prior seconds per iteration on a 2-core CPU, per stage kind, and fixed seconds per stage;
-# replaced by the stages' measured pace as the pipeline runs (used only for the ETA)
+# replaced by the stages' measured pace as the pipeline runs (for the ETA and the start order)
 _PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
 _PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 5.0, "export": 40.0,
                     "report": 30.0, "calibrate": 60.0}
@@ -251,8 +251,20 @@ class PipelineRunner:
     # ---- ETA --------------------------------------------------------------------------------
     def _estimate(self, stage: Stage) -> float:
         if stage.kind == "train":
-            return stage.iters * self._rate[stage.meta["stage"]] + _PRIOR_SEC_FIXED["train"]
+            return stage.iters * self._sec_per_iter(stage) + _PRIOR_SEC_FIXED["train"]
         return _PRIOR_SEC_FIXED[stage.kind]
+
+    def observe_pace(self, stage: Stage, sec_per_iter: float) -> None:
+        """Record a training stage's measured pace (its progress.json) for later estimates."""
+        kind = stage.meta["stage"]
+        self._rate[kind] = self._rate[kind, stage.meta.get("role")] = sec_per_iter
+
+    def _sec_per_iter(self, stage: Stage) -> float:
+        """The latest pace measured on a stage of the same kind and role (a teacher's network
+        is not a student's: one pace per kind put the students of a slow teacher behind the
+        teacher detector in the start order), else on any stage of the kind, else the prior."""
+        kind = stage.meta["stage"]
+        return self._rate.get((kind, stage.meta.get("role")), self._rate[kind])
 
     def _critical_path(self, stage: Stage, memo: dict) -> float:
         """Estimated seconds of the longest chain of stages from `stage` to the end."""
@@ -457,7 +469,7 @@ class PipelineRunner:
             if tenth <= shown.get(name, 0) or done < total and tenth == 0:
                 continue
             shown[name] = tenth
-            self._rate[stage.meta["stage"]] = progress["sec_per_iter"]
+            self.observe_pace(stage, progress["sec_per_iter"])
             eta = self._eta(self._left(waiting), self._finished)
             print(f"    {self._labels[name]}: iter {done}/{total} ({100 * done // total}%) "
                   f"{progress['sec_per_iter']:.2f} s/it | stage ETA "
