@@ -21,8 +21,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+from nst_det.pipeline.cluster import ClusterSettings
 from nst_det.pipeline.plan import Stage
-from nst_det.pipeline.run import STAGE_FILE, ClusterSettings, PipelineRunner
+from nst_det.pipeline.run import STAGE_FILE, PipelineRunner
 from nst_det.pipeline.worker import sweep_temp_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -227,7 +228,8 @@ def test_sweep_removes_only_temporaries_and_spares_other_stages(tmp_path):
 _INTERRUPTED_RUN = textwrap.dedent("""
     import os, signal, sys, time
     from nst_det.pipeline.plan import Stage
-    from nst_det.pipeline.run import ClusterSettings, PipelineRunner
+    from nst_det.pipeline.cluster import ClusterSettings
+    from nst_det.pipeline.run import PipelineRunner
 
     def saving(stage):
         # checkpoint-sized atomic writes, back to back: an interruption lands in one of them

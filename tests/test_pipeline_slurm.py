@@ -21,8 +21,9 @@ import pytest
 import torch
 from _slurm_cluster import SlurmCluster, unavailable_reason
 
+from nst_det.pipeline.cluster import ClusterSettings
 from nst_det.pipeline.plan import TOY_CONFIGS, TOY_SCALES, Stage, build_plan
-from nst_det.pipeline.run import STAGE_FILE, ClusterSettings, PipelineRunner
+from nst_det.pipeline.run import STAGE_FILE, PipelineRunner
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable_reason() is not None,

@@ -39,10 +39,10 @@ from nst_det.pipeline import (  # noqa: E402
     build_plan,
 )
 from nst_det.pipeline.calibrate import calibrate_stage  # noqa: E402
+from nst_det.pipeline.cluster import ClusterSettings  # noqa: E402
 from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  # noqa: E402
 from nst_det.pipeline.plan import TOY_PLANS  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
-from nst_det.pipeline.run import ClusterSettings  # noqa: E402
 from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
 
 

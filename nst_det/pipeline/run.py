@@ -11,7 +11,8 @@ rerun resubmits only what is not finished (and reuses SLURM jobs still queued or
 a training stage resumes from its last checkpoint. The runner is the only process that prints:
 one line per stage start and end, ~10 progress lines per training stage (read from the
 stage's `progress.json`), each with the one pipeline ETA. `status()` lists every stage as
-pending / queued / running / done / failed with its job id and log.
+pending / queued / running / done / failed with its job id and log. Executors and job states
+of either cluster come from `cluster.py`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ import shutil
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-
-import submitit
 
 from ..utils.atomic import atomic_write
+from .cluster import SLURM_ACTIVE, ClusterSettings, local_job_alive, squeue, stage_executor
 from .plan import Stage
 from .worker import (
     PROGRESS_FILE,
@@ -38,7 +37,7 @@ from .worker import (
     sweep_temp_files,
 )
 
-__all__ = ["STAGE_FILE", "ClusterSettings", "PipelineRunner", "stage_result"]
+__all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
 
 JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
 # prior seconds per iteration on a 2-core CPU, per stage kind, and fixed seconds per stage;
@@ -49,41 +48,6 @@ _PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 5.0, "export": 4
 # of a training stage's fixed seconds, those after its last iteration (evaluation, saving)
 _TRAIN_TAIL_SEC = _PRIOR_SEC_FIXED["train"] / 2
 _HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
-# squeue states -> this runner's words
-_SLURM_ACTIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
-                 "REQUEUE_FED": "queued", "SUSPENDED": "queued", "RESV_DEL_HOLD": "queued",
-                 "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
-                 "RESIZING": "running", "STAGE_OUT": "running", "SIGNALING": "running"}
-
-
-@dataclass
-class ClusterSettings:
-    """Where the stages run and with what, per stage kind ("cls", "det": training/evaluation
-    stages of that task; "other": conversion, export, report).
-
-    cluster: "local" (submitit's local executor) or "slurm".
-    jobs: local only: training stages side by side.
-    tasks / gpus / nodes / time_min / cpus: per kind, `{"cls": 8, ...}`, a missing kind
-        falling back to "default". tasks: processes per node (one per GPU; default = gpus or 1).
-    partition, account: SLURM's; sbatch: extra `#SBATCH --key=value` options.
-    """
-
-    cluster: str = "local"
-    jobs: int = 1
-    tasks: dict = field(default_factory=dict)
-    gpus: dict = field(default_factory=dict)
-    nodes: dict = field(default_factory=dict)
-    time_min: dict = field(default_factory=dict)
-    cpus: dict = field(default_factory=dict)
-    partition: str | None = None
-    account: str | None = None
-    sbatch: dict = field(default_factory=dict)
-
-    def get(self, name: str, kind: str, default):
-        values = getattr(self, name)
-        return values.get(kind, values.get("default", default))
-
-
 def _fmt(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
@@ -99,19 +63,6 @@ def _read_json(path: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):  # absent, or being replaced right now
         return None
-
-
-def _squeue(job_ids) -> dict:
-    """job id -> (state, reason) for SLURM jobs slurmctld still knows."""
-    if not job_ids:
-        return {}
-    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%r",
-                          "-j", ",".join(sorted(job_ids))], capture_output=True, text=True)
-    states = {}
-    for line in out.stdout.splitlines():
-        job_id, state, reason = (line.split("|") + ["", ""])[:3]
-        states[job_id.strip()] = (state.strip(), reason.strip())
-    return states
 
 
 class PipelineRunner:
@@ -160,38 +111,9 @@ class PipelineRunner:
                 f"{os.path.join(stage.out_dir, 'log.rank0.txt')}")
 
     # ---- submission ---------------------------------------------------------------------------
-    def _executor(self, stage: Stage, after_ids=()):
-        """A submitit executor for one stage, with its resources (and SLURM dependencies)."""
-        s, kind = self.settings, _kind(stage)
-        gpus = s.get("gpus", kind, 0)
-        tasks = s.get("tasks", kind, gpus or 1) if kind != "other" else 1
-        folder = self._job_folder(stage)
-        name = f"nst_det:{stage.name}"
-        if not self.slurm:
-            # the cores shared among the training stages side by side and their processes
-            cpus = max(1, (os.cpu_count() or 1) // (self.jobs * tasks)) \
-                if stage.kind in _HEAVY else 1
-            executor = submitit.LocalExecutor(folder)
-            # a long limit: submitit's local default (2 min) would signal a time-out
-            executor.update_parameters(
-                timeout_min=s.get("time_min", kind, 60 * 24 * 30), tasks_per_node=tasks,
-                gpus_per_node=gpus, name=name)
-            return executor, cpus
-        cpus = s.get("cpus", kind, None)
-        # a requeued job (time limit, preemption) appends to its logs instead of truncating them
-        extra = {"kill-on-invalid-dep": "yes", "open-mode": "append", **s.sbatch}
-        if after_ids:
-            extra["dependency"] = "afterok:" + ":".join(after_ids)
-        executor = submitit.SlurmExecutor(folder)
-        executor.update_parameters(
-            job_name=name, time=s.get("time_min", kind, 60 * 24), nodes=s.get("nodes", kind, 1),
-            ntasks_per_node=tasks, gpus_per_node=gpus or None, cpus_per_task=cpus,
-            partition=s.partition, account=s.account, additional_parameters=extra,
-            setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
-        return executor, cpus or 0
-
     def _submit(self, stage: Stage, after_ids=()):
-        executor, threads = self._executor(stage, after_ids)
+        executor, threads = stage_executor(self.settings, _kind(stage), self._job_folder(stage),
+                                           f"nst_det:{stage.name}", after_ids)
         others = [s.out_dir for s in self.stages if s is not stage]
         # a local job's processes take their environment from this one at submission (submitit's
         # `setup` would put a shell between the runner and the job, which Ctrl-C would not stop)
@@ -207,19 +129,11 @@ class PipelineRunner:
         return job
 
     # ---- state ------------------------------------------------------------------------------
-    def _local_alive(self, record: dict) -> bool:
-        try:
-            os.kill(int(record["job_id"]), 0)  # a local job id is its controller's pid
-        except (OSError, ValueError):
-            return False
-        cmdline = _read_cmdline(int(record["job_id"]))
-        return "submitit" in cmdline
-
     def states(self) -> dict:
         """name -> (state, job id or "", logs); state: pending/queued/running/done/failed."""
         records = {s.name: self._record(s) for s in self.stages}
         slurm_ids = [r["job_id"] for r in records.values() if r and r["cluster"] == "slurm"]
-        squeue = _squeue(slurm_ids) if slurm_ids and shutil.which("squeue") else {}
+        slurm_states = squeue(slurm_ids) if slurm_ids and shutil.which("squeue") else {}
         out = {}
         for stage in self.stages:
             record = records[stage.name]
@@ -230,12 +144,12 @@ class PipelineRunner:
             elif record is None:
                 state = "pending"
             elif record["cluster"] == "slurm":
-                slurm_state, reason = squeue.get(job_id, ("", ""))
-                state = _SLURM_ACTIVE.get(slurm_state, "failed")
+                slurm_state, reason = slurm_states.get(job_id, ("", ""))
+                state = SLURM_ACTIVE.get(slurm_state, "failed")
                 if reason == "DependencyNeverSatisfied":  # an input failed: it never ran
                     state = "pending"
             else:
-                state = "running" if self._local_alive(record) else "failed"
+                state = "running" if local_job_alive(record["job_id"]) else "failed"
             out[stage.name] = (state, job_id, log)
         return out
 
@@ -333,10 +247,10 @@ class PipelineRunner:
 
     def _submit_all(self, pending: list) -> None:
         """SLURM: every unfinished stage at once, `afterok` on the unfinished ones it reads."""
-        job_ids, active = {}, _squeue([r["job_id"] for r in map(self._record, pending) if r])
+        job_ids, active = {}, squeue([r["job_id"] for r in map(self._record, pending) if r])
         for stage in self._in_dependency_order(pending):
             record = self._record(stage)
-            if record and active.get(record["job_id"], ("",))[0] in _SLURM_ACTIVE:
+            if record and active.get(record["job_id"], ("",))[0] in SLURM_ACTIVE:
                 job_ids[stage.name] = record["job_id"]  # still queued or running: keep it
                 print(f"{self._labels[stage.name]} already submitted (job {record['job_id']})",
                       flush=True)
@@ -406,9 +320,9 @@ class PipelineRunner:
         """(name, job id) of the started jobs that have ended since the last call."""
         ended = []
         if self.slurm:
-            states = _squeue([job_id for job_id, _ in self._started.values()])
+            states = squeue([job_id for job_id, _ in self._started.values()])
             for name, (job_id, _) in list(self._started.items()):
-                if states.get(job_id, ("",))[0] not in _SLURM_ACTIVE:
+                if states.get(job_id, ("",))[0] not in SLURM_ACTIVE:
                     del self._started[name]
                     ended.append((name, job_id))
             return ended
@@ -486,7 +400,7 @@ class PipelineRunner:
             subprocess.run(["scancel", *ids], capture_output=True)
             deadline = time.time() + 60
             while time.time() < deadline and any(
-                    state in _SLURM_ACTIVE for state, _ in _squeue(ids).values()):
+                    state in SLURM_ACTIVE for state, _ in squeue(ids).values()):
                 time.sleep(1.0)
         else:
             # Ctrl-C in a terminal reached the jobs too: let them stop by themselves first, so
@@ -518,14 +432,6 @@ def _environ(**values):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _read_cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _summary(metrics: dict) -> str:

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Wall-clock of the toy pipeline (`make demo`'s work) for this tree and an earlier revision.
+
+    python benchmarks/bench_pipeline_wallclock.py                  # this tree, then 7e2bd0e
+    python benchmarks/bench_pipeline_wallclock.py --order old,new --scale ci
+
+Each run starts from an empty data root and output folder of its own (as `rm -rf datasets output
+&& make demo` does) and runs `tools/run_pipeline.py` of its revision with the venv's python; the
+earlier revision is checked out in a git worktree under --work. Printed per run: the wall-clock,
+the training stages' own seconds summed, and the packing (wall-clock / (those seconds / jobs)):
+1.0 would mean both job slots busy with training all the time, so the packing compares how two
+schedulers start and overlap the same stages apart from how fast the machine happened to be.
+Run the two revisions back to back, and again in the other order, to see the machine's drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the last revision with the pipeline's own scheduler (before the stages became submitit jobs)
+OLD_REV = "7e2bd0e"
+
+
+def _source(name: str, rev: str, work: str) -> str:
+    if name == "new":
+        return REPO
+    src = os.path.join(work, f"src_{rev}")
+    if not os.path.isdir(src):
+        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", src, rev], check=True,
+                       capture_output=True)
+    return src
+
+
+def _stage_records(out: str) -> list:
+    records = []
+    for path in glob.glob(os.path.join(out, "*", "stage.json")):
+        with open(path) as f:
+            records.append(json.load(f))
+    return records
+
+
+def run_once(name: str, src: str, work: str, scale: str, jobs: int) -> dict:
+    """Run one revision's pipeline from empty folders; returns its figures."""
+    root = os.path.join(work, name)
+    shutil.rmtree(root, ignore_errors=True)
+    data, out = os.path.join(root, "data"), os.path.join(root, "out")
+    os.makedirs(data)
+    env = dict(os.environ, PYTHONPATH=src, DETECTRON2_DATASETS=data,
+               OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    cmd = [sys.executable, "tools/run_pipeline.py", "--output", out, "--scale", scale,
+           "--jobs", str(jobs)]
+    start = time.perf_counter()
+    with open(os.path.join(root, "log.txt"), "w") as log:
+        subprocess.run(cmd, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    wall = time.perf_counter() - start
+    train = sum(r["seconds"] for r in _stage_records(out) if r["kind"] == "train")
+    return {"run": name, "wall_s": wall, "train_stage_s": train,
+            "packing": wall / (train / jobs) if train else float("nan")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", default=OLD_REV, help="the earlier revision ('old')")
+    parser.add_argument("--order", default="new,old", help="runs, in order: new and/or old")
+    parser.add_argument("--scale", default="demo", choices=("demo", "ci"))
+    parser.add_argument("--jobs", type=int, default=2, help="training stages side by side")
+    parser.add_argument("--work", default="/tmp/nst_det_bench_pipeline")
+    args = parser.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    rows = []
+    for name in args.order.split(","):
+        row = run_once(name, _source(name, args.rev, args.work), args.work, args.scale, args.jobs)
+        rows.append(row)
+        print(f"{row['run']:>4}: wall {row['wall_s'] / 60:5.2f} min | training stages "
+              f"{row['train_stage_s'] / 60:5.2f} min | packing {row['packing']:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

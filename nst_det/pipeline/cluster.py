@@ -1,0 +1,110 @@
+"""Where a pipeline stage runs: submitit executors for this machine or SLURM, and job states.
+
+`ClusterSettings` holds the choice (local / slurm) and the resources per stage kind;
+`stage_executor` builds the submitit executor of one stage from them; `squeue` and
+`local_job_alive` tell whether a submitted job is still queued or running.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+
+import submitit
+
+__all__ = ["ClusterSettings", "SLURM_ACTIVE", "squeue", "local_job_alive", "stage_executor"]
+
+# squeue states of a job that has not ended -> the pipeline's words for them
+SLURM_ACTIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
+                "REQUEUE_FED": "queued", "SUSPENDED": "queued", "RESV_DEL_HOLD": "queued",
+                "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
+                "RESIZING": "running", "STAGE_OUT": "running", "SIGNALING": "running"}
+
+
+@dataclass
+class ClusterSettings:
+    """Where the stages run and with what, per stage kind ("cls", "det": training/evaluation
+    stages of that task; "other": conversion, export, report).
+
+    cluster: "local" (submitit's local executor) or "slurm".
+    jobs: local only: training stages side by side.
+    tasks / gpus / nodes / time_min / cpus: per kind, `{"cls": 8, ...}`, a missing kind
+        falling back to "default". tasks: processes per node (one per GPU; default = gpus or 1).
+    partition, account: SLURM's; sbatch: extra `#SBATCH --key=value` options.
+    """
+
+    cluster: str = "local"
+    jobs: int = 1
+    tasks: dict = field(default_factory=dict)
+    gpus: dict = field(default_factory=dict)
+    nodes: dict = field(default_factory=dict)
+    time_min: dict = field(default_factory=dict)
+    cpus: dict = field(default_factory=dict)
+    partition: str | None = None
+    account: str | None = None
+    sbatch: dict = field(default_factory=dict)
+
+    def get(self, name: str, kind: str, default):
+        values = getattr(self, name)
+        return values.get(kind, values.get("default", default))
+
+
+def stage_executor(settings: ClusterSettings, kind: str, folder: str, name: str,
+                   after_ids=()) -> tuple:
+    """(submitit executor, torch threads per task or 0 for "as SLURM gives") of one stage.
+
+    kind: "cls" / "det" for training and evaluation stages, "other" for the rest (one task).
+    after_ids: SLURM job ids the stage waits for (`afterok`).
+    """
+    s = settings
+    gpus = s.get("gpus", kind, 0)
+    tasks = s.get("tasks", kind, gpus or 1) if kind != "other" else 1
+    if s.cluster != "slurm":
+        # the cores shared among the training stages side by side and their processes
+        cpus = max(1, (os.cpu_count() or 1) // (max(1, s.jobs) * tasks)) \
+            if kind != "other" else 1
+        executor = submitit.LocalExecutor(folder)
+        # a long limit: submitit's local default (2 min) would signal a time-out
+        executor.update_parameters(
+            timeout_min=s.get("time_min", kind, 60 * 24 * 30), tasks_per_node=tasks,
+            gpus_per_node=gpus, name=name)
+        return executor, cpus
+    cpus = s.get("cpus", kind, None)
+    # a requeued job (time limit, preemption) appends to its logs instead of truncating them
+    extra = {"kill-on-invalid-dep": "yes", "open-mode": "append", **s.sbatch}
+    if after_ids:
+        extra["dependency"] = "afterok:" + ":".join(after_ids)
+    executor = submitit.SlurmExecutor(folder)
+    executor.update_parameters(
+        job_name=name, time=s.get("time_min", kind, 60 * 24), nodes=s.get("nodes", kind, 1),
+        ntasks_per_node=tasks, gpus_per_node=gpus or None, cpus_per_task=cpus,
+        partition=s.partition, account=s.account, additional_parameters=extra,
+        setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}"])
+    return executor, cpus or 0
+
+
+def squeue(job_ids) -> dict:
+    """job id -> (state, reason) for the SLURM jobs slurmctld still knows."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%r",
+                          "-j", ",".join(sorted(job_ids))], capture_output=True, text=True)
+    states = {}
+    for line in out.stdout.splitlines():
+        job_id, state, reason = (line.split("|") + ["", ""])[:3]
+        states[job_id.strip()] = (state.strip(), reason.strip())
+    return states
+
+
+def local_job_alive(job_id: str) -> bool:
+    """Whether a local submitit job (its id is its controller's pid) is still running."""
+    try:
+        os.kill(int(job_id), 0)
+    except (OSError, ValueError):
+        return False
+    try:  # the pid may have been reused by another program
+        with open(f"/proc/{int(job_id)}/cmdline", "rb") as f:
+            return b"submitit" in f.read()
+    except OSError:
+        return False
