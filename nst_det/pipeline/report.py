@@ -3,8 +3,8 @@
 Every number is read from the stage files of the runs just made (stage.json, metrics.json) or
 measured here (parameters, inference time, MMD between teacher and student features); the
 report names the file each number comes from. What was run (backbones, detectors, the feature
-levels NST pairs, the data sets) is read from each run's own config (its `config.yaml`, else the
-plan's config file and overrides), and the results table has a column for each detection metric
+levels NST pairs, the data sets) is read from each run's own config by describe.py (its
+`config.yaml`, else the plan's config file and overrides), and the results table has a column for each detection metric
 the stage records hold (VOC: AP50, AP, AP75; COCO: AP, AP50, AP75, APs, APm, APl), so the same
 code describes a toy run and a paper-scale one. Measurements that need a run's weights and test
 images are skipped, saying so, when those files are not there.
@@ -30,88 +30,24 @@ from ..config import load_config  # noqa: E402
 from ..export import eager_runner, preprocess  # noqa: E402
 from ..export.student import load_student_detector  # noqa: E402
 from ..losses import nst_loss  # noqa: E402
+from .describe import (  # noqa: E402
+    backbone_name,
+    classifier_name,
+    detector_name,
+    distillation_summary,
+    evaluator_label,
+    set_list,
+    stage_config,
+    training_precision,
+)
 from .plan import STUDENT_METHODS, Stage  # noqa: E402
 from .report_methods import methods_section  # noqa: E402
 from .run import stage_result  # noqa: E402
 
 FIG_DIR = "figures"
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # preferred column order of the detection metrics, by evaluator type; others follow sorted
 _METRIC_ORDER = {"pascal_voc": ("AP50", "AP", "AP75"),
                  "coco": ("AP", "AP50", "AP75", "APs", "APm", "APl")}
-_DETECTORS = {"GeneralizedRCNN": "Faster R-CNN", "DistillationRCNN": "Faster R-CNN",
-              "RetinaNet": "RetinaNet", "DistillationRetinaNet": "RetinaNet"}
-_CLASSIFIERS = {"inception_bn": "Inception-BN", "mobilenet_v3_large": "MobileNetV3-Large",
-                "mobilenet_v3_small": "MobileNetV3-Small"}
-
-
-def stage_config(stage: Stage):
-    """The config a stage ran with: its OUTPUT_DIR's config.yaml (written by the run), else
-    the plan's config file (relative to the repository) with the stage's overrides."""
-    written = os.path.join(stage.out_dir, "config.yaml")
-    if os.path.isfile(written):
-        return load_config(written)
-    config = stage.config if os.path.isabs(stage.config) else os.path.join(REPO, stage.config)
-    return load_config(config, stage.opts)
-
-
-def classifier_name(arch: str) -> str:
-    """'resnet18' -> 'R-18', 'inception_bn' -> 'Inception-BN', torchvision names as they are."""
-    arch = arch.split(":", 1)[-1]
-    if arch.startswith("resnet") and arch[6:].isdigit():
-        return f"R-{arch[6:]}"
-    return _CLASSIFIERS.get(arch, arch)
-
-
-def backbone_name(cfg) -> str:
-    """A detector's backbone in the paper's words, e.g. 'R-50' (from its config)."""
-    name = cfg.MODEL.BACKBONE.NAME
-    if "resnet" in name:
-        return f"R-{cfg.MODEL.RESNETS.DEPTH}"
-    if "inception" in name.lower():
-        return "Inception-BN"
-    if "torchvision" in name:  # nst_det's torchvision backbones
-        return classifier_name(cfg.MODEL.TORCHVISION.ARCH)
-    return name
-
-
-def detector_name(cfg) -> str:
-    """e.g. 'Faster R-CNN, R-18 FPN backbone' (from the config)."""
-    arch = _DETECTORS.get(cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.META_ARCHITECTURE)
-    layout = "FPN" if "fpn" in cfg.MODEL.BACKBONE.NAME.lower() else "C4"
-    return f"{arch}, {backbone_name(cfg)} {layout} backbone"
-
-
-def _distillation(cfg) -> str:
-    """The transfer losses a config turns on, with their feature pairs, or ''."""
-    parts = []
-    pairs = ", ".join(f"{s}→{t}" for s, t in zip(cfg.MODEL.DISTILL.STUDENT_FEATURES,
-                                                  cfg.MODEL.DISTILL.TEACHER_FEATURES))
-    if cfg.MODEL.NST.LOSS_WEIGHT > 0:
-        parts.append(f"NST ({cfg.MODEL.NST.KERNEL} kernel, MODEL.NST.LOSS_WEIGHT "
-                     f"{cfg.MODEL.NST.LOSS_WEIGHT:g}) on student→teacher features {pairs}")
-    if cfg.MODEL.KD.LOSS_WEIGHT > 0:
-        parts.append(f"KD (weight {cfg.MODEL.KD.LOSS_WEIGHT:g}, T = "
-                     f"{cfg.MODEL.KD.TEMPERATURE:g})")
-    for name, weight in zip(cfg.MODEL.TRANSFER.NAMES, cfg.MODEL.TRANSFER.WEIGHTS):
-        if weight > 0:
-            parts.append(f"{name} (weight {weight:g}) on {pairs}")
-    return "; ".join(parts)
-
-
-def _sets(names) -> str:
-    return ", ".join(f"`{n}`" for n in names) or "none"
-
-
-def _evaluator(test_set: str) -> tuple[str, str]:
-    """(evaluator type, a label such as 'VOC2007 test') of a registered test set."""
-    meta = MetadataCatalog.get(test_set)
-    kind = meta.get("evaluator_type", "")
-    if kind == "pascal_voc":
-        return kind, f"VOC{meta.get('year', '')} metric"
-    return kind, f"{kind or 'detection'} metric"
-
-
 def _metrics_rows(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -198,7 +134,7 @@ class Report:
         cls_teacher = self._find(stage="cls", role="teacher")[0]
         students = self._find(stage="det", role="student")
         t_cfg = stage_config(det_teacher)
-        kind, _ = _evaluator(t_cfg.DATASETS.TEST[0])
+        kind, _ = evaluator_label(t_cfg.DATASETS.TEST[0])
         bbox = {s.name: stage_result(s)["metrics"]["bbox"] for s in [det_teacher, *students]}
         common = set.intersection(*({k for k in b if "-" not in k} for b in bbox.values()))
         order = _METRIC_ORDER.get(kind, _METRIC_ORDER["coco"])
@@ -243,27 +179,29 @@ class Report:
         how = "trained here" if cls_teacher.kind == "train" else \
             f"published weights `{cfg.MODEL.CLASSIFIER.WEIGHTS}`, evaluated here"
         lines.append(f"Classification teacher: {classifier_name(cfg.MODEL.CLASSIFIER.ARCH)} "
-                     f"({how}); train {_sets(cfg.DATASETS.TRAIN)}, top-1 on "
-                     f"{_sets(cfg.DATASETS.TEST)}.")
+                     f"({how}); train {set_list(cfg.DATASETS.TRAIN)}, top-1 on "
+                     f"{set_list(cfg.DATASETS.TEST)}.")
         for method, label in STUDENT_METHODS.items():
             runs = self._find(stage="cls", role="student", method=method)
             if runs:
                 cfg = stage_config(runs[0])
-                losses = _distillation(cfg) or "cross-entropy only"
+                losses = distillation_summary(cfg) or "cross-entropy only"
                 lines.append(f"Pretrained student \"{label}\": "
                              f"{classifier_name(cfg.MODEL.CLASSIFIER.ARCH)}, {losses}; train "
-                             f"{_sets(cfg.DATASETS.TRAIN)}, top-1 on {_sets(cfg.DATASETS.TEST)}.")
+                             f"{set_list(cfg.DATASETS.TRAIN)}, top-1 on "
+                             f"{set_list(cfg.DATASETS.TEST)}.")
         cfg = stage_config(self._find(stage="det", role="teacher")[0])
-        lines.append(f"Teacher detector: {detector_name(cfg)}; train {_sets(cfg.DATASETS.TRAIN)}"
-                     f", test {_sets(cfg.DATASETS.TEST)} ({_evaluator(cfg.DATASETS.TEST[0])[1]}).")
+        lines.append(f"Teacher detector: {detector_name(cfg)}; train "
+                     f"{set_list(cfg.DATASETS.TRAIN)}, test {set_list(cfg.DATASETS.TEST)} "
+                     f"({evaluator_label(cfg.DATASETS.TEST[0])[1]}).")
         for det_nst in (False, True):
             runs = self._find(stage="det", role="student", det_nst=det_nst)
             if runs:
                 cfg = stage_config(runs[0])
-                losses = _distillation(cfg) or "detection losses only (fine-tuning)"
+                losses = distillation_summary(cfg) or "detection losses only (fine-tuning)"
                 lines.append(f"Student detectors {'with' if det_nst else 'without'} "
                              f"detection-stage NST: {detector_name(cfg)}, {losses}; train "
-                             f"{_sets(cfg.DATASETS.TRAIN)}, test {_sets(cfg.DATASETS.TEST)}.")
+                             f"{set_list(cfg.DATASETS.TRAIN)}, test {set_list(cfg.DATASETS.TEST)}.")
         return lines
 
     def nst_feature(self) -> tuple[str, str] | None:
@@ -400,16 +338,6 @@ class Report:
         return path
 
 
-def _precision(stage: Stage) -> str:
-    cfg = stage_config(stage)
-    layout = ", channels_last" if cfg.NST_DET.CHANNELS_LAST else ""
-    if not cfg.SOLVER.AMP.ENABLED:
-        return f"float32{layout}"
-    if cfg.MODEL.DEVICE.startswith("cuda"):
-        return f"float16 autocast (SOLVER.AMP.ENABLED, detectron2's AMPTrainer){layout}"
-    return f"bfloat16 autocast on the CPU (SOLVER.AMP.ENABLED){layout}; evaluation in float32"
-
-
 def _verdict(numbers: dict, mmd: dict, main: str, student: str, pair) -> list[str]:
     """Plain statements about what the numbers do and do not show (computed, not hand-written).
 
@@ -484,10 +412,10 @@ def write_report(stages: list, out_dir: str) -> dict:
         "writing this report (parameters, CPU time per image, MMD).", "",
         "## What was run", "", *[f"- {line}" for line in report.what_was_run()], "",
         "## Results (the paper's detection-table layout)", "", table,
-        f"Training precision: {_precision(students[0])}. "
+        f"Training precision: {training_precision(students[0])}. "
         f"Student rows: mean ± standard deviation over seeds {seeds}. Top-1 is the pretrained "
-        f"classification backbone's, on {_sets(cls_test)}; detection metrics ("
-        f"{', '.join(report.metrics)}) on {_sets(det_test)}.{measured}", "", *skipped,
+        f"classification backbone's, on {set_list(cls_test)}; detection metrics ("
+        f"{', '.join(report.metrics)}) on {set_list(det_test)}.{measured}", "", *skipped,
         "## What the numbers show", "",
         *[f"- {line}" for line in _verdict(numbers, mmd, main, report.student_name(),
                                            report.nst_feature())], "",
