@@ -4,10 +4,10 @@ Every number is read from the stage files of the runs just made (stage.json, met
 measured here (parameters, inference time, MMD between teacher and student features); the
 report names the file each number comes from. What was run (backbones, detectors, the feature
 levels NST pairs, the data sets) is read from each run's own config by describe.py (its
-`config.yaml`, else the plan's config file and overrides), and the results table has a column for each detection metric
-the stage records hold (VOC: AP50, AP, AP75; COCO: AP, AP50, AP75, APs, APm, APl), so the same
-code describes a toy run and a paper-scale one. Measurements that need a run's weights and test
-images are skipped, saying so, when those files are not there.
+`config.yaml`, else the plan's config file and overrides), and the results table has a column
+for each detection metric the stage records hold (VOC: AP50, AP, AP75; COCO: AP, AP50, AP75, APs,
+APm, APl), so the same code describes a toy run and a paper-scale one. Measurements that need a
+run's weights and test images are skipped, saying so, when those files are not there.
 """
 
 from __future__ import annotations
