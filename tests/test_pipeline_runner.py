@@ -197,6 +197,22 @@ def test_start_order_uses_the_pace_of_stages_of_the_same_role(tmp_path):
     assert order[0] == "det_teacher", order
 
 
+def test_a_slot_is_held_for_a_longer_chain_waiting_only_for_a_conversion(tmp_path):
+    # the demo's moment when the classification teacher ends: its conversion is ready, the teacher
+    # detector waits only for that conversion, two student pretrainings (short chains) are ready
+    stages = [_stage(tmp_path, "convert", kind="convert"),
+              _stage(tmp_path, "det_teacher", after=["convert"], role="teacher"),
+              _stage(tmp_path, "det_distilled", after=["det_teacher"], role="student"),
+              _stage(tmp_path, "cls_a", stage="cls", role="student"),
+              _stage(tmp_path, "cls_b", stage="cls", role="student")]
+    stages[1].iters = stages[2].iters = 100
+    runner, order = _runner(stages, jobs=2), []
+    runner._submit = lambda stage, after=(): _Instant(stage, order)
+    runner.run()
+    # without the held slot both students start while the conversion runs
+    assert order.index("det_teacher") < order.index("cls_b"), order
+
+
 def test_one_pipeline_eta_while_stages_run_side_by_side(tmp_path, capsys):
     stages = [Stage(n, "train", str(tmp_path / n), meta={"stage": "det"}, iters=24)
               for n in ("a", "b")]
