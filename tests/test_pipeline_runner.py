@@ -280,6 +280,29 @@ def _job_processes(root):
     return pids
 
 
+def test_stopping_a_pipeline_started_with_sigint_ignored_stops_its_jobs(tmp_path):
+    # `nohup ... &` or `&` in a script starts the runner, and so its jobs, with SIGINT ignored:
+    # cancelling them must not rely on SIGINT alone
+    script = tmp_path / "run.py"
+    # stages that would write for many minutes: only a stop can end them within the test
+    script.write_text(_INTERRUPTED_RUN.format().replace('"saves": 120', '"saves": 100000'))
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, str(script), str(out)], cwd=REPO,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("*/model_*.pth")) and time.time() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    log = run.communicate(timeout=120)[0]
+    deadline = time.time() + 30
+    while _job_processes(out) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _job_processes(out) == [], f"jobs outlived the pipeline\n{log[-3000:]}"
+    assert [p for p in out.rglob("*") if p.name.endswith((".tmp", ".save_tmp"))] == []
+
+
 def test_stopping_the_pipeline_at_random_moments_leaves_no_temporary_file(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(_INTERRUPTED_RUN.format())

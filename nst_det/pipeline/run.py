@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -431,6 +432,18 @@ class PipelineRunner:
             for job, _ in started.values():
                 if not job.done():
                     job.cancel()  # SIGINT to submitit's controller: SIGINT, then SIGKILL, to tasks
+            deadline = time.time() + 5.0
+            while time.time() < deadline and not all(j.done() for j, _ in started.values()):
+                time.sleep(0.1)
+            # a runner started with SIGINT ignored (nohup, `&` in a script) passes that on to the
+            # controllers, which then ignore the cancel: SIGTERM, which submitit's controller
+            # forwards to its tasks, and a StageJob unwinds on as on Ctrl-C
+            for job, _ in started.values():
+                if not job.done():
+                    try:
+                        os.kill(int(job.job_id), signal.SIGTERM)
+                    except (OSError, ValueError):
+                        pass
             deadline = time.time() + 20.0
             while time.time() < deadline and not all(j.done() for j, _ in started.values()):
                 time.sleep(0.1)
