@@ -313,8 +313,11 @@ def test_stopping_the_pipeline_at_random_moments_leaves_no_temporary_file(tmp_pa
     for trial in range(4):
         for old in out.glob("*/model_*.pth"):  # what an earlier trial's stages wrote
             old.unlink()
+        # Ctrl-C as in a terminal: SIGINT handled even where this test runs with it ignored
+        # (pytest under nohup or `&` in a script passes the ignored SIGINT on)
         run = subprocess.Popen([sys.executable, str(script), str(out)], cwd=REPO, env=env,
                                start_new_session=True, stdout=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                                stderr=subprocess.STDOUT, text=True)
         # a random moment once a stage is writing (before that, only start-up is interrupted)
         deadline = time.time() + 120
