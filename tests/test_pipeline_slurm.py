@@ -8,8 +8,10 @@ weights; a failing stage whose dependents never run. Skipped where SLURM cannot 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -174,6 +176,27 @@ def test_scancel_then_resubmission_resumes_to_the_same_weights(slurm, data_root,
     _assert_same_weights(folder, reference_weights)
 
 
+@contextlib.contextmanager
+def _paused(job_id):
+    """SIGSTOP every process of the job, SIGCONT on exit: a signal sent meanwhile stays pending
+    and is handled on SIGCONT, with the job still mid-training. (SLURM refuses to signal a job
+    paused with `scontrol suspend`.)"""
+    listing = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True,
+                             check=True).stdout
+    pids = [int(line.split()[0]) for line in listing.splitlines()[1:]
+            if line.split() and line.split()[0].isdigit()]
+    assert pids, listing
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # a short-lived helper may be gone
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def _start_when_requeued(job_id, stop):
     """Skip the delay SLURM gives a requeued batch job before it may start (BeginTime)."""
     while not stop.is_set():
@@ -189,7 +212,8 @@ def test_preempted_stage_is_requeued_and_resumes(slurm, data_root, module_tmp_pa
     checkpoints the job and requeues it under the same id; it resumes from its checkpoint."""
     stage = _cls_stage(module_tmp_path / "preempted", _ITERS, *_RESUME_OPTS)
     job_id = _started_and_checkpointed(stage)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    with _paused(job_id):  # else an idle machine may finish the 16 iterations before USR2 lands
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     stop = threading.Event()
     skip_delay = threading.Thread(target=_start_when_requeued, args=(job_id, stop))
     skip_delay.start()
