@@ -116,6 +116,14 @@ def test_fpn_and_c4_style_backbones_from_config():
                    if n.startswith("features.2."))
     assert all(p.requires_grad for n, p in fpn.bottom_up.named_parameters()
                if n.startswith("features.4."))
+    # the toy config normalises the FPN (MODEL.FPN.NORM GN): whatever the scale of MobileNetV3's
+    # nodes (trained toy students: std up to ~30), the levels reach the heads at unit scale
+    assert all(isinstance(getattr(fpn, f"fpn_{kind}{i}").norm, torch.nn.GroupNorm)
+               for kind in ("lateral", "output") for i in (2, 3, 4, 5))
+    torch.manual_seed(0)
+    image = torch.randn(2, 3, 128, 128) * 3
+    levels = fpn(image)
+    assert [round(float(levels[k].std()), 1) for k in ("p2", "p3")] == [1.0, 1.0]
     cfg.MODEL.TORCHVISION.OUT_FEATURES = ["features.12"]
     c4 = BACKBONE_REGISTRY.get("build_torchvision_backbone")(cfg, ShapeSpec(channels=3))
     out = c4(torch.randn(1, 3, 64, 64))
