@@ -90,13 +90,13 @@ def _finished(stage):
     return stage
 
 
-def test_finished_stages_are_skipped_and_the_report_follows_new_runs(tmp_path, capsys):
+def test_finished_stages_are_skipped_and_the_report_follows_new_and_rerun_stages(tmp_path, capsys):
     seed0 = _finished(_stage(tmp_path, "det_s0"))
     report = _stage(tmp_path, "report", "report", after=["det_s0"])
     _runner([seed0, report]).run()
     assert set(_events(tmp_path)) == {("start", "report"), ("end", "report")}
     saved = json.loads((Path(report.out_dir) / STAGE_FILE).read_text())
-    assert saved["built_from"] == ["det_s0"] and saved["job_id"]
+    assert saved["inputs"] == {"det_s0": None} and saved["job_id"] and saved["run_id"]
 
     (tmp_path / "stages" / "events.log").unlink()
     capsys.readouterr()
@@ -108,8 +108,36 @@ def test_finished_stages_are_skipped_and_the_report_follows_new_runs(tmp_path, c
     report.after.append("det_s1")
     _runner([seed0, seed1, report]).run()
     assert {name for _, name in _events(tmp_path)} == {"report"}  # redone, seeds kept
-    assert json.loads((Path(report.out_dir) / STAGE_FILE).read_text())["built_from"] == [
-        "det_s0", "det_s1"]
+    assert json.loads((Path(report.out_dir) / STAGE_FILE).read_text())["inputs"] == {
+        "det_s0": None, "det_s1": None}
+
+    (tmp_path / "stages" / "events.log").unlink()
+    (Path(seed0.out_dir) / STAGE_FILE).unlink()  # its folder removed to train it again
+    _runner([seed0, seed1, report]).run()
+    assert {name for _, name in _events(tmp_path)} == {"det_s0", "report"}
+    rerun = json.loads((Path(seed0.out_dir) / STAGE_FILE).read_text())["run_id"]
+    assert json.loads((Path(report.out_dir) / STAGE_FILE).read_text())["inputs"] == {
+        "det_s0": rerun, "det_s1": None}
+    (tmp_path / "stages" / "events.log").unlink()
+    _runner([seed0, seed1, report]).run()  # and once more: nothing new, nothing runs
+    assert _events(tmp_path) == {}
+
+
+def test_what_reads_a_stage_run_again_is_redone(tmp_path):
+    cls = _stage(tmp_path, "cls", stage="cls")
+    convert = _stage(tmp_path, "convert_cls", "convert", after=["cls"])
+    det = _stage(tmp_path, "det", after=["convert_cls"])
+    _runner([cls, convert, det]).run()
+    (tmp_path / "stages" / "events.log").unlink()
+    (Path(cls.out_dir) / STAGE_FILE).unlink()
+    _runner([cls]).run()  # a run stopped after the training stage: its readers are now stale
+    assert {name for _, name in _events(tmp_path)} == {"cls"}
+    (tmp_path / "stages" / "events.log").unlink()
+    _runner([cls, convert, det]).run()
+    assert {name for _, name in _events(tmp_path)} == {"convert_cls", "det"}
+    (tmp_path / "stages" / "events.log").unlink()
+    _runner([cls, convert, det]).run()
+    assert _events(tmp_path) == {}
 
 
 def test_jobs_overlap_independent_stages_respect_dependencies_and_limit(tmp_path):

@@ -33,6 +33,7 @@ from .worker import (
     STAGE_FILE,
     SUMMARY_KINDS,
     StageJob,
+    runs_of,
     stage_paths,
     stage_result,
     sweep_temp_files,
@@ -83,9 +84,6 @@ class PipelineRunner:
         self.jobs = max(1, self.settings.jobs)
         self._by_name = {s.name: s for s in stages}
         self._rate = dict(_PRIOR_SEC_PER_ITER)
-        # what export / report were built from: when the plan has grown (e.g. more seeds), they
-        # are redone even if an earlier, smaller run finished them
-        self._trained = sorted(s.name for s in stages if s.kind in _HEAVY)
         unknown = {s.name: [d for d in s.after if d not in self._by_name] for s in stages}
         unknown = {k: v for k, v in unknown.items() if v}
         if unknown:
@@ -94,11 +92,26 @@ class PipelineRunner:
                         for i, s in enumerate(stages)}
 
     # ---- what a stage is -------------------------------------------------------------------
-    def _done(self, stage: Stage) -> bool:
-        result = stage_result(stage)
-        if result is None:
-            return False
-        return stage.kind not in SUMMARY_KINDS or result.get("built_from") == self._trained
+    def _done_stages(self) -> set:
+        """The stages finished from the inputs they would read now.
+
+        A stage is done when its stage.json exists, every stage it reads (`after`) is done, and
+        the run ids it recorded of those are still theirs: a training stage run again (its
+        folder removed) or a grown plan (more seeds in the report) redoes what reads it.
+        """
+        done = set()
+        for stage in self._in_dependency_order(self.stages):
+            result = stage_result(stage)
+            if result is None or not set(stage.after) <= done:
+                continue
+            recorded = result.get("inputs")
+            if recorded is None:  # written before inputs were recorded: summaries are redone
+                fresh = stage.kind not in SUMMARY_KINDS
+            else:
+                fresh = recorded == runs_of(self._by_name[n] for n in stage.after)
+            if fresh:
+                done.add(stage.name)
+        return done
 
     @staticmethod
     def _job_folder(stage: Stage) -> str:
@@ -122,7 +135,7 @@ class PipelineRunner:
                                              "MKL_NUM_THREADS": str(threads)}
         with _environ(**threads_env):
             job = executor.submit(StageJob(stage, self.handlers.get(stage.kind),
-                                           self._trained if stage.kind in SUMMARY_KINDS else None,
+                                           [self._by_name[n] for n in stage.after],
                                            threads=threads, others=others))
         with atomic_write(os.path.join(self._job_folder(stage), JOB_FILE), "w") as f:
             json.dump({"cluster": self.settings.cluster, "job_id": str(job.job_id),
@@ -135,12 +148,12 @@ class PipelineRunner:
         records = {s.name: self._record(s) for s in self.stages}
         slurm_ids = [r["job_id"] for r in records.values() if r and r["cluster"] == "slurm"]
         slurm_states = squeue(slurm_ids) if slurm_ids and shutil.which("squeue") else {}
-        out = {}
+        out, done = {}, self._done_stages()
         for stage in self.stages:
             record = records[stage.name]
             job_id = record["job_id"] if record else ""
             log = self._logs(stage, job_id) if record else ""
-            if self._done(stage):
+            if stage.name in done:
                 state = "done"
             elif record is None:
                 state = "pending"
@@ -222,9 +235,9 @@ class PipelineRunner:
         t0 = time.perf_counter()
         self._started = {}  # name -> (job or job id, start time)
         self._finished = set()
-        pending = []
+        pending, done = [], self._done_stages()
         for stage in self.stages:
-            if self._done(stage):
+            if stage.name in done:
                 print(f"{self._labels[stage.name]} done earlier: skipped", flush=True)
                 self._finished.add(stage.name)
             else:

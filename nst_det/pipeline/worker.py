@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import submitit
@@ -41,6 +42,12 @@ def stage_result(stage: Stage) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def runs_of(stages) -> dict:
+    """name -> run id (a fresh one each time a stage finishes) of each of `stages`; None for a
+    stage that has not finished (or finished before run ids were recorded)."""
+    return {s.name: (stage_result(s) or {}).get("run_id") for s in stages}
 
 
 def sweep_temp_files(folder: str, exclude=()) -> list:
@@ -203,15 +210,14 @@ class StageJob(submitit.helpers.Checkpointable):
         stage: the stage (plain data from the plan).
         handler: function(stage) -> metrics (convert, export, report); None for training and
             evaluation stages, which run `train_stage` / `evaluate_stage`.
-        built_from: for export/report, the training stages they summarise (kept in stage.json
-            so that a grown plan redoes them).
+        inputs: the stages it reads (`stage.after`); their run ids go into stage.json, so
+            that the runner redoes this stage when one of them has run again since.
         threads: torch threads per task.
         others: the other stages' folders (never swept by this job).
     """
 
-    def __init__(self, stage: Stage, handler=None, built_from=None, threads: int = 0,
-                 others=()):
-        self.stage, self.handler, self.built_from = stage, handler, built_from
+    def __init__(self, stage: Stage, handler=None, inputs=(), threads: int = 0, others=()):
+        self.stage, self.handler, self.inputs = stage, handler, list(inputs)
         self.threads, self.others = threads, list(others)
 
     def __call__(self) -> dict:
@@ -232,10 +238,10 @@ class StageJob(submitit.helpers.Checkpointable):
         run = self.handler or STAGE_FUNCTIONS[stage.kind]
         metrics = run(stage) or {}
         if env.global_rank == 0:
-            extra = {"built_from": self.built_from} if stage.kind in SUMMARY_KINDS else {}
             record = {"name": stage.name, "kind": stage.kind,
                       "seconds": time.perf_counter() - start, "meta": stage.meta,
-                      "metrics": metrics, "job_id": env.job_id, **extra}
+                      "metrics": metrics, "job_id": env.job_id, "run_id": uuid.uuid4().hex,
+                      "inputs": runs_of(self.inputs)}
             with atomic_write(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
                 json.dump(record, f, indent=2)
         return metrics
