@@ -6,9 +6,10 @@ independent stages side by side and cancels the dependents of a stage that faile
 (`--kill-on-invalid-dep=yes`). With the local executor (a workstation, `make demo`) a stage is
 submitted when the stages it reads have finished, at most `jobs` training stages at a time.
 
-A stage is finished when its folder holds `stage.json` (written atomically by its job), so a
-rerun resubmits only what is not finished (and reuses SLURM jobs still queued or running), and
-a training stage resumes from its last checkpoint. The runner is the only process that prints:
+A stage is finished when its folder holds `stage.json` (written atomically by its job) and the
+stages it reads are finished and are the runs it recorded there, so a rerun resubmits only what
+is not finished or was built from an older run (and reuses SLURM jobs still queued or running),
+and a training stage resumes from its last checkpoint. The runner is the only process that prints:
 one line per stage start and end, ~10 progress lines per training stage (read from the
 stage's `progress.json`), each with the one pipeline ETA. `status()` lists every stage as
 pending / queued / running / done / failed with its job id and log. Executors and job states
