@@ -217,8 +217,8 @@ def test_start_order_uses_the_pace_of_stages_of_the_same_role(tmp_path):
     for stage in stages:
         stage.iters = 100
     runner, order = _runner(stages, jobs=1), []
-    runner.observe_pace(_stage(tmp_path, "s", stage="cls", role="student"), 0.2)
-    runner.observe_pace(_stage(tmp_path, "t", stage="cls", role="teacher"), 2.0)
+    runner.clock.observe_pace(_stage(tmp_path, "s", stage="cls", role="student"), 0.2)
+    runner.clock.observe_pace(_stage(tmp_path, "t", stage="cls", role="teacher"), 2.0)
     runner._submit = lambda stage, after=(): _Instant(stage, order)
     runner.run()
     # chains: cls_student 100 x 0.2 s + det_of_student < det_teacher + det_distilled (det prior)

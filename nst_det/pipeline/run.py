@@ -13,7 +13,7 @@ and a training stage resumes from its last checkpoint. The runner is the only pr
 one line per stage start and end, ~10 progress lines per training stage (read from the
 stage's `progress.json`), each with the one pipeline ETA. `status()` lists every stage as
 pending / queued / running / done / failed with its job id and log. Executors and job states
-of either cluster come from `cluster.py`.
+of either cluster come from `cluster.py`, duration estimates and the ETA from `eta.py`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 from ..utils.atomic import atomic_write
 from .cluster import SLURM_ACTIVE, ClusterSettings, local_job_alive, squeue, stage_executor
+from .eta import HEAVY, TRAIN_TAIL_SEC, PlanClock
 from .plan import Stage
 from .worker import (
     PROGRESS_FILE,
@@ -43,21 +44,15 @@ from .worker import (
 __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
 
 JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
-# prior seconds per iteration on a 2-core CPU, per stage kind, and fixed seconds per stage;
-# replaced by the stages' measured pace as the pipeline runs (for the ETA and the start order)
-_PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
-_PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 5.0, "export": 40.0,
-                    "report": 30.0, "calibrate": 60.0}
-# of a training stage's fixed seconds, those after its last iteration (evaluation, saving)
-_TRAIN_TAIL_SEC = _PRIOR_SEC_FIXED["train"] / 2
-_HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
+
+
 def _fmt(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _kind(stage: Stage) -> str:
-    return stage.meta.get("stage", "other") if stage.kind in _HEAVY else "other"
+    return stage.meta.get("stage", "other") if stage.kind in HEAVY else "other"
 
 
 def _read_json(path: str) -> dict | None:
@@ -84,7 +79,7 @@ class PipelineRunner:
         self.slurm = self.settings.cluster == "slurm"
         self.jobs = max(1, self.settings.jobs)
         self._by_name = {s.name: s for s in stages}
-        self._rate = dict(_PRIOR_SEC_PER_ITER)
+        self.clock = PlanClock(stages, self.jobs, self.slurm)  # estimates, start order, ETA
         unknown = {s.name: [d for d in s.after if d not in self._by_name] for s in stages}
         unknown = {k: v for k, v in unknown.items() if v}
         if unknown:
@@ -176,55 +171,6 @@ class PipelineRunner:
         for name, (state, job_id, log) in states.items():
             lines.append(f"{name:<{width}}  {state:<8} {job_id:<10} {log}")
         return "\n".join(lines)
-
-    # ---- ETA --------------------------------------------------------------------------------
-    def _estimate(self, stage: Stage) -> float:
-        if stage.kind == "train":
-            return stage.iters * self._sec_per_iter(stage) + _PRIOR_SEC_FIXED["train"]
-        return _PRIOR_SEC_FIXED[stage.kind]
-
-    def observe_pace(self, stage: Stage, sec_per_iter: float) -> None:
-        """Record a training stage's measured pace (its progress.json) for later estimates."""
-        kind = stage.meta["stage"]
-        self._rate[kind] = self._rate[kind, stage.meta.get("role")] = sec_per_iter
-
-    def _sec_per_iter(self, stage: Stage) -> float:
-        """The latest pace measured on a stage of the same kind and role (a teacher's network
-        is not a student's: one pace per kind put the students of a slow teacher behind the
-        teacher detector in the start order), else on any stage of the kind, else the prior."""
-        kind = stage.meta["stage"]
-        return self._rate.get((kind, stage.meta.get("role")), self._rate[kind])
-
-    def _critical_path(self, stage: Stage, memo: dict) -> float:
-        """Estimated seconds of the longest chain of stages from `stage` to the end."""
-        if stage.name not in memo:
-            later = [s for s in self.stages if stage.name in s.after]
-            memo[stage.name] = self._estimate(stage) + max(
-                (self._critical_path(s, memo) for s in later), default=0.0)
-        return memo[stage.name]
-
-    def _eta(self, left: dict, finished: set) -> float:
-        """Seconds until every stage in `left` (name -> seconds still needed) has run.
-
-        A replay of how the stages will be started: each when the stages it reads are done,
-        the longest chain first, locally at most `jobs` training stages at a time.
-        """
-        memo, now, running, waiting = {}, 0.0, {}, dict(left)
-        done = set(finished)
-        while waiting or running:
-            ready = sorted((n for n in waiting if set(self._by_name[n].after) <= done),
-                           key=lambda n: -self._critical_path(self._by_name[n], memo))
-            for name in ready:
-                heavy = sum(self._by_name[r].kind in _HEAVY for r in running)
-                if self._by_name[name].kind in _HEAVY and not self.slurm and heavy >= self.jobs:
-                    continue
-                running[name] = now + waiting.pop(name)
-            if not running:  # waits for a stage that failed: not part of this estimate
-                break
-            name = min(running, key=running.get)
-            now = running.pop(name)
-            done.add(name)
-        return now
 
     # ---- the run ----------------------------------------------------------------------------
     def run(self, wait: bool = True) -> None:
@@ -359,17 +305,17 @@ class PipelineRunner:
         demo).
         """
         memo = {}
-        short = {n for n, s in waiting.items() if s.kind not in _HEAVY
+        short = {n for n, s in waiting.items() if s.kind not in HEAVY
                  and set(s.after) <= self._finished}
-        short |= {n for n in self._started if self._by_name[n].kind not in _HEAVY}
+        short |= {n for n in self._started if self._by_name[n].kind not in HEAVY}
 
         def soon(stage):  # inputs done, or only short stages that can run now are missing
             return set(stage.after) - self._finished <= short
 
-        slots = self.jobs - sum(self._by_name[n].kind in _HEAVY for n in self._started)
+        slots = self.jobs - sum(self._by_name[n].kind in HEAVY for n in self._started)
         for stage in sorted(filter(soon, waiting.values()),
-                            key=lambda s: -self._critical_path(s, memo)):
-            if stage.kind in _HEAVY:
+                            key=lambda s: -self.clock.critical_path(s, memo)):
+            if stage.kind in HEAVY:
                 if slots <= 0:
                     continue
                 slots -= 1  # taken now, or held until its short inputs have finished
@@ -380,7 +326,7 @@ class PipelineRunner:
             del waiting[stage.name]
             self._started[stage.name] = (job, time.time())
             print(f"{self._labels[stage.name]} starting ({stage.kind}); pipeline ETA "
-                  f"{_fmt(self._eta(left, self._finished))}", flush=True)
+                  f"{_fmt(self.clock.eta(left, self._finished))}", flush=True)
 
     def _progress(self, stage: Stage) -> dict | None:
         return _read_json(os.path.join(stage.out_dir, PROGRESS_FILE)) \
@@ -388,7 +334,7 @@ class PipelineRunner:
 
     def _left(self, waiting: dict) -> dict:
         """name -> estimated seconds still needed, for the waiting and the started stages."""
-        left = {n: self._estimate(self._by_name[n]) for n in waiting}
+        left = {n: self.clock.estimate(self._by_name[n]) for n in waiting}
         for name, (_, started) in self._started.items():
             stage = self._by_name[name]
             progress = self._progress(stage)
@@ -397,13 +343,13 @@ class PipelineRunner:
                 # counted from the start so the estimate never jumps up when the last
                 # iteration ends and only the tail is left
                 iters_left = progress["max_iter"] - progress["iter"]
-                tail = _TRAIN_TAIL_SEC
+                tail = TRAIN_TAIL_SEC
                 if iters_left <= 0:
                     tail -= time.time() - os.path.getmtime(
                         os.path.join(stage.out_dir, PROGRESS_FILE))
                 left[name] = max(1.0, progress["sec_per_iter"] * iters_left + tail)
             else:
-                left[name] = max(1.0, self._estimate(stage) - (time.time() - started))
+                left[name] = max(1.0, self.clock.estimate(stage) - (time.time() - started))
         return left
 
     def _show_progress(self, shown: dict, waiting: dict) -> None:
@@ -418,8 +364,8 @@ class PipelineRunner:
             if tenth <= shown.get(name, 0) or done < total and tenth == 0:
                 continue
             shown[name] = tenth
-            self.observe_pace(stage, progress["sec_per_iter"])
-            eta = self._eta(self._left(waiting), self._finished)
+            self.clock.observe_pace(stage, progress["sec_per_iter"])
+            eta = self.clock.eta(self._left(waiting), self._finished)
             print(f"    {self._labels[name]}: iter {done}/{total} ({100 * done // total}%) "
                   f"{progress['sec_per_iter']:.2f} s/it | stage ETA "
                   f"{_fmt(progress['sec_per_iter'] * (total - done))} | pipeline ETA "
