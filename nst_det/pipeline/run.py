@@ -35,7 +35,6 @@ from .worker import (
     STAGE_FILE,
     SUMMARY_KINDS,
     StageJob,
-    runs_of,
     stage_paths,
     stage_result,
     sweep_temp_files,
@@ -95,16 +94,16 @@ class PipelineRunner:
         the run ids it recorded of those are still theirs: a training stage run again (its
         folder removed) or a grown plan (more seeds in the report) redoes what reads it.
         """
-        done = set()
+        done, results = set(), {s.name: stage_result(s) for s in self.stages}
         for stage in self._in_dependency_order(self.stages):
-            result = stage_result(stage)
+            result = results[stage.name]
             if result is None or not set(stage.after) <= done:
                 continue
             recorded = result.get("inputs")
             if recorded is None:  # written before inputs were recorded: summaries are redone
                 fresh = stage.kind not in SUMMARY_KINDS
-            else:
-                fresh = recorded == runs_of(self._by_name[n] for n in stage.after)
+            else:  # every input is done here, so each has its stage.json
+                fresh = recorded == {n: results[n].get("run_id") for n in stage.after}
             if fresh:
                 done.add(stage.name)
         return done
