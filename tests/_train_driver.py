@@ -52,6 +52,12 @@ def main():
     parser.add_argument("--kill-at", type=int, default=None, help="SIGKILL after this iteration")
     parser.add_argument("--kill-during-save-at", type=int, default=None,
                         help="SIGKILL half-way through writing the checkpoint of this iteration")
+    parser.add_argument("--kill-before-save", default=None, metavar="NAME",
+                        help="SIGKILL when the checkpointer is asked to save NAME (not written)")
+    parser.add_argument("--kill-after-save", default=None, metavar="NAME",
+                        help="SIGKILL right after the checkpointer saved NAME")
+    parser.add_argument("--test", action="store_true",
+                        help="evaluate on the toy test split at the end; results -> results.json")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--trainer", default="DetectionTrainer")
     parser.add_argument("--num-workers", type=int, default=0)
@@ -65,8 +71,8 @@ def main():
               "SOLVER.CHECKPOINT_PERIOD", "3", "DATALOADER.NUM_WORKERS", str(args.num_workers),
               "SEED", "7"]
     if args.task == "det":
-        train, _ = register_toy_voc("driver_voc", args.data_dir, seed=1, num_trainval=8,
-                                    num_test=4)
+        train, test = register_toy_voc("driver_voc", args.data_dir, seed=1, num_trainval=8,
+                                       num_test=4)
         cfg.merge_from_file(str(REPO / "configs/quick_schedules/faster_rcnn_R_18_FPN_toy.yaml"))
         cfg.merge_from_list([
             *common, "INPUT.MIN_SIZE_TRAIN", "(96, 128)", "INPUT.MAX_SIZE_TRAIN", "160",
@@ -74,12 +80,14 @@ def main():
             "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "NST_DET.TRAINER", args.trainer,
         ])
     else:
-        train, _ = register_toy_imagefolder("driver_cls", args.data_dir, seed=1,
-                                            train_per_class=4, val_per_class=2)
+        train, test = register_toy_imagefolder("driver_cls", args.data_dir, seed=1,
+                                               train_per_class=4, val_per_class=2)
         cfg.merge_from_file(str(REPO / "configs/quick_schedules/cls_R18_toy.yaml"))
         cfg.merge_from_list([*common, "SOLVER.IMS_PER_BATCH", "4"])
     cfg.DATASETS.TRAIN = (train,)
-    cfg.DATASETS.TEST = ()
+    cfg.DATASETS.TEST = (test,) if args.test else ()
+    if args.test:
+        cfg.TEST.EVAL_PERIOD = 0  # only the final evaluation
     cfg.OUTPUT_DIR = args.out_dir
     torch.manual_seed(cfg.SEED)
 
@@ -98,8 +106,22 @@ def main():
 
     trainer = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)(cfg)
     trainer.register_hooks([LossRecorder(Path(args.out_dir) / "losses.jsonl", args.kill_at)])
+    if args.kill_before_save or args.kill_after_save:
+        real_ckpt_save = trainer.checkpointer.save  # the hooks call it through this object
+
+        def save_or_die(name, **kwargs):
+            if name == args.kill_before_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_ckpt_save(name, **kwargs)
+            if name == args.kill_after_save:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer.checkpointer.save = save_or_die
     trainer.resume_or_load(resume=args.resume)
-    trainer.train()
+    results = trainer.train()
+    if args.test:
+        with open(Path(args.out_dir) / "results.json", "w") as f:
+            json.dump(results, f, sort_keys=True)
 
 
 if __name__ == "__main__":

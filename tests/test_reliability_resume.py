@@ -107,3 +107,38 @@ def test_classification_killed_run_resumes_exactly(tmp_path):
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
     _assert_same_weights(tmp_path / "killed" / "model_final.pth",
                          tmp_path / "full" / "model_final.pth")
+
+
+# ---- the windows between the writes at the end of training -----------------------------------
+# detectron2's PeriodicCheckpointer saves model_<max_iter-1> and then model_final; the final
+# evaluation follows. A run killed in either gap must, resumed, end as an uninterrupted run does.
+
+@pytest.fixture(scope="module", params=["det", "cls"])
+def six_iteration_run(request, module_tmp_path):
+    """An uninterrupted 6-iteration run with its final evaluation (saves after 2, 5, final)."""
+    root = module_tmp_path / request.param
+    _train(root / "full", root / "data", "--task", request.param, "--max-iter", "6", "--test")
+    return request.param, root
+
+
+@pytest.mark.parametrize("window", [("--kill-before-save", "model_final"),
+                                    ("--kill-after-save", "model_final")],
+                         ids=["after_last_periodic_save", "after_final_save"])
+def test_run_killed_at_the_end_resumes_to_final_checkpoint_and_evaluation(six_iteration_run,
+                                                                          window):
+    task, root = six_iteration_run
+    run = root / f"killed{window[0]}"
+    args = ["--task", task, "--max-iter", "6", "--test"]
+    _train(run, root / "data", *args, *window, expect_kill=True)
+    assert not (run / "results.json").exists()
+    expected_tag = "model_0000005.pth" if window[0] == "--kill-before-save" else "model_final.pth"
+    assert (run / "last_checkpoint").read_text() == expected_tag
+    _train(run, root / "data", *args, "--resume")
+    # iteration 5's loss row is written after its checkpoint saves (hook order), so the killed run
+    # recorded 0-4; a resumed run that trained anything would add rows
+    assert _iterations(run) == list(range(5))
+    _assert_same_weights(run / "model_final.pth", root / "full" / "model_final.pth")
+    assert (run / "last_checkpoint").read_text() == "model_final.pth"
+    assert json.loads((run / "results.json").read_text()) == \
+        json.loads((root / "full" / "results.json").read_text())
+    shutil.rmtree(run)

@@ -50,6 +50,7 @@ from ..utils.dist import build_ddp_model
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpointer import ReliableCheckpointer
 from .cpu_amp import autocast_training_forward
+from .final_checkpoint import FinalCheckpoint
 from .nan_guard import install_nan_guard
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class ReliableTrainer(TrainerBase):
         # checkpoint before evaluating: a failing evaluation leaves the weights to debug with
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+            ret.append(FinalCheckpoint(self.checkpointer))  # resumed after the last periodic save
         ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
         if comm.is_main_process():  # last, so that the evaluation's metrics are written
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))

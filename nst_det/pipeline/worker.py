@@ -140,6 +140,9 @@ def train_stage(stage: Stage) -> dict:
     trainer.register_hooks([_ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))])
     trainer.resume_or_load(resume=True)
     trainer.train()
+    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    if comm.is_main_process() and not os.path.isfile(final):  # the stage's product: never done
+        raise RuntimeError(f"stage {stage.name}: training ended without {final}")  # without it
     # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS; EvalHook keeps them
     results = trainer.last_eval_results or {}
     _write_metrics(cfg.OUTPUT_DIR, results)
