@@ -6,12 +6,10 @@ import errno
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from nst_det.utils.atomic import DiskFullError, atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "configs" / "quick_schedules"
-SEED = int(os.environ.get("NST_DET_TEST_SEED", "13"))
+STOP_AT = Path(__file__).with_name("_stop_at.py")
 
 
 def _temps(folder: Path) -> list[str]:
@@ -34,28 +32,6 @@ def _temps(folder: Path) -> list[str]:
 def _env(tmp_path: Path) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
                 DETECTRON2_DATASETS=str(tmp_path / "datasets"))
-
-
-def _interrupt(cmd, env, delay: float, how: signal.Signals) -> subprocess.CompletedProcess:
-    """Start `cmd` in its own process group, signal it after `delay` s, wait for its end."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        proc.communicate(timeout=delay)
-    except subprocess.TimeoutExpired:
-        if how == signal.SIGINT:  # Ctrl-C: the terminal signals the whole process group
-            os.killpg(proc.pid, signal.SIGINT)
-        else:  # `kill` / SIGKILL: the process only
-            proc.send_signal(how)
-    out, err = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def _timed(cmd, env) -> float:
-    start = time.monotonic()
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return time.monotonic() - start
 
 
 # ---- disk full -------------------------------------------------------------------------------
@@ -215,8 +191,18 @@ def _export_set_is_whole_or_absent(out: Path) -> str:
     return "whole"
 
 
+def _stopped(event: str, sig: str, cmd, env) -> subprocess.CompletedProcess:
+    """Run `cmd` (a tool and its arguments) signalled with SIG at EVENT (tests/_stop_at.py)."""
+    run = subprocess.run([sys.executable, str(STOP_AT), event, sig, *cmd[1:]], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode != 0, f"{event} never happened: {run.stderr[-2000:]}"
+    if sig == "KILL":
+        assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    return run
+
+
 @pytest.mark.slow
-def test_export_stopped_at_random_moments_leaves_a_verified_export_or_none(tmp_path):
+def test_export_stopped_at_each_write_leaves_a_verified_export_or_none(tmp_path):
     from detectron2.modeling import build_model
 
     from nst_det.config import load_config
@@ -235,47 +221,68 @@ def test_export_stopped_at_random_moments_leaves_a_verified_export_or_none(tmp_p
                 "--output", str(out), "--num-images", "1", "MODEL.WEIGHTS",
                 str(weights[trial % 2])]
 
+    def exported_sha():
+        return json.loads((out / "export_info.json").read_text())["sha256"]
+
     env = _env(tmp_path)
-    seconds = _timed(cmd(0), env)  # also writes the toy data set once
+    subprocess.run(cmd(0), cwd=REPO, env=env, capture_output=True, check=True, timeout=900)
     assert _export_set_is_whole_or_absent(out) == "whole"
-    rng = random.Random(SEED)
-    for trial, how in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM],
-                                start=1):
-        run = _interrupt(cmd(trial), env, rng.uniform(0.3, 1.0) * seconds, how)
-        assert _temps(out) == [], (trial, how, run.stderr[-2000:])
-        _export_set_is_whole_or_absent(out)
+    first = exported_sha()
+    # stopped while staging: the previous export stays whole and unchanged
+    for trial, (event, sig) in enumerate([("write:model_final.pth", "INT"),
+                                          ("write:config.yaml", "TERM"),
+                                          ("write:export_info.json", "INT"),
+                                          ("write:verification.json", "TERM")], start=1):
+        run = _stopped(event, sig, cmd(trial), env)
+        assert _temps(out) == [], (event, sig, run.stderr[-2000:])
+        assert _export_set_is_whole_or_absent(out) == "whole" and exported_sha() == first
+    # stopped while the verified set moves into place: no export until the next one completes
+    # (the first rename onto model_final.pth is its atomic write into the staging folder)
+    run = _stopped("moved:model_final.pth#2", "INT", cmd(5), env)
+    assert _temps(out) == [], run.stderr[-2000:]
+    assert _export_set_is_whole_or_absent(out) == "absent"
     # a hard kill cannot clean up: its staging folder is removed by the next export
-    _interrupt(cmd(5), env, rng.uniform(0.5, 1.0) * seconds, signal.SIGKILL)
-    _export_set_is_whole_or_absent(out)
-    subprocess.run(cmd(6), cwd=REPO, env=env, capture_output=True, check=True, timeout=900)
+    _stopped("write:export_info.json", "KILL", cmd(7), env)
+    assert _temps(out) != []
+    subprocess.run(cmd(7), cwd=REPO, env=env, capture_output=True, check=True, timeout=900)
     assert _export_set_is_whole_or_absent(out) == "whole" and _temps(out) == []
+    assert exported_sha() != first  # detector b's export, not a's files under new records
 
 
 # ---- interrupted training --------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_training_stopped_at_random_moments_leaves_no_temp_and_resumes(tmp_path):
+def test_training_stopped_at_each_kind_of_write_leaves_no_temp_and_resumes(tmp_path):
+    """Stopped inside a periodic checkpoint, its tag and model_final, then killed inside the
+    model_final of a run resumed at max_iter: the last run ends as an uninterrupted one."""
     out = tmp_path / "run"
     cmd = [sys.executable, "tools/train_net.py", "--config-file", str(TOY / "cls_R18_toy.yaml"),
-           "--resume", "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "12",
+           "--resume", "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "6",
            "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.WARMUP_ITERS", "2",
            "SOLVER.IMS_PER_BATCH", "8", "INPUT.CLS.TRAIN_CROP_SIZE", "32",
            "INPUT.CLS.TEST_RESIZE", "32", "INPUT.CLS.TEST_CROP_SIZE", "32", "TEST.EVAL_PERIOD",
-           "0", "TEST.CLS.IMS_PER_BATCH", "50"]
+           "0", "TEST.CLS.IMS_PER_BATCH", "50", "SEED", "3"]
     env = _env(tmp_path)
-    seconds = _timed([*cmd, "OUTPUT_DIR", str(tmp_path / "timing")], env)
-    shutil.rmtree(tmp_path / "timing")  # its only purpose: the time a whole run takes here
-    rng = random.Random(SEED)
-    for trial, how in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM]):
-        run = _interrupt(cmd, env, rng.uniform(0.3, 1.0) * seconds, how)
-        if not out.exists():
-            continue
-        assert _temps(out) == [], (trial, how, run.stderr[-2000:])
-        tagged = out / "last_checkpoint"
-        if tagged.exists():  # whatever is tagged is a whole checkpoint
-            check_weights_file(out / tagged.read_text().strip(), "checkpoint")
-    _interrupt(cmd, env, rng.uniform(0.5, 1.0) * seconds, signal.SIGKILL)
+    tag = out / "last_checkpoint"
+    # (event, signal, the tag the stop leaves)
+    for event, sig, tagged in [("write:model_0000003.pth", "INT", "model_0000001.pth"),
+                               ("write:last_checkpoint", "TERM", "model_0000001.pth"),
+                               ("write:model_final.pth", "INT", "model_0000005.pth"),
+                               ("write:model_final.pth", "KILL", "model_0000005.pth")]:
+        run = _stopped(event, sig, cmd, env)
+        temps = _temps(out)
+        assert temps == ([] if sig != "KILL" else temps[:1]) and len(temps) == (sig == "KILL"), \
+            (event, sig, temps, run.stderr[-2000:])
+        assert tag.read_text() == tagged, (event, sig)
+        check_weights_file(out / tagged, "checkpoint")  # what is tagged is whole
+        assert not (out / "model_final.pth").exists()
     final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
-    check_weights_file(out / "model_final.pth", "checkpoint")
-    assert _temps(out) == []  # the hard kill's leftovers went with the next run's first save
+    assert _temps(out) == []  # the hard kill's leftover went with the next run's first save
+    assert tag.read_text() == "model_final.pth"
+    reference = [*cmd, "OUTPUT_DIR", str(tmp_path / "uninterrupted")]
+    subprocess.run(reference, cwd=REPO, env=env, capture_output=True, check=True, timeout=900)
+    resumed = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    whole = torch.load(tmp_path / "uninterrupted" / "model_final.pth", weights_only=True)["model"]
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
