@@ -167,10 +167,16 @@ def load_config(config_file: str, opts=()) -> CN:
     from detectron2.config import get_cfg
 
     check_config_files(config_file)
+    opts = list(opts)
+    if len(opts) % 2:  # yacs' own message would be reported as a misspelt key below
+        raise ValueError(
+            f"command-line overrides: {len(opts)} items, but they come as KEY VALUE pairs: the "
+            f"last key, {opts[-1]!r}, has no value (or a value is missing before it). Give each "
+            "KEY its VALUE, e.g. MODEL.NST.LOSS_WEIGHT 25")
     cfg = get_cfg()
     add_nst_config(cfg)
     for source, merge in ((f"config file {config_file}", lambda: cfg.merge_from_file(config_file)),
-                          ("command-line overrides", lambda: cfg.merge_from_list(list(opts)))):
+                          ("command-line overrides", lambda: cfg.merge_from_list(opts))):
         try:
             merge()
         except (KeyError, AssertionError) as e:

@@ -200,3 +200,68 @@ def test_student_init_weights_that_do_not_match_the_backbone(tiny_voc, tmp_path)
     missing = _trainer(_cfg(**{"MODEL.WEIGHTS": str(tmp_path / "no.pth")}), train, tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS=.*no.pth does not exist"):
         missing.resume_or_load(resume=False)
+
+
+# ---- data sets registered with detectron2's own functions are checked too --------------------
+
+def _d2_voc_trainer(voc, tmp_path):
+    """A trainer on `voc` registered with detectron2's register_pascal_voc (not nst_det's)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_pascal_voc
+
+    name = f"d2_registered_{tmp_path.name}"
+    register_pascal_voc(name, str(voc), "trainval", 2007, class_names=list(TOY_CLASSES))
+    try:
+        return _trainer(_cfg(), name, tmp_path / "out")
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_d2_registered_voc_with_an_unknown_class_names_the_file(voc, tmp_path):
+    _edit_xml(voc, r"<name>\w+</name>", "<name>hexagon</name>")
+    xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
+    with pytest.raises(VOCDataError, match=f"{xml}: unknown class 'hexagon'"):
+        _d2_voc_trainer(voc, tmp_path)
+
+
+def test_d2_registered_voc_with_an_inverted_box_names_the_image(voc, tmp_path):
+    _edit_xml(voc, r"<xmin>(\d+)</xmin>(\s*)<ymin>(\d+)</ymin>(\s*)<xmax>(\d+)</xmax>",
+              r"<xmin>\5</xmin>\2<ymin>\3</ymin>\4<xmax>\1</xmax>")
+    image = voc / "JPEGImages" / f"{_first_id(voc)}.jpg"
+    with pytest.raises(ValueError, match=re.escape(f"{image}: box [") + r".* is inverted"):
+        _d2_voc_trainer(voc, tmp_path)
+
+
+def test_d2_registered_voc_that_is_valid_builds_its_trainer(voc, tmp_path):
+    assert len(_d2_voc_trainer(voc, tmp_path).data_loader.dataset) == 8
+
+
+def test_records_with_class_ids_beyond_num_classes_or_outside_the_image(tmp_path):
+    from detectron2.structures import BoxMode
+
+    from nst_det.data.record_check import DetectionDataError, check_detection_records
+
+    def record(box, cat=0, mode=BoxMode.XYXY_ABS):
+        return [{"file_name": "a.jpg", "height": 50, "width": 80,
+                 "annotations": [{"bbox": box, "bbox_mode": mode, "category_id": cat}]}]
+
+    key = "MODEL.ROI_HEADS.NUM_CLASSES"
+    check_detection_records(record([0, 0, 80, 50]), 3, key)  # the whole image: fine
+    check_detection_records(record([10, 10, 5, 5], mode=BoxMode.XYWH_ABS), 3, key)
+    with pytest.raises(DetectionDataError, match=r"a.jpg: an object has category_id 3, outside "
+                                                 r"0..2 \(MODEL.ROI_HEADS.NUM_CLASSES=3\)"):
+        check_detection_records(record([0, 0, 8, 5], cat=3), 3, key)
+    with pytest.raises(DetectionDataError, match="outside the 80x50 image"):
+        check_detection_records(record([0, 0, 85, 50]), 3, key)
+    with pytest.raises(DetectionDataError, match="inverted or has zero area"):
+        check_detection_records(record([10, 10, 0, 5], mode=BoxMode.XYWH_ABS), 3, key)
+
+
+def test_odd_length_override_list_says_a_value_is_missing():
+    from nst_det.config import load_config
+
+    with pytest.raises(ValueError, match="the last key, 'MODEL.NST.LOSS_WEIGHT', has no value") \
+            as info:
+        load_config(str(R18_TOY), ["SEED", "3", "MODEL.NST.LOSS_WEIGHT"])
+    assert "spelling" not in str(info.value)

@@ -85,7 +85,9 @@ def test_message_names_the_loss_and_says_the_teacher_output_is_non_finite():
     text = _message(WithTeacher(float("nan")))
     assert "iteration 0: loss_nst = nan (all losses:" in text
     assert "The teacher's output is non-finite: check MODEL.TEACHER.WEIGHTS" in text
-    assert "MODEL.NST.LOSS_WEIGHT (loss_nst)" in text
+    # the cause is the teacher's input or weights: no advice to tune the student's run
+    assert "Lower SOLVER.BASE_LR" not in text and "MODEL.NST.LOSS_WEIGHT" not in text
+    assert "The learning rate and loss weights are not the cause" in text
     # nothing was saved: no checkpoint is promised
     assert "No checkpoint had been saved yet" in text and "intact" not in text
 
@@ -96,6 +98,7 @@ def test_message_says_the_teacher_is_finite_and_names_an_existing_checkpoint(tmp
     text = _message(WithTeacher(0.5, scale=float("inf")), str(tmp_path))
     assert "loss_cls = inf" in text and "loss_nst =" not in text
     assert "The teacher's outputs are finite: the student or the loss diverged" in text
+    assert "Lower SOLVER.BASE_LR" in text
     assert f"The last checkpoint, {tmp_path / 'model_0000004.pth'}, is intact" in text
     # a tag without its file is no checkpoint
     (tmp_path / "model_0000004.pth").unlink()

@@ -81,8 +81,11 @@ def check_finite_losses(loss_dict: dict, teacher_finite: torch.Tensor | bool | N
             teacher = ("The teacher's output is non-finite: check MODEL.TEACHER.WEIGHTS (NaN/inf "
                        "in the teacher's weights) and its config. ")
         weights = [f"{_WEIGHT_KEYS[k]} ({k})" for k in bad if k in _WEIGHT_KEYS]
-        advice = ("Lower SOLVER.BASE_LR" + (f" or {', '.join(weights)}" if weights else "")
-                  + ", or check the input data")
+        if teacher_finite is not None and not bool(teacher_finite):
+            advice = "The learning rate and loss weights are not the cause."  # it is the input
+        else:
+            advice = ("Lower SOLVER.BASE_LR" + (f" or {', '.join(weights)}" if weights else "")
+                      + ", or check the input data")
         raise FloatingPointError(
             f"Non-finite loss at iteration {_current_iteration()}: {named} (all losses: {shown}). "
             f"{teacher}Training stopped before this step was applied. "

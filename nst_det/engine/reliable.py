@@ -31,7 +31,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -45,6 +45,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 
+from ..data.record_check import load_train_records
 from ..data.resumable import build_resumable_train_loader
 from ..utils.dist import build_ddp_model
 from ..utils.rng import capture_rng_state, restore_rng_state
@@ -217,17 +218,20 @@ class ReliableTrainer(TrainerBase):
 
     @classmethod
     def build_train_records(cls, cfg) -> list:
-        """The training records; detection records by default (class count checked)."""
+        """The training records; detection records by default, every one checked once (boxes,
+        class ids: nst_det.data.record_check) whatever registered their data set."""
+        retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+        key = "MODEL.RETINANET.NUM_CLASSES" if retina else "MODEL.ROI_HEADS.NUM_CLASSES"
+        num_classes = (cfg.MODEL.RETINANET if retina else cfg.MODEL.ROI_HEADS).NUM_CLASSES
         for name in cfg.DATASETS.TRAIN:
             classes = MetadataCatalog.get(name).get("thing_classes")
-            if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+            if classes is not None and len(classes) != num_classes:
                 raise ValueError(
-                    f"MODEL.ROI_HEADS.NUM_CLASSES={cfg.MODEL.ROI_HEADS.NUM_CLASSES} but data set "
-                    f"{name} has {len(classes)} classes {classes}: set NUM_CLASSES to match"
+                    f"{key}={num_classes} but data set {name} has {len(classes)} classes "
+                    f"{classes}: set NUM_CLASSES to match"
                 )
-        return get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
+        return load_train_records(cfg.DATASETS.TRAIN, num_classes, key,
+                                  filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
 
     @classmethod
     def build_train_loader(cls, cfg, seed=None, start_iter: int = 0):
