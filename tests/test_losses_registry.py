@@ -20,6 +20,14 @@ EXPECTED = {
     "w2": L.w2_loss,
     "class_w2": L.class_w2_loss,
     "sinkhorn": L.sinkhorn_loss,
+    "cwd": L.cwd_loss,
+    "pkd": L.pkd_loss,
+    "mgd": L.mgd_loss,
+    "fgd": L.fgd_loss,
+    "defeat": L.defeat_loss,
+    "fgfi": L.fgfi_loss,
+    "reviewkd": L.reviewkd_loss,
+    "dkd": L.dkd_loss,
 }
 
 
