@@ -76,6 +76,58 @@ def add_nst_config(cfg: CN) -> None:
     cfg.MODEL.TRANSFER.NAMES = []
     cfg.MODEL.TRANSFER.WEIGHTS = []
 
+    # ---- Detection distillation methods (issue 25), each picked by its name in
+    # MODEL.TRANSFER.NAMES with its weight in MODEL.TRANSFER.WEIGHTS, on the MODEL.DISTILL pairs
+    # (list them finest first, e.g. p2..p6). A namespace holds a method's own hyper-parameters
+    # (nst_det.distill.core.METHOD_KEYS maps them to the loss); the defaults are the reference
+    # implementations' (read from them: ../shared/research/det_kd_methods.md, docs/
+    # detection_methods.md). Learned modules (MGD generator, FGD context blocks, DeFeat / FGFI
+    # adapters, ReviewKD fusion) are trained with the student, saved in training checkpoints and
+    # dropped from the export. "pkd" (Cao et al. 2022) has no hyper-parameter: no namespace.
+    # Reference weights: cwd 10 (all 5 FPN levels), pkd 6 (Faster R-CNN p2-p5) / 10 (RetinaNet,
+    # first 4 levels), mgd 5e-7 (two-stage) / 2e-5 (one-stage), fgd 1 (its weights are inside),
+    # defeat 1 (fg/bg weights inside; the reference averages over 5 levels: FEATURE_WEIGHTS 0.2),
+    # fgfi 0.01, reviewkd 1.0 (R-50 <- R-101) / 1.2 (R-18 <- R-101), dkd 1.
+    # CWD (Shu et al. 2021): softmax temperature tau of each channel's spatial distribution.
+    cfg.MODEL.CWD = CN()
+    cfg.MODEL.CWD.TAU = 1.0
+    # MGD (Yang et al. 2022): the fraction lambda of student positions masked before the
+    # generator; 0.45 is the Faster/Mask R-CNN reference, one-stage detectors use 0.65.
+    cfg.MODEL.MGD = CN()
+    cfg.MODEL.MGD.MASK_RATIO = 0.45
+    # FGD (Yang et al. 2022): attention temperature and the weights of its four terms
+    # (foreground, background, attention, global). Defaults: the two-stage reference (p2-p5);
+    # RetinaNet's: ALPHA 1e-3, BETA 5e-4, GAMMA 5e-4, LAMBDA 5e-6.
+    cfg.MODEL.FGD = CN()
+    cfg.MODEL.FGD.TEMPERATURE = 0.5
+    cfg.MODEL.FGD.ALPHA = 5e-5
+    cfg.MODEL.FGD.BETA = 2.5e-5
+    cfg.MODEL.FGD.GAMMA = 5e-5
+    cfg.MODEL.FGD.LAMBDA = 5e-7
+    # DeFeat (Guo et al. 2021): weights of the separately normalised foreground and background
+    # squared errors (the released VOC config's 3 and 12). Each GT is marked on the one level
+    # its size picks among the distilled pairs' strides.
+    cfg.MODEL.DEFEAT = CN()
+    cfg.MODEL.DEFEAT.FG_WEIGHT = 3.0
+    cfg.MODEL.DEFEAT.BG_WEIGHT = 12.0
+    # FGFI (Wang et al. 2019): imitation-mask threshold psi (anchors with IoU > psi * the GT's
+    # best IoU), and the iterations at the start of training with the loss off (reference: 400).
+    # Its anchors are detectron2's R-CNN FPN default (size 8 * stride, ratios 0.5/1/2).
+    cfg.MODEL.FGFI = CN()
+    cfg.MODEL.FGFI.PSI = 0.5
+    cfg.MODEL.FGFI.WARMUP_ITERS = 400
+    # ReviewKD (Chen et al. 2021): width of the ABF fusion chain over all pairs (reference 256).
+    # It takes all pairs at once: FEATURE_WEIGHTS do not apply to it.
+    cfg.MODEL.REVIEWKD = CN()
+    cfg.MODEL.REVIEWKD.MID_CHANNELS = 256
+    # DKD (Zhao et al. 2022), R-CNN only: alpha * TCKD + beta * NCKD on the RoI head's (K+1)-way
+    # class logits (teacher box head on the student's sampled proposals, their gt classes as
+    # targets), at temperature T (mdistiller's detection defaults 1, 0.25, 1).
+    cfg.MODEL.DKD = CN()
+    cfg.MODEL.DKD.ALPHA = 1.0
+    cfg.MODEL.DKD.BETA = 0.25
+    cfg.MODEL.DKD.TEMPERATURE = 1.0
+
     # ---- Classification pretraining stage (issue 4) ----
     # The student classifier (a name in nst_det.modeling.classification.CLASSIFIER_REGISTRY:
     # resnet18 | resnet34 | resnet50 | resnet101 | inception_bn) and its number of classes,

@@ -7,10 +7,29 @@
   `.double()` reach it through `_apply`, and `.train()` never takes it out of eval mode;
 * the feature pairs (validated against both models' output shapes, aligned by `align_pair`);
 * the weighted sum of the feature losses (`loss_nst` and `loss_<name>` of MODEL.TRANSFER) and
-  `loss_kd` on logits, with every weight applied here (trainers only sum the loss dict);
-* the check, at construction, that every loss gets the arguments it needs: a learned regressor
-  per pair (student-side modules, trained with the student) for losses taking `regressor`, and the
-  values the model `supplies` (e.g. `labels` in classification) for the others.
+  of the logits losses (`loss_kd`, and MODEL.TRANSFER losses marked `on_logits`, e.g. DKD), with
+  every weight applied here (trainers only sum the loss dict);
+* the losses' learned modules (`regressors`, a ModuleDict: FitNet regressors, MGD generators,
+  FGD context blocks, DeFeat/FGFI adapters, ReviewKD's fusion): student-side, so they are in
+  `parameters()` (the optimizer), in `state_dict()` (training checkpoints, exact resume) and,
+  under `distill.`, dropped from the student export; never part of the teacher;
+* the check, at construction, that every argument of every loss is supplied.
+
+How each argument of a MODEL.TRANSFER loss ``fn(f_s, f_t, ...)`` is supplied (one path):
+
+  ``module`` / ``regressor``  built here by ``fn.build_module(Cs, Ct, **module_args)``, one per
+                              pair (or one for all pairs, below), key ``<name>_<i>`` / ``<name>``;
+  ``stride``                  the pair's stride after alignment (the coarser of the two);
+  ``level_strides``           the strides of all pairs, finest first (GT-to-level assignment);
+  names in ``supplies``       passed by the owning model per step (``labels`` of a classifier,
+                              ``gt_boxes`` of a detector, ``target`` = RoI gt classes of R-CNN);
+  other keywords              the method's hyper-parameters (``transfer_args``), bound now.
+
+Attributes a loss may carry: ``over_all_pairs`` (it takes the lists of all pairs' aligned maps,
+e.g. ReviewKD; FEATURE_WEIGHTS do not apply to it), ``on_logits`` (it takes class logits, e.g.
+DKD, and is computed by `kd` next to loss_kd), ``build_module`` (its learned module).
+A per-loss warm-up (``warmup_iters``, e.g. FGFI's 400) multiplies the loss by 0 before that
+iteration (detectron2's EventStorage iteration), so keys and DDP's graph stay the same.
 
 The models themselves only record their features and call `feature_losses` / `kd`.
 """
@@ -19,20 +38,38 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Dict, Mapping, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
 from torch import nn
 
-from ..losses import FitNetRegressor, build_transfer_loss, get_transfer_loss, kd_loss
+from ..losses import build_transfer_loss, get_transfer_loss, kd_loss
 from .pairs import align_pair, build_feature_pairs
 
-__all__ = ["DistillationCore", "distill_config", "freeze", "nst_kernel_args"]
+__all__ = ["DistillationCore", "METHOD_KEYS", "distill_config", "freeze", "nst_kernel_args"]
 
 logger = logging.getLogger(__name__)
 
 _OWN_WEIGHT = ("nst", "kd")  # losses with their own config namespace, not MODEL.TRANSFER
+_MODULE_ARGS = ("module", "regressor")  # the loss's learned module, built by fn.build_module
+_PAIR_ARGS = ("stride", "level_strides")  # filled from the feature pairs
+
+# Hyper-parameters of the MODEL.TRANSFER methods: MODEL.<NAME>.<KEY> -> (what, keyword), what =
+# "loss" (a keyword of the registered loss), "module" (of its fn.build_module) or "warmup" (the
+# core's warm-up). Defaults and comments: nst_det/config.py.
+METHOD_KEYS: Dict[str, Dict[str, Tuple[str, str]]] = {
+    "cwd": {"TAU": ("loss", "tau")},
+    "mgd": {"MASK_RATIO": ("loss", "mask_ratio")},
+    "fgd": {"TEMPERATURE": ("loss", "temperature"), "ALPHA": ("loss", "alpha"),
+            "BETA": ("loss", "beta"), "GAMMA": ("loss", "gamma"), "LAMBDA": ("loss", "lambda_")},
+    "defeat": {"FG_WEIGHT": ("loss", "fg_weight"), "BG_WEIGHT": ("loss", "bg_weight")},
+    "fgfi": {"PSI": ("loss", "psi"), "WARMUP_ITERS": ("warmup", "")},
+    "reviewkd": {"MID_CHANNELS": ("module", "mid_channels")},
+    "dkd": {"ALPHA": ("loss", "alpha"), "BETA": ("loss", "beta"),
+            "TEMPERATURE": ("loss", "T")},
+}
 
 
 def nst_kernel_args(cfg) -> dict:
@@ -48,16 +85,31 @@ def nst_kernel_args(cfg) -> dict:
     return args[nst.KERNEL]
 
 
+def _method_args(cfg, names: Sequence[str]) -> Tuple[dict, dict, dict]:
+    """(transfer_args, module_args, warmup_iters) of the named methods, from METHOD_KEYS."""
+    out = {"loss": {}, "module": {}, "warmup": {}}
+    for name in names:
+        for key, (what, kw) in METHOD_KEYS.get(name, {}).items():
+            value = cfg.MODEL[name.upper()][key]
+            if what == "warmup":
+                out["warmup"][name] = int(value)
+            else:
+                out[what].setdefault(name, {})[kw] = value
+    return out["loss"], out["module"], out["warmup"]
+
+
 def distill_config(cfg) -> dict:
     """The keyword arguments of `DistillationCore` that come from the config.
 
     Reads MODEL.DISTILL.{STUDENT,TEACHER}_FEATURES / FEATURE_WEIGHTS (the pairs of every feature
-    loss), MODEL.NST.*, MODEL.KD.* and MODEL.TRANSFER.{NAMES, WEIGHTS}.
+    loss), MODEL.NST.*, MODEL.KD.*, MODEL.TRANSFER.{NAMES, WEIGHTS} and, for each name there,
+    its own namespace (MODEL.CWD, MODEL.FGD, ...: see METHOD_KEYS).
     """
     names, weights = list(cfg.MODEL.TRANSFER.NAMES), list(cfg.MODEL.TRANSFER.WEIGHTS)
     if len(names) != len(weights):
         raise ValueError(f"MODEL.TRANSFER.NAMES {names} and MODEL.TRANSFER.WEIGHTS {weights} "
                          "must have the same length")
+    transfer_args, module_args, warmup_iters = _method_args(cfg, names)
     d = cfg.MODEL.DISTILL
     return {
         "student_features": list(d.STUDENT_FEATURES),
@@ -67,6 +119,9 @@ def distill_config(cfg) -> dict:
         "nst_kernel": cfg.MODEL.NST.KERNEL,
         "nst_kernel_args": nst_kernel_args(cfg),
         "transfer_losses": list(zip(names, weights)),
+        "transfer_args": transfer_args,
+        "module_args": module_args,
+        "warmup_iters": warmup_iters,
         "kd_weight": cfg.MODEL.KD.LOSS_WEIGHT,
         "kd_temperature": cfg.MODEL.KD.TEMPERATURE,
     }
@@ -79,6 +134,32 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def _iteration() -> int:
+    """The training iteration of detectron2's current EventStorage (the trainers open one)."""
+    from detectron2.utils.events import get_event_storage
+
+    try:
+        return get_event_storage().iter
+    except AssertionError:
+        raise RuntimeError("a loss warm-up needs the training iteration: run the step inside "
+                           "detectron2's EventStorage (the trainers do)") from None
+
+
+@dataclass
+class _Transfer:
+    """One MODEL.TRANSFER loss as the core runs it."""
+
+    name: str
+    fn: Callable  # with its hyper-parameters bound
+    weight: float
+    supplied: list  # the names in `supplies` it takes
+    module_arg: str | None = None  # "module" / "regressor" when it has a learned module
+    pair_args: list = field(default_factory=list)  # of _PAIR_ARGS
+    all_pairs: bool = False
+    on_logits: bool = False
+    warmup: int = 0
+
+
 class DistillationCore(nn.Module):
     """Inert teacher + feature pairs + weighted transfer losses (see the module docstring).
 
@@ -89,11 +170,15 @@ class DistillationCore(nn.Module):
         student_features, teacher_features, feature_weights: the pairs, position by position.
             Only validated (and used) when a feature loss is on.
         nst_weight: weight of loss_nst (0: off). nst_kernel, nst_kernel_args: for `nst_loss`.
-        transfer_losses: (registry name, weight) of further feature losses on the same pairs;
-            weight 0 entries are dropped.
+        transfer_losses: (registry name, weight) of further losses (feature losses on the same
+            pairs, or logits losses); weight 0 entries are dropped.
+        transfer_args: {name: keyword arguments} bound to those losses (their hyper-parameters).
+        module_args: {name: keyword arguments} of their ``build_module``.
+        warmup_iters: {name: N}: that loss is 0 (times 0) before iteration N.
         kd_weight, kd_temperature: weight and T of loss_kd (0: off).
-        supplies: names of the extra arguments the owning model passes to `feature_losses`
-            (e.g. ("labels",)); a loss that requires anything else is an error now.
+        supplies: names of the extra arguments the owning model passes to `feature_losses` /
+            `kd` (e.g. ("labels",), ("gt_boxes", "target")); a loss that requires anything
+            else is an error now.
         context: how the owner is named in error messages.
     """
 
@@ -110,6 +195,9 @@ class DistillationCore(nn.Module):
         nst_kernel: str = "poly",
         nst_kernel_args: dict | None = None,
         transfer_losses: Sequence[Tuple[str, float]] = (),
+        transfer_args: Mapping[str, dict] | None = None,
+        module_args: Mapping[str, dict] | None = None,
+        warmup_iters: Mapping[str, int] | None = None,
         kd_weight: float = 0.0,
         kd_temperature: float = 4.0,
         supplies: Sequence[str] = (),
@@ -120,14 +208,13 @@ class DistillationCore(nn.Module):
         self.kd_weight = float(kd_weight)
         self.kd_temperature = float(kd_temperature)
         self._nst = build_transfer_loss("nst", kernel=nst_kernel, **(nst_kernel_args or {}))
-        self._transfer = []  # (name, fn, weight, {param: how it is supplied})
-        for name, weight in transfer_losses:
-            if name in _OWN_WEIGHT:
-                raise ValueError(f"MODEL.TRANSFER.NAMES has {name!r}, which has its own weight: "
-                                 f"use MODEL.{name.upper()}.LOSS_WEIGHT")
-            fn = get_transfer_loss(name)  # KeyError listing the registered names
-            if float(weight) != 0:
-                self._transfer.append((name, fn, float(weight)))
+        transfer_args, module_args = dict(transfer_args or {}), dict(module_args or {})
+        warmup_iters = dict(warmup_iters or {})
+        self._transfer = [
+            self._plan(name, float(weight), transfer_args.get(name, {}), supplies, context,
+                       int(warmup_iters.get(name, 0)))
+            for name, weight in transfer_losses if float(weight) != 0
+        ]
         probe = torch.rand(1, 2, 3, 3)
         self._nst(probe, probe)  # raises on an unknown kernel or bad kernel arguments
 
@@ -146,25 +233,54 @@ class DistillationCore(nn.Module):
             if not self.feature_pairs:
                 raise ValueError("feature losses are enabled but MODEL.DISTILL.STUDENT_FEATURES "
                                  "is empty")
-        self.regressors = nn.ModuleDict()  # student-side: in the optimizer and the state dict
-        self._extra = {}
-        for name, fn, _ in self._transfer:
-            params = list(inspect.signature(fn).parameters.values())[2:]
-            self._extra[name] = [p.name for p in params if p.name in supplies]
-            if any(p.name == "regressor" for p in params):
-                for i, pair in enumerate(self.feature_pairs):
-                    self.regressors[f"{name}_{i}"] = FitNetRegressor(
-                        student_shapes[pair.student].channels,
-                        teacher_shapes[pair.teacher].channels)
-            missing = [
-                p.name for p in params
-                if p.default is inspect.Parameter.empty and p.name != "regressor"
-                and p.name not in supplies
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            ]
-            if missing:
-                raise ValueError(f"transfer loss {name!r} needs {missing}, which {context} does "
-                                 f"not supply (it supplies {sorted(supplies)})")
+        # the losses' learned modules (historical name): student-side, see the module docstring
+        self.regressors = nn.ModuleDict()
+        s_ch = [student_shapes[p.student].channels for p in self.feature_pairs]
+        t_ch = [teacher_shapes[p.teacher].channels for p in self.feature_pairs]
+        for t in self._transfer:
+            if t.module_arg is None:
+                continue
+            build = get_transfer_loss(t.name).build_module
+            kwargs = module_args.get(t.name, {})
+            if t.all_pairs:
+                self.regressors[t.name] = build(s_ch, t_ch, **kwargs)
+            else:
+                for i, (cs, ct) in enumerate(zip(s_ch, t_ch)):
+                    self.regressors[f"{t.name}_{i}"] = build(cs, ct, **kwargs)
+        self._strides = [max(p.student_stride, p.teacher_stride) for p in self.feature_pairs]
+        unknown = set(module_args) - {t.name for t in self._transfer if t.module_arg}
+        if unknown:
+            raise ValueError(f"module arguments for {sorted(unknown)}, which have no learned "
+                             "module (or are off)")
+
+    @staticmethod
+    def _plan(name, weight, bound, supplies, context, warmup) -> _Transfer:
+        """How the core calls MODEL.TRANSFER loss `name` (raises on what nobody supplies)."""
+        if name in _OWN_WEIGHT:
+            raise ValueError(f"MODEL.TRANSFER.NAMES has {name!r}, which has its own weight: "
+                             f"use MODEL.{name.upper()}.LOSS_WEIGHT")
+        raw = get_transfer_loss(name)  # KeyError listing the registered names
+        fn = build_transfer_loss(name, **bound)  # TypeError naming a bad hyper-parameter
+        params = list(inspect.signature(raw).parameters.values())[2:]
+        names = [p.name for p in params]
+        module_arg = next((a for a in _MODULE_ARGS if a in names), None)
+        if not hasattr(raw, "build_module"):
+            module_arg = None
+        t = _Transfer(name, fn, weight, [n for n in names if n in supplies], module_arg,
+                      all_pairs=bool(getattr(raw, "over_all_pairs", False)),
+                      on_logits=bool(getattr(raw, "on_logits", False)), warmup=warmup)
+        if not (t.all_pairs or t.on_logits):
+            t.pair_args = [n for n in names if n in _PAIR_ARGS]
+        given = set(t.supplied) | set(t.pair_args) | set(bound) | {module_arg}
+        missing = [
+            p.name for p in params
+            if p.default is inspect.Parameter.empty and p.name not in given
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        if missing:
+            raise ValueError(f"transfer loss {name!r} needs {missing}, which {context} does "
+                             f"not supply (it supplies {sorted(supplies)})")
+        return t
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -173,13 +289,22 @@ class DistillationCore(nn.Module):
 
     @property
     def uses_features(self) -> bool:
-        """Whether a feature loss (NST or MODEL.TRANSFER) is on."""
-        return self.nst_weight > 0 or bool(self._transfer)
+        """Whether a feature loss (NST or a MODEL.TRANSFER feature loss) is on."""
+        return self.nst_weight > 0 or any(not t.on_logits for t in self._transfer)
+
+    @property
+    def uses_logits(self) -> bool:
+        """Whether a logits loss (KD, or a MODEL.TRANSFER logits loss such as DKD) is on."""
+        return self.kd_weight > 0 or any(t.on_logits for t in self._transfer)
 
     @property
     def distilling(self) -> bool:
         """Whether any transfer loss is on (otherwise the owner trains as a plain model)."""
-        return self.uses_features or self.kd_weight > 0
+        return self.uses_features or self.uses_logits
+
+    def needs(self, name: str) -> bool:
+        """Whether an enabled loss takes the supplied value `name` (e.g. "gt_boxes")."""
+        return any(name in t.supplied for t in self._transfer)
 
     def _apply(self, fn, *args, **kwargs):
         # device / dtype moves (.to, .cuda, .half, ...) go through _apply: take the teacher along
@@ -194,6 +319,10 @@ class DistillationCore(nn.Module):
             self.teacher.eval()  # always: the teacher's BN statistics never change
         return self
 
+    def _scale(self, t: _Transfer) -> float:
+        """t.weight, or 0 during t's warm-up."""
+        return 0.0 if t.warmup > 0 and _iteration() < t.warmup else t.weight
+
     def feature_losses(
         self, s_feats: Dict[str, torch.Tensor], t_feats: Dict[str, torch.Tensor], **extras
     ) -> Dict[str, torch.Tensor]:
@@ -202,10 +331,12 @@ class DistillationCore(nn.Module):
         Args:
             s_feats: {name: [B, Cs, Hs, Ws]} student features (gradients flow).
             t_feats: {name: [B, Ct, Ht, Wt]} teacher features of the same images.
-            extras: the values named in `supplies` (e.g. labels=[B] class indices).
+            extras: the values named in `supplies` (e.g. labels=[B] class indices, gt_boxes=B
+                tensors [Ni, 4] xyxy in the padded input's pixels).
         Returns:
             {"loss_nst", "loss_<transfer name>"}: weighted scalars, the enabled ones only;
-            loss = weight * sum_k FEATURE_WEIGHTS[k] * loss(s_k, t_k), pairs aligned once.
+            loss = weight * sum_k FEATURE_WEIGHTS[k] * loss(s_k, t_k), pairs aligned once
+            (an `over_all_pairs` loss: weight * loss([s_k], [t_k])).
         """
         if not self.uses_features:
             return {}
@@ -217,18 +348,39 @@ class DistillationCore(nn.Module):
         losses = {}
         if self.nst_weight > 0:
             losses["loss_nst"] = self.nst_weight * sum(w * self._nst(s, t) for w, s, t in pairs)
-        for name, fn, weight in self._transfer:
-            kwargs = {k: extras[k] for k in self._extra[name]}
-            total = 0.0
-            for i, (w, s, t) in enumerate(pairs):
-                if f"{name}_{i}" in self.regressors:
-                    kwargs["regressor"] = self.regressors[f"{name}_{i}"]
-                total = total + w * fn(s, t, **kwargs)
-            losses[f"loss_{name}"] = weight * total
+        for t in self._transfer:
+            if t.on_logits:
+                continue
+            kwargs = {k: extras[k] for k in t.supplied}
+            if t.all_pairs:
+                if t.module_arg:
+                    kwargs[t.module_arg] = self.regressors[t.name]
+                total = t.fn([s for _, s, _ in pairs], [f for _, _, f in pairs], **kwargs)
+            else:
+                total = 0.0
+                for i, (w, s, f) in enumerate(pairs):
+                    pair_values = {"stride": self._strides[i],
+                                   "level_strides": tuple(sorted(set(self._strides)))}
+                    kwargs.update({k: pair_values[k] for k in t.pair_args})
+                    if t.module_arg:
+                        kwargs[t.module_arg] = self.regressors[f"{t.name}_{i}"]
+                    total = total + w * t.fn(s, f, **kwargs)
+            losses[f"loss_{t.name}"] = self._scale(t) * total
         return losses
 
-    def kd(self, logits_s: torch.Tensor, logits_t: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """{"loss_kd": KD weight * kd_loss([N, K] student, [N, K] teacher logits, T)}, if on."""
-        if self.kd_weight <= 0:
-            return {}
-        return {"loss_kd": self.kd_weight * kd_loss(logits_s, logits_t, self.kd_temperature)}
+    def kd(self, logits_s: torch.Tensor, logits_t: torch.Tensor,
+           **extras) -> Dict[str, torch.Tensor]:
+        """The weighted logits losses: {"loss_kd", "loss_<name>" of `on_logits` losses}, if on.
+
+        Args:
+            logits_s, logits_t: [N, K] student and teacher logits of the same N samples.
+            extras: the values named in `supplies` (e.g. target=[N] class indices for DKD).
+        """
+        losses = {}
+        if self.kd_weight > 0:
+            losses["loss_kd"] = self.kd_weight * kd_loss(logits_s, logits_t, self.kd_temperature)
+        for t in self._transfer:
+            if t.on_logits:
+                kwargs = {k: extras[k] for k in t.supplied}
+                losses[f"loss_{t.name}"] = self._scale(t) * t.fn(logits_s, logits_t, **kwargs)
+        return losses

@@ -95,3 +95,6 @@ def dkd_loss(
     """
     tckd, nckd = dkd_parts(logits_s, logits_t, target, T=T)
     return alpha * tckd + beta * nckd
+
+
+dkd_loss.on_logits = True  # on class logits with targets, not on feature pairs (see distill.core)

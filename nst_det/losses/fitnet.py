@@ -73,3 +73,6 @@ def fitnet_loss(
             "pass regressor=FitNetRegressor(Cs, Ct)"
         )
     return _hint_mse(f_s, f_t.detach())
+
+
+fitnet_loss.build_module = FitNetRegressor  # the core builds one regressor per feature pair

@@ -16,19 +16,35 @@ from torch import nn
 from ..distill import DistillationCore, distill_config
 from .teacher import build_teacher
 
-__all__ = ["DetectorDistillMixin", "build_detection_core"]
+__all__ = ["DetectorDistillMixin", "build_detection_core", "gt_boxes_of"]
 
 
-def build_detection_core(cfg, student_backbone: nn.Module, context: str) -> DistillationCore:
-    """The strict frozen teacher of cfg.MODEL.TEACHER in a core, pairs checked on both backbones."""
+def build_detection_core(
+    cfg, student_backbone: nn.Module, context: str, supplies=("gt_boxes",)
+) -> DistillationCore:
+    """The strict frozen teacher of cfg.MODEL.TEACHER in a core, pairs checked on both backbones.
+
+    `supplies`: what the detector passes to the losses (`gt_boxes`, see `gt_boxes_of`; R-CNN
+    also `target`, the gt classes of its sampled proposals).
+    """
     teacher = build_teacher(cfg)
     return DistillationCore(
         teacher=teacher,
         student_shapes=student_backbone.output_shape(),
         teacher_shapes=teacher.backbone.output_shape(),
+        supplies=supplies,
         context=context,
         **distill_config(cfg),
     )
+
+
+def gt_boxes_of(batched_inputs: List[dict], device) -> List[torch.Tensor]:
+    """The batch's GT boxes for GT-aware losses: B tensors [Ni, 4], xyxy, on `device`.
+
+    detectron2's mappers resize each image and its `instances` together, and ImageList pads at
+    the bottom/right only, so these resized-image pixels are the padded batch's pixels.
+    """
+    return [x["instances"].gt_boxes.tensor.to(device) for x in batched_inputs]
 
 
 class DetectorDistillMixin:

@@ -16,9 +16,10 @@ from typing import Dict, List
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads import StandardROIHeads
 
 from ..distill import DistillationCore, record_first_call
-from .distill_detection import DetectorDistillMixin, build_detection_core
+from .distill_detection import DetectorDistillMixin, build_detection_core, gt_boxes_of
 from .roi_logits import box_class_logits, box_pooler, check_kd_heads
 
 __all__ = ["DistillationRCNN"]
@@ -39,7 +40,10 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
                  aligned by `nst_det.distill.align_pair`;
       loss_<name> for MODEL.TRANSFER.NAMES, the same sum with that loss and weight;
       loss_kd  = KD.LOSS_WEIGHT * kd_loss(student RoI logits, teacher RoI logits, T), the
-                 teacher's box head run on the student's sampled proposals ([R, K + 1] logits).
+                 teacher's box head run on the student's sampled proposals ([R, K + 1] logits);
+      loss_dkd (MODEL.TRANSFER "dkd") on the same logits, target = the sampled proposals'
+                 gt_classes (background = K), which StandardROIHeads' training forward returns.
+    GT-aware feature losses (FGD, DeFeat, FGFI) get the batch's `gt_boxes` (`gt_boxes_of`).
     """
 
     @configurable
@@ -51,34 +55,48 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
         """
         super().__init__(**kwargs)
         self._init_distill(distill)
-        if distill.kd_weight > 0:
+        if distill.uses_logits:
             check_kd_heads(self.roi_heads, distill.teacher.roi_heads)
+        if distill.needs("target") and not isinstance(self.roi_heads, StandardROIHeads):
+            raise ValueError(
+                "a loss on RoI logits with targets (e.g. dkd) needs the sampled proposals' "
+                "gt_classes, which StandardROIHeads' training forward returns; the student has "
+                f"{type(self.roi_heads).__name__}")
         if not self.distilling:
             logger.warning("DistillationRCNN with every transfer weight 0: plain training")
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret["distill"] = build_detection_core(cfg, ret["backbone"], "DistillationRCNN")
+        ret["distill"] = build_detection_core(cfg, ret["backbone"], "DistillationRCNN",
+                                              supplies=("gt_boxes", "target"))
         return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """GeneralizedRCNN.forward; in training, the loss dict also has the transfer losses."""
         if not self.training or not self.distilling:
             return super().forward(batched_inputs)
-        backbone, pooler, predictor = {}, {}, {}
-        kd = self.distill.kd_weight > 0
+        backbone, pooler, predictor, heads = {}, {}, {}, {}
+        kd = self.distill.uses_logits
         with ExitStack() as stack:
             stack.enter_context(record_first_call(self.backbone, backbone))
             if kd:
                 stack.enter_context(record_first_call(box_pooler(self.roi_heads), pooler))
                 stack.enter_context(record_first_call(self.roi_heads.box_predictor, predictor))
+                stack.enter_context(record_first_call(self.roi_heads, heads))
             losses = super().forward(batched_inputs)
         t_feats = self.teacher_features(batched_inputs, backbone["args"][0])
-        losses.update(self.distill.feature_losses(backbone["output"], t_feats))
+        extras = {}
+        if self.distill.needs("gt_boxes"):
+            extras["gt_boxes"] = gt_boxes_of(batched_inputs, self.device)
+        losses.update(self.distill.feature_losses(backbone["output"], t_feats, **extras))
         if kd:
             # the teacher's box head on the student's sampled proposals: [R, K + 1] logits
             with torch.no_grad():
                 t_logits = box_class_logits(self.teacher.roi_heads, t_feats, pooler["args"][1])
-            losses.update(self.distill.kd(predictor["output"][0], t_logits))
+            if self.distill.needs("target"):
+                # training StandardROIHeads returns (sampled proposals, losses); their order is
+                # the pooler's, so row r of the logits has gt class target[r]
+                extras = {"target": torch.cat([p.gt_classes for p in heads["output"][0]])}
+            losses.update(self.distill.kd(predictor["output"][0], t_logits, **extras))
         return losses

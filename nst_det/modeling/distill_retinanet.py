@@ -19,7 +19,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
 from ..distill import DistillationCore, record_first_call
-from .distill_detection import DetectorDistillMixin, build_detection_core
+from .distill_detection import DetectorDistillMixin, build_detection_core, gt_boxes_of
 
 __all__ = ["DistillationRetinaNet", "sigmoid_kd_loss"]
 
@@ -123,7 +123,10 @@ class DistillationRetinaNet(DetectorDistillMixin, RetinaNet):
                 stack.enter_context(record_first_call(self.head, head))
             losses = super().forward(batched_inputs)
         t_feats = self.teacher_features(batched_inputs, backbone["args"][0])
-        losses.update(self.distill.feature_losses(backbone["output"], t_feats))
+        extras = {}
+        if self.distill.needs("gt_boxes"):  # GT-aware losses: FGD, DeFeat, FGFI
+            extras["gt_boxes"] = gt_boxes_of(batched_inputs, self.device)
+        losses.update(self.distill.feature_losses(backbone["output"], t_feats, **extras))
         if kd:
             teacher = self.teacher
             with torch.no_grad():
