@@ -56,7 +56,28 @@ class DetectorDistillMixin:
 
     def _init_distill(self, distill: DistillationCore) -> None:
         self.distill = distill
+        self._flip_channels = self._channel_flip(distill.teacher)
         self._share_input = self._same_preprocessing(distill.teacher)
+
+    def _channel_flip(self, teacher: nn.Module) -> bool:
+        """Whether the teacher's images are the student's with RGB <-> BGR swapped.
+
+        Both formats are read from the built models (`input_format`, the INPUT.FORMAT of a yacs
+        model, or a LazyConfig model's argument); any other difference is an error.
+        """
+        mine = getattr(self, "input_format", None)
+        theirs = getattr(teacher, "input_format", None)
+        if mine is None or theirs is None or mine == theirs:
+            return False
+        if {mine, theirs} == {"RGB", "BGR"}:
+            return True
+        raise ValueError(f"the student reads {mine!r} images and the teacher {theirs!r}: only "
+                         "RGB <-> BGR is converted for the teacher")
+
+    @staticmethod
+    def _square_size(model: nn.Module) -> int:
+        """The square size the model's backbone pads to (upstream `padding_constraints`), or 0."""
+        return int(getattr(model.backbone, "padding_constraints", {}).get("square_size", 0) or 0)
 
     @property
     def teacher(self) -> nn.Module:
@@ -74,11 +95,18 @@ class DetectorDistillMixin:
         return self.distill.distilling
 
     def _same_preprocessing(self, teacher: nn.Module) -> bool:
-        """Whether the student's normalised, padded batch is a valid teacher input as is."""
+        """Whether the student's normalised, padded batch is a valid teacher input as is.
+
+        Mean, std, channel order and padding are the built models' own, so a LazyConfig teacher
+        is compared exactly like a yacs one.
+        """
         s_div = self.backbone.size_divisibility
         t_div = teacher.backbone.size_divisibility
+        t_square = self._square_size(teacher)
         return (
-            torch.equal(self.pixel_mean.cpu(), teacher.pixel_mean.cpu())
+            not self._flip_channels
+            and (t_square == 0 or t_square == self._square_size(self))
+            and torch.equal(self.pixel_mean.cpu(), teacher.pixel_mean.cpu())
             and torch.equal(self.pixel_std.cpu(), teacher.pixel_std.cpu())
             and (t_div <= 1 or (s_div > 0 and s_div % t_div == 0))
         )
@@ -89,7 +117,8 @@ class DetectorDistillMixin:
         """The teacher backbone's features of the step's images, under no_grad.
 
         Args:
-            batched_inputs: the step's inputs (used only if the teacher preprocesses differently).
+            batched_inputs: the step's inputs (used only if the teacher preprocesses differently:
+                its own mean/std, padding and channel order, RGB <-> BGR flipped for it).
             student_input: [B, 3, H, W] the student's normalised, padded batch.
         Returns:
             {name: [B, C, h, w]} teacher backbone outputs.
@@ -99,5 +128,7 @@ class DetectorDistillMixin:
             if self._share_input:
                 t_input = student_input
             else:
+                if self._flip_channels:  # [C, H, W] images: RGB <-> BGR for the teacher
+                    batched_inputs = [{**x, "image": x["image"].flip(0)} for x in batched_inputs]
                 t_input = teacher.preprocess_image(batched_inputs).tensor
             return teacher.backbone(t_input)

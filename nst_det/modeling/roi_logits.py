@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-from detectron2.modeling.roi_heads import Res5ROIHeads, StandardROIHeads
+from detectron2.modeling.roi_heads import CascadeROIHeads, Res5ROIHeads, StandardROIHeads
 from detectron2.structures import Boxes
 from torch import nn
 
@@ -19,17 +19,21 @@ __all__ = ["box_class_logits", "box_pooler", "check_kd_heads"]
 
 
 def check_kd_heads(student_heads: nn.Module, teacher_heads: nn.Module) -> None:
-    """Raise a ValueError unless both are Standard/Res5 RoI heads with the same classes."""
+    """Raise a ValueError unless both are Standard/Res5 RoI heads (no cascade), same classes."""
     for role, heads in (("student", student_heads), ("teacher", teacher_heads)):
-        if not isinstance(heads, (StandardROIHeads, Res5ROIHeads)):
+        # a cascade (e.g. a zoo Cascade R-CNN or ViTDet teacher) has one box head per stage
+        if isinstance(heads, CascadeROIHeads) or not isinstance(
+                heads, (StandardROIHeads, Res5ROIHeads)):
             raise ValueError(
-                f"KD on RoI logits supports StandardROIHeads and Res5ROIHeads (and subclasses); "
+                f"KD on RoI logits supports StandardROIHeads and Res5ROIHeads (and subclasses with "
+                f"one box head, not CascadeROIHeads); "
                 f"the {role} has {type(heads).__name__}"
             )
     if student_heads.num_classes != teacher_heads.num_classes:
         raise ValueError(
             f"KD needs the same classes: student NUM_CLASSES={student_heads.num_classes}, "
-            f"teacher NUM_CLASSES={teacher_heads.num_classes}"
+            f"teacher {teacher_heads.num_classes} (its MODEL.ROI_HEADS.NUM_CLASSES, or "
+            "model.roi_heads.num_classes of a LazyConfig teacher)"
         )
 
 

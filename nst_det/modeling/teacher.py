@@ -1,5 +1,10 @@
 """The frozen teacher detector: its own config file + weights + overrides, loaded strictly.
 
+MODEL.TEACHER.CONFIG_FILE is a yacs `.yaml` file, a LazyConfig `.py` file (its `model` is
+instantiated; MODEL.TEACHER.OPTS are then LazyConfig's `key=value` overrides), or a detectron2
+model-zoo name of either kind (e.g. "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"), found
+through `detectron2.model_zoo` when the installed detectron2 ships its configs.
+
 detectron2's checkpointer only *warns* about missing or unexpected keys, so a teacher whose
 weights silently failed to load would distil random features. Here every mismatch is an error
 that names the keys.
@@ -7,12 +12,16 @@ that names the keys.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 from typing import Dict, Mapping
 
+import detectron2
 import numpy as np
 import torch
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 from torch import nn
@@ -24,34 +33,96 @@ from ..distill.core import freeze
 
 __all__ = [
     "TeacherWeightsError",
+    "build_lazy_teacher_cfg",
     "build_teacher",
     "build_teacher_cfg",
     "freeze",
+    "is_lazy_config",
     "load_state_dict_strict",
     "read_weights",
+    "resolve_teacher_config",
 ]
 
 logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 10  # keys named per category in an error message
+_ZOO_PROBE = "Base-RCNN-FPN.yaml"  # in every detectron2 release's configs/
 
 
 class TeacherWeightsError(ValueError):
     """Teacher weights that do not match the teacher model exactly."""
 
 
+def _zoo_config_file(name: str) -> str | None:
+    """detectron2.model_zoo.get_config_file(name), or None when the install has no such config."""
+    try:
+        from detectron2.model_zoo import get_config_file
+    except ImportError:  # upstream's model_zoo imports pkg_resources, gone from setuptools >= 81
+        get_config_file = None
+    if get_config_file is not None:
+        try:
+            return get_config_file(name)
+        except RuntimeError:  # "<name> not available in Model Zoo!"
+            return None
+    # the same file get_config_file returns: the configs packaged in detectron2.model_zoo
+    spec = importlib.util.find_spec("detectron2.model_zoo")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "configs", name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def resolve_teacher_config(path: str) -> str:
+    """The local file of MODEL.TEACHER.CONFIG_FILE: `path` itself, or a model-zoo config's file.
+
+    A relative path is resolved against the working directory, as detectron2 does; a name that is
+    not a file is looked up in detectron2's model zoo (`detectron2.model_zoo.get_config_file`).
+
+    Raises:
+        ValueError: `path` is empty. FileNotFoundError: neither a file nor a zoo config; the
+        message says when this detectron2 ships no zoo configs at all (the v0.6 sdist has none).
+    """
+    if not path:
+        raise ValueError("MODEL.TEACHER.CONFIG_FILE is empty: a distillation model needs a teacher")
+    if PathManager.isfile(path):
+        return path
+    zoo = _zoo_config_file(path)
+    if zoo is not None:
+        return zoo
+    if _zoo_config_file(_ZOO_PROBE) is None:
+        raise FileNotFoundError(
+            f"teacher config not found: MODEL.TEACHER.CONFIG_FILE={path!r} is not a file, and "
+            f"this detectron2 ({detectron2.__version__}, {os.path.dirname(detectron2.__file__)})"
+            " ships no model-zoo configs (an install from the v0.6 sdist has none), so zoo names"
+            " cannot be resolved: give the config file's path instead, e.g. a copy of "
+            f"configs/{path} from detectron2's source with the files it inherits from"
+        )
+    raise FileNotFoundError(
+        f"teacher config not found: MODEL.TEACHER.CONFIG_FILE={path!r} is neither a file nor a "
+        "config of detectron2's model zoo (names are relative to its configs/ folder, e.g. "
+        "'COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml' or "
+        "'new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py')"
+    )
+
+
+def is_lazy_config(path: str) -> bool:
+    """Whether a teacher config path is a LazyConfig (Python) file rather than a yacs YAML."""
+    return str(path).endswith(".py")
+
+
 def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
-    """The teacher's own frozen config: MODEL.TEACHER.CONFIG_FILE, then MODEL.TEACHER.OPTS.
+    """The teacher's own frozen yacs config: MODEL.TEACHER.CONFIG_FILE, then MODEL.TEACHER.OPTS.
 
     The teacher runs on the student's device; its MODEL.WEIGHTS is cleared because its weights
     are loaded strictly by :func:`build_teacher` (never through detectron2's lenient checkpointer).
-    A relative CONFIG_FILE is resolved against the working directory, as detectron2 does.
+    CONFIG_FILE is resolved by :func:`resolve_teacher_config` (a file or a model-zoo name); a
+    LazyConfig `.py` teacher has :func:`build_lazy_teacher_cfg` instead.
     """
-    path = cfg.MODEL.TEACHER.CONFIG_FILE
-    if not path:
-        raise ValueError("MODEL.TEACHER.CONFIG_FILE is empty: a distillation model needs a teacher")
-    if not PathManager.isfile(path):
-        raise FileNotFoundError(f"teacher config not found: MODEL.TEACHER.CONFIG_FILE={path!r}")
+    path = resolve_teacher_config(cfg.MODEL.TEACHER.CONFIG_FILE)
+    if is_lazy_config(path):
+        raise ValueError(f"teacher config {path} is a LazyConfig (.py) file, not a yacs config: "
+                         "see build_lazy_teacher_cfg (build_teacher handles both)")
     tcfg = get_cfg()
     add_nst_config(tcfg)
     tcfg.merge_from_file(path)
@@ -65,6 +136,53 @@ def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
     tcfg.MODEL.WEIGHTS = ""
     tcfg.freeze()
     return tcfg
+
+
+def build_lazy_teacher_cfg(cfg: CfgNode):
+    """The LazyConfig of a `.py` MODEL.TEACHER.CONFIG_FILE with MODEL.TEACHER.OPTS applied.
+
+    OPTS are LazyConfig overrides, one `key=value` string each (e.g.
+    "model.roi_heads.num_classes=20"), applied by `LazyConfig.apply_overrides`.
+
+    Returns:
+        The omegaconf config; its `model` is what the teacher is instantiated from.
+    """
+    path = resolve_teacher_config(cfg.MODEL.TEACHER.CONFIG_FILE)
+    if not is_lazy_config(path):
+        raise ValueError(f"teacher config {path} is not a LazyConfig (.py) file")
+    opts = [str(o) for o in cfg.MODEL.TEACHER.OPTS]
+    bad = [o for o in opts if "=" not in o]
+    if bad:
+        raise ValueError(
+            f"MODEL.TEACHER.OPTS of the LazyConfig teacher {path} are LazyConfig overrides, one "
+            f"'key=value' string each (e.g. 'model.roi_heads.num_classes=20'); got {bad} in "
+            f"{opts}"
+        )
+    lcfg = LazyConfig.apply_overrides(LazyConfig.load(path), opts)
+    if "model" not in lcfg:
+        raise ValueError(f"LazyConfig teacher {path} defines no `model`")
+    return lcfg
+
+
+def _instantiate_lazy_teacher(cfg: CfgNode) -> nn.Module:
+    """`instantiate(model)` of the LazyConfig teacher, checked to be a plain detectron2 detector."""
+    path = cfg.MODEL.TEACHER.CONFIG_FILE
+    model = instantiate(build_lazy_teacher_cfg(cfg).model)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"LazyConfig teacher {path}: `model` instantiates a "
+                         f"{type(model).__name__}, not an nn.Module")
+    needs = ("backbone", "pixel_mean", "pixel_std", "preprocess_image")
+    lacking = [a for a in needs if not hasattr(model, a)]
+    if lacking or not hasattr(model.backbone, "output_shape"):
+        raise ValueError(
+            f"LazyConfig teacher {path}: its {type(model).__name__} is not a detectron2 detector "
+            f"(needs {list(needs)} and backbone.output_shape(); lacks "
+            f"{lacking or ['backbone.output_shape']})"
+        )
+    if hasattr(model, "distill"):
+        raise ValueError(f"LazyConfig teacher {path} is itself a distilling model "
+                         f"({type(model).__name__}): a teacher must be a plain detector")
+    return model
 
 
 def read_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -139,19 +257,33 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
 def build_teacher(cfg: CfgNode) -> nn.Module:
     """Build the teacher detector of `cfg.MODEL.TEACHER`, load its weights strictly, freeze it.
 
+    A yacs teacher is `build_model` of :func:`build_teacher_cfg`; a LazyConfig one is
+    `instantiate(model)` of :func:`build_lazy_teacher_cfg`, its BatchNorm / SyncBatchNorm layers
+    then converted to FrozenBatchNorm2d (its statistics never change). Either runs on the
+    student's MODEL.DEVICE.
+
     Args:
         cfg: the student's config (uses MODEL.TEACHER.{CONFIG_FILE, WEIGHTS, OPTS}, MODEL.DEVICE).
     Returns:
         The teacher (a detectron2 meta-architecture, e.g. GeneralizedRCNN) in eval mode, no grad.
     """
-    tcfg = build_teacher_cfg(cfg)
-    state = read_weights(cfg.MODEL.TEACHER.WEIGHTS)
-    model = build_model(tcfg)
-    load_state_dict_strict(model, state, cfg.MODEL.TEACHER.WEIGHTS)
-    logger.info(
-        "Teacher %s (%s) loaded strictly from %s",
-        tcfg.MODEL.META_ARCHITECTURE,
-        cfg.MODEL.TEACHER.CONFIG_FILE,
-        cfg.MODEL.TEACHER.WEIGHTS,
-    )
+    source = cfg.MODEL.TEACHER.CONFIG_FILE
+    path = resolve_teacher_config(source)
+    if path != source:
+        source = f"{source}: {path}"  # a model-zoo name, and its file
+    if is_lazy_config(path):
+        model = _instantiate_lazy_teacher(cfg)
+        state = read_weights(cfg.MODEL.TEACHER.WEIGHTS)
+        load_state_dict_strict(model, state, cfg.MODEL.TEACHER.WEIGHTS)
+        model = FrozenBatchNorm2d.convert_frozen_batchnorm(model)
+        model.to(torch.device(cfg.MODEL.DEVICE))
+        arch = f"{type(model).__name__} (LazyConfig)"
+    else:
+        tcfg = build_teacher_cfg(cfg)
+        state = read_weights(cfg.MODEL.TEACHER.WEIGHTS)
+        model = build_model(tcfg)
+        load_state_dict_strict(model, state, cfg.MODEL.TEACHER.WEIGHTS)
+        arch = tcfg.MODEL.META_ARCHITECTURE
+    logger.info("Teacher %s (%s) loaded strictly from %s", arch, source,
+                cfg.MODEL.TEACHER.WEIGHTS)
     return freeze(model)
