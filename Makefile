@@ -7,7 +7,7 @@ VENV_PY := .venv/bin/python
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: setup demo test test-upstream lint
+.PHONY: setup demo test test-fast test-upstream lint
 
 setup:
 	@$(PYTHON) tools/setup_env.py
@@ -17,6 +17,10 @@ demo: setup
 
 test: setup
 	$(VENV_PY) -m pytest
+
+# The unit and contract tests alone (no end-to-end runs): the loop while developing
+test-fast: setup
+	$(VENV_PY) -m pytest -m "not slow"
 
 # The suite on a second detectron2, built from source with its compiled ops (as GPU users
 # install it), in its own venv: make test-upstream D2_SRC=<detectron2 source folder or archive>.

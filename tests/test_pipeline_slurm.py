@@ -81,7 +81,8 @@ def test_ci_pipeline_through_sbatch_with_dependencies(slurm, data_root, module_t
     stages = build_plan(str(out), TOY_SCALES["ci"], TOY_CONFIGS)
     # the whole plan went in before anything finished, dependent stages with afterok
     submitted = [line for line in run.stdout.splitlines() if " submitted (job " in line]
-    assert len(submitted) == len(stages) == 17
+    assert len(submitted) == len(stages)
+    assert all(any(f" {s.name}] submitted (job " in line for line in submitted) for s in stages)
     assert run.stdout.index(submitted[-1]) < run.stdout.index(" finished in ")
     for stage in stages:
         job_id = _job_id(stage)
@@ -95,7 +96,7 @@ def test_ci_pipeline_through_sbatch_with_dependencies(slurm, data_root, module_t
         assert json.loads((Path(stage.out_dir) / STAGE_FILE).read_text())["job_id"] == job_id
     assert (out / "report.md").is_file()
     status = subprocess.run([*cmd, "--status"], cwd=REPO, capture_output=True, text=True)
-    assert status.returncode == 0 and status.stdout.count(" done ") == 17, status.stdout
+    assert status.returncode == 0 and status.stdout.count(" done ") == len(stages), status.stdout
 
 
 def _cls_stage(out_dir, iters, *extra):

@@ -157,7 +157,8 @@ def test_lazy_teacher_distils_yacs_student_inert_frozen(tmp_path):
     model.train()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert {p.device for p in teacher.parameters()} == {torch.device(model.device)}
-    assert model._share_input and not model._flip_channels  # same mean/std/format: shared input
+    # same mean/std/format: shared input
+    assert model._share_input and not model.flip_teacher_channels
 
     before = copy.deepcopy(teacher.state_dict())
     student_before = copy.deepcopy(model.state_dict())
@@ -222,7 +223,7 @@ def test_lazy_teacher_opts_and_own_preprocessing(tmp_path):
     assert teacher.roi_heads.box_predictor.test_score_thresh == 0.25
     torch.testing.assert_close(teacher.pixel_mean.flatten(),
                                torch.tensor([103.53, 116.28, 123.675]))
-    assert model._flip_channels and not model._share_input
+    assert model.flip_teacher_channels and not model._share_input
     batch = _batch(sizes=((96, 128), (96, 128)))  # same size: no padding differences
     student_input = model.preprocess_image(batch).tensor
     got = model.teacher_features(batch, student_input)
@@ -366,7 +367,7 @@ def test_model_zoo_names(tmp_path):
     model = build_model(cfg)
     teacher = model.teacher
     assert not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
-    assert teacher.input_format == "BGR" and model._flip_channels
+    assert teacher.input_format == "BGR" and model.flip_teacher_channels
     model.train()
     losses = _losses(model, _batch())
     assert torch.isfinite(losses["loss_nst"]) and losses["loss_nst"] > 0
@@ -430,8 +431,36 @@ def test_tiny_vitdet_teacher_from_the_zoo(tmp_path):
     teacher = model.teacher
     assert type(teacher.backbone).__name__ == "SimpleFeaturePyramid"
     assert sorted(teacher.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
-    assert not model._share_input and not model._flip_channels  # its own 128 px square input
+    assert not model._share_input and not model.flip_teacher_channels  # its own 128 px square input
     model.train()
     losses = _losses(model, _batch())
     assert torch.isfinite(losses["loss_nst"]) and losses["loss_nst"] > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_evaluated_before_training_sees_its_own_channel_order(tmp_path, tiny_voc):
+    """The TeacherEvalHook runs the teacher on the student's (RGB) test loader: a BGR teacher is
+    wrapped so that it receives BGR images, as during distillation."""
+    from nst_det.engine import DetectionTrainer
+    from nst_det.engine.teacher_eval import ChannelFlipped, TeacherEvalHook
+
+    bgr = ["model.input_format=BGR", "model.pixel_mean=[103.53,116.28,123.675]",
+           "model.pixel_std=[57.375,57.12,58.395]"]
+    py, weights, _ = _write_lazy_teacher(tmp_path)
+    cfg = _student_cfg(py, weights, ["MODEL.TEACHER.OPTS", str(bgr), "OUTPUT_DIR",
+                                     str(tmp_path / "out")])
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (tiny_voc[0],), (tiny_voc[1],)
+    hook = next(h for h in DetectionTrainer(cfg)._hooks if isinstance(h, TeacherEvalHook))
+    wrapped = hook._teacher
+    assert isinstance(wrapped, ChannelFlipped) and not wrapped.training
+    seen = []
+    wrapped.model.register_forward_pre_hook(lambda m, args: seen.append(args[0][0]["image"]))
+    image = torch.arange(3 * 4 * 5, dtype=torch.float32).reshape(3, 4, 5)
+    with torch.no_grad():
+        wrapped([{"image": image, "height": 4, "width": 5}])
+    torch.testing.assert_close(seen[0], image.flip(0))
+    # an RGB teacher is evaluated as it is
+    rgb = _student_cfg(py, weights, ["OUTPUT_DIR", str(tmp_path / "out2")])
+    rgb.DATASETS.TRAIN, rgb.DATASETS.TEST = (tiny_voc[0],), (tiny_voc[1],)
+    hook = next(h for h in DetectionTrainer(rgb)._hooks if isinstance(h, TeacherEvalHook))
+    assert not isinstance(hook._teacher, ChannelFlipped)

@@ -10,7 +10,7 @@ from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
 from ..utils.dist import unwrap_ddp
 from .registry import TRAINER_REGISTRY
 from .reliable import ReliableTrainer
-from .teacher_eval import TeacherEvalHook
+from .teacher_eval import ChannelFlipped, TeacherEvalHook
 
 
 @TRAINER_REGISTRY.register()
@@ -61,6 +61,10 @@ class DetectionTrainer(ReliableTrainer):
         model = unwrap_ddp(self.model)
         teacher = getattr(model, "teacher", None)
         if teacher is not None and self.cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN:
+            # the student's test loader gives the student's channel order; a BGR teacher (every
+            # model-zoo one, for an RGB student) sees its own
+            if getattr(model, "flip_teacher_channels", False):
+                teacher = ChannelFlipped(teacher).eval()
             extra.append(
                 TeacherEvalHook(teacher, lambda m: self.test(self.cfg, m), self.cfg.OUTPUT_DIR)
             )

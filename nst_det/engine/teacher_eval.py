@@ -18,12 +18,27 @@ from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
+from torch import nn
 
-__all__ = ["TeacherEvalHook", "TEACHER_METRICS_FILE"]
+__all__ = ["ChannelFlipped", "TeacherEvalHook", "TEACHER_METRICS_FILE"]
 
 TEACHER_METRICS_FILE = "teacher_metrics.json"
 
 logger = logging.getLogger(__name__)
+
+
+class ChannelFlipped(nn.Module):
+    """`model` fed images in the other channel order (RGB <-> BGR): a teacher whose INPUT.FORMAT
+    differs from the student's, evaluated on the student's test loader. Not a submodule owner
+    that matters for training: it exists only for the teacher's evaluation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batched_inputs):
+        """batched_inputs: detectron2 dicts with "image" [C, H, W]; returns model's outputs."""
+        return self.model([{**x, "image": x["image"].flip(0)} for x in batched_inputs])
 
 
 class TeacherEvalHook(HookBase):

@@ -56,7 +56,7 @@ class DetectorDistillMixin:
 
     def _init_distill(self, distill: DistillationCore) -> None:
         self.distill = distill
-        self._flip_channels = self._channel_flip(distill.teacher)
+        self.flip_teacher_channels = self._channel_flip(distill.teacher)
         self._share_input = self._same_preprocessing(distill.teacher)
 
     def _channel_flip(self, teacher: nn.Module) -> bool:
@@ -104,7 +104,7 @@ class DetectorDistillMixin:
         t_div = teacher.backbone.size_divisibility
         t_square = self._square_size(teacher)
         return (
-            not self._flip_channels
+            not self.flip_teacher_channels
             and (t_square == 0 or t_square == self._square_size(self))
             and torch.equal(self.pixel_mean.cpu(), teacher.pixel_mean.cpu())
             and torch.equal(self.pixel_std.cpu(), teacher.pixel_std.cpu())
@@ -128,7 +128,7 @@ class DetectorDistillMixin:
             if self._share_input:
                 t_input = student_input
             else:
-                if self._flip_channels:  # [C, H, W] images: RGB <-> BGR for the teacher
+                if self.flip_teacher_channels:  # [C, H, W] images: RGB <-> BGR for the teacher
                     batched_inputs = [{**x, "image": x["image"].flip(0)} for x in batched_inputs]
                 t_input = teacher.preprocess_image(batched_inputs).tensor
             return teacher.backbone(t_input)
