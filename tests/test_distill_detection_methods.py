@@ -234,3 +234,29 @@ def test_fgfi_is_off_during_its_warm_up(teachers):
     early["loss_fgfi"].backward()  # the adapters stay in the graph (DDP sees every parameter)
     assert all(p.grad is not None and not p.grad.any() for p in _learned_params(model))
     assert _step(model, _batch(), it=3)["loss_fgfi"].item() > 0
+
+
+def test_method_namespaces_reach_the_losses_and_modules():
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+
+    from nst_det import add_nst_config
+    from nst_det.distill import DistillationCore, distill_config
+    from nst_det.losses import cwd_loss
+
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_list(["MODEL.TRANSFER.NAMES", "['cwd', 'reviewkd']",
+                         "MODEL.TRANSFER.WEIGHTS", "[2.0, 1.0]", "MODEL.CWD.TAU", "3.0",
+                         "MODEL.REVIEWKD.MID_CHANNELS", "8",
+                         "MODEL.DISTILL.STUDENT_FEATURES", "['a', 'b']",
+                         "MODEL.DISTILL.TEACHER_FEATURES", "['a', 'b']",
+                         "MODEL.DISTILL.FEATURE_WEIGHTS", "[0.25, 0.75]"])
+    shapes = {"a": ShapeSpec(channels=4, stride=4), "b": ShapeSpec(channels=4, stride=8)}
+    core = DistillationCore(teacher=torch.nn.Conv2d(1, 1, 1), student_shapes=shapes,
+                            teacher_shapes=shapes, **distill_config(cfg))
+    assert core.regressors["reviewkd"].abfs[0].conv1[0].out_channels == 8  # MID_CHANNELS
+    s = {"a": torch.randn(2, 4, 8, 8), "b": torch.randn(2, 4, 4, 4)}
+    t = {k: torch.randn_like(v) for k, v in s.items()}
+    expected = 2.0 * (0.25 * cwd_loss(s["a"], t["a"], 3.0) + 0.75 * cwd_loss(s["b"], t["b"], 3.0))
+    torch.testing.assert_close(core.feature_losses(s, t)["loss_cwd"], expected)
