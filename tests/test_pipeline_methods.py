@@ -119,9 +119,14 @@ def test_methods_table_and_plot_from_stage_records(tmp_path):
     assert rows["Method"][5] == "AP75"  # a COCO metric present in one run gets a column
     assert rows["plain"][3:5] == ["11.0 ± 1.0", "5.5 ± 0.5"]
     assert rows["at"][1:4] == ["at 0.123", "0,1,2", "21.0 ± 1.0"]
-    assert rows["at"][6:] == ["+10.0", "beyond 2 × seed spread (1.0)", "5.0", "5.0% of 100 ms"]
-    assert rows["sp"][6:8] == ["+0.3", "within 2 × seed spread (1.0)"]
+    # paired over seeds: at - plain = 10, 9, 11 (interval excludes 0); sp: 0.5, -1, 1.5
+    assert rows["at"][6:10] == ["+10.0 [+7.5, +12.5]", "better (3 seeds)",
+                                "+5.0 [+3.8, +6.2]", "better (3 seeds)"]
+    assert rows["at"][12:] == ["5.0", "5.0% of 100 ms"]
+    assert rows["sp"][6:8] == ["+0.3 [-2.8, +3.5]",
+                               "no difference detected at this size (3 seeds)"]
+    assert rows["sp"][10:12] == ["n/a", "no paired seeds: not compared"]  # no plain AP75
     assert numbers["sp"]["AP75"] == [1.0, 1.0, 1.0] and numbers["plain"]["step_ms"] == 200
-    assert (tmp_path / "figures" / "methods_ap50.png").stat().st_size > 5_000
+    assert (tmp_path / "figures" / "methods_forest_ap50.png").stat().st_size > 5_000
     plain_only = [s for s in stages if s.meta["role"] == "student"]
     assert methods_section(plain_only, str(tmp_path)) == ([], {})  # no method runs: no section

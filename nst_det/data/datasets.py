@@ -25,18 +25,20 @@ def datasets_root() -> str:
 
 
 def register_toy_voc(prefix: str, dirname: str, seed: int = 0, num_trainval: int = 300,
-                     num_test: int = 150) -> list[str]:
-    """Register `<prefix>_trainval` and `<prefix>_test`, generating the data on first load.
+                     num_test: int = 150, num_minival: int = 0) -> list[str]:
+    """Register `<prefix>_trainval` and `<prefix>_test` (and `<prefix>_minival`, the validation
+    split disjoint from both, when `num_minival` > 0), generating the data on first load.
 
     Returns:
         the registered dataset names.
     """
     names = []
-    for split in ("trainval", "test"):
+    for split in ("trainval", "test", *(("minival",) if num_minival else ())):
         name = f"{prefix}_{split}"
 
         def load(split=split):
-            make_toy_voc(dirname, seed=seed, num_trainval=num_trainval, num_test=num_test)
+            make_toy_voc(dirname, seed=seed, num_trainval=num_trainval, num_test=num_test,
+                         num_minival=num_minival)
             return load_voc_checked(dirname, split, TOY_CLASSES)
 
         DatasetCatalog.register(name, load)

@@ -23,7 +23,10 @@ from PIL import Image
 from .toy_world import TOY_CLASSES, ToyObject, draw_clutter, draw_object, textured_background
 
 SPEC_FILE = "toy_spec.json"
-_SPLIT_IDS = {"trainval": 0, "test": 1, "train": 2, "val": 3}
+# "train" / "val": the classification set's splits; "minival": the detection set's validation
+# split, disjoint from trainval and test (own generator stream, own id prefix). The id is also the
+# first digit of a detection image's file id, so the splits' image ids never collide.
+_SPLIT_IDS = {"trainval": 0, "test": 1, "train": 2, "val": 3, "minival": 4}
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -91,10 +94,14 @@ def _voc_xml(file_id: str, height: int, width: int, objects, difficult) -> bytes
     return ET.tostring(root)
 
 
-def _write_voc(out: Path, seed: int, num_trainval: int, num_test: int) -> None:
+def _write_voc(out: Path, seed: int, num_trainval: int, num_test: int,
+               num_minival: int = 0) -> None:
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    for split, count in (("trainval", num_trainval), ("test", num_test)):
+    splits = [("trainval", num_trainval), ("test", num_test)]
+    if num_minival:
+        splits.append(("minival", num_minival))
+    for split, count in splits:
         ids = []
         for index in range(count):
             file_id = f"{_SPLIT_IDS[split]}{index:05d}"
@@ -189,15 +196,22 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
 
 
 def make_toy_voc(root: str | os.PathLike, seed: int = 0, num_trainval: int = 300,
-                 num_test: int = 150) -> Path:
+                 num_test: int = 150, num_minival: int = 0) -> Path:
     """Write (or reuse) the toy VOC2007-layout set at `root` (the folder holding Annotations/).
+
+    `num_minival` > 0 adds ImageSets/Main/minival.txt: a validation split for choosing settings
+    (e.g. loss weights), disjoint from trainval and test. Unlike real VOC's `val` it is not part
+    of trainval. With the default 0 the set (spec and bytes) is what it was without the option.
 
     Returns:
         the data set folder, usable as the `dirname` of detectron2's `register_pascal_voc`.
     """
     spec = {"kind": "voc2007", "seed": seed, "trainval": num_trainval, "test": num_test,
             "classes": list(TOY_CLASSES)}
-    return _materialise(Path(root), spec, lambda d: _write_voc(d, seed, num_trainval, num_test))
+    if num_minival:
+        spec["minival"] = num_minival
+    return _materialise(Path(root), spec,
+                        lambda d: _write_voc(d, seed, num_trainval, num_test, num_minival))
 
 
 def make_toy_imagefolder(root: str | os.PathLike, seed: int = 0, train_per_class: int = 300,

@@ -5,8 +5,9 @@ COCO-style, AP75 / APs / APm / APl) and metrics.json (detectron2's per-iteration
 training step), and each calibration stage's stage.json (the calibrated weights and the time of
 the method's transfer loss, forward + backward, on the first batch's feature pairs). The plain
 student is the plan's `det_plain_s<seed>` run (same pretrained student, schedule and seeds, no
-transfer loss). A difference counts as measurable only beyond twice the plain student's seed
-spread, as in the main table's verdict.
+transfer loss). Each method is compared with it seed by seed (paired.py): the mean of
+method_s − plain_s over the seeds both have, its 95% t-interval, and "better" / "worse" only when
+that interval excludes 0; the forest plot (forest.py) draws the ΔAP50 intervals next to the table.
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ import json
 import os
 import statistics
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .run import stage_result  # noqa: E402
+from .forest import ForestRow, forest_plot
+from .paired import format_interval, paired_difference
+from .run import stage_result
 
 __all__ = ["methods_section", "method_numbers"]
 
@@ -61,12 +59,15 @@ def method_numbers(stages: list) -> dict:
              for s in _finished(stages, role="calibration")}
 
     def entry(group):
-        bbox = [stage_result(s)["metrics"]["bbox"] for s in sorted(group, key=lambda s:
-                                                                   s.meta.get("seed", 0))]
+        group = sorted(group, key=lambda s: s.meta.get("seed", 0))
+        bbox = [stage_result(s)["metrics"]["bbox"] for s in group]
         keys = ("AP50", "AP", *[k for k in COCO_EXTRA if any(k in b for b in bbox)])
         steps = [t for s in group for t in _step_seconds(s.out_dir)]
-        return {"seeds": sorted(s.meta.get("seed") for s in group),
+        seeds = [s.meta.get("seed") for s in group]
+        return {"seeds": seeds,
                 **{k: [b[k] for b in bbox if k in b] for k in keys},
+                "by_seed": {k: {seed: b[k] for seed, b in zip(seeds, bbox) if k in b}
+                            for k in keys},
                 "step_ms": 1e3 * statistics.median(steps) if steps else None}
 
     numbers = {"plain": entry(plain)} if plain else {}
@@ -77,69 +78,51 @@ def method_numbers(stages: list) -> dict:
     return numbers
 
 
-def _judge(diff: float, spread: float | None) -> str:
-    if spread is None:
-        return "one seed only: no spread to judge it against"
-    if abs(diff) <= 2 * spread:
-        return f"within 2 × seed spread ({spread:.1f})"
-    return f"beyond 2 × seed spread ({spread:.1f})"
-
-
-def _plot(numbers: dict, path: str) -> None:
-    names = list(numbers)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) + 2), 4))
-    for i, name in enumerate(names):
-        values = numbers[name]["AP50"]
-        ax.scatter([i] * len(values), values, s=18, color="tab:blue", zorder=3,
-                   label="seed" if i == 0 else None)
-        if values:
-            ax.hlines(statistics.mean(values), i - 0.3, i + 0.3, color="black", zorder=4,
-                      label="mean" if i == 0 else None)
-    base = numbers.get("plain", {}).get("AP50", [])
-    if len(base) > 1:
-        mean, sd = statistics.mean(base), statistics.stdev(base)
-        ax.axhspan(mean - 2 * sd, mean + 2 * sd, color="grey", alpha=0.2,
-                   label="plain ± 2 sd")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_ylabel("AP50 (%)")
-    ax.set_title("detection-stage transfer methods: AP50 per seed")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def _weights(n: dict) -> str:
+    return ", ".join(f"{k[5:]} {v:.3g}" for k, v in n.get("weights", {}).items())
 
 
 def methods_section(stages: list, out_dir: str, fig_dir: str = "figures") -> tuple:
-    """(markdown lines, numbers) of the methods table and plot; ([], {}) without method runs."""
+    """(markdown lines, numbers) of the methods table and forest plot; ([], {}) without method
+    runs. numbers[method]["paired"][metric] is the paired comparison with the plain student
+    (Paired.as_dict()) for AP50, AP and the COCO metrics present."""
     numbers = method_numbers(stages)
     if not any(name != "plain" for name in numbers):
         return [], {}
-    base = numbers.get("plain", {}).get("AP50", [])
-    spread = statistics.stdev(base) if len(base) > 1 else None
+    plain = numbers.get("plain", {}).get("by_seed", {})
     extra = [k for k in COCO_EXTRA if any(k in n for n in numbers.values())]
-    header = ["Method", "loss weight(s)", "seeds", "AP50", "AP", *extra, "ΔAP50 vs plain",
-              "judged", "loss ms/step", "loss share of step"]
+    metrics = ["AP50", "AP", *extra]
+    header = ["Method", "loss weight(s)", "seeds", *metrics,
+              *[c for m in metrics for c in (f"Δ{m} paired [95% CI]", f"{m} verdict")],
+              "loss ms/step", "loss share of step"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    forest = []
     for name, n in numbers.items():
-        weights = ", ".join(f"{k[5:]} {v:.3g}" for k, v in n.get("weights", {}).items())
-        if name == "plain":
-            diff = judged = "—"
-        elif base and n["AP50"]:
-            d = statistics.mean(n["AP50"]) - statistics.mean(base)
-            diff, judged = f"{d:+.1f}", _judge(d, spread)
-        else:
-            diff = judged = "n/a"
+        if name != "plain":
+            n["paired"] = {m: paired_difference(n["by_seed"].get(m, {}), plain.get(m, {}))
+                           for m in metrics}
+        compared = []
+        for m in metrics:
+            if name == "plain":
+                compared += ["—", "—"]
+            else:
+                p = n["paired"][m]
+                compared += [format_interval(p), p.verdict]
         loss_ms, step_ms = n.get("loss_ms"), n.get("step_ms")
         cost = f"{loss_ms:.1f}" if loss_ms is not None else ("0" if name == "plain" else "n/a")
         share = (f"{100 * loss_ms / step_ms:.1f}% of {step_ms:.0f} ms"
                  if loss_ms is not None and step_ms else "—")
-        cells = [name, weights or "—", ",".join(map(str, n["seeds"])), _mean_sd(n["AP50"]),
-                 _mean_sd(n["AP"]), *[_mean_sd(n.get(k, [])) for k in extra], diff, judged,
-                 cost, share]
+        cells = [name, _weights(n) or "—", ",".join(map(str, n["seeds"])),
+                 *[_mean_sd(n.get(m, [])) for m in metrics], *compared, cost, share]
         rows.append("| " + " | ".join(cells) + " |")
+        if name != "plain":
+            p = n["paired"]["AP50"]
+            note = f"{_weights(n) or 'weight n/a'}; loss {cost} ms/step"
+            forest.append(ForestRow(name, p.mean, p.low, p.high, p.n, note))
+            n["paired"] = {m: q.as_dict() for m, q in n["paired"].items()}
     os.makedirs(os.path.join(out_dir, fig_dir), exist_ok=True)
-    plot = os.path.join(fig_dir, "methods_ap50.png")
-    _plot(numbers, os.path.join(out_dir, plot))
+    plot = os.path.join(fig_dir, "methods_forest_ap50.png")
+    forest_plot(forest, os.path.join(out_dir, plot), "AP50")
     lines = [
         "## Transfer methods at the detection stage", "",
         "One student per method and seed, all from the plain pretrained student and the same "
@@ -148,11 +131,16 @@ def methods_section(stages: list, out_dir: str, fig_dir: str = "figures") -> tup
         "first training batches (nst_det/pipeline/methods.py; the calibrate_<method> stage "
         "folders hold the measurements), not chosen by test AP.", "",
         *rows, "",
-        "AP: mean ± standard deviation over the seeds listed. ΔAP50: method mean minus the plain "
-        "student's, judged against twice the plain student's seed spread. Loss ms/step: the "
-        "method's transfer losses alone, forward + backward, on the first training batch's "
-        "feature pairs (calibration stage, float32); share: of the median training step "
-        "(detectron2's `time` in the method runs' metrics.json, all seeds).", "",
-        f"![AP50 per method and seed]({plot})", "",
+        f"![paired ΔAP50 per method, 95% intervals]({plot})", "",
+        "AP columns: mean ± standard deviation over the seeds listed. ΔX paired: the mean over "
+        "seeds of method_s − plain_s (the plain student of the same seed: same pretrained "
+        "student, initialisation and data order), with its 95% Student-t interval over the "
+        "seeds both have (n − 1 degrees of freedom). Verdict: better / worse only when the "
+        "interval excludes 0, else no difference detected at this number of seeds; one seed "
+        "gives no interval and no verdict. Loss ms/step: the method's transfer losses alone, "
+        "forward + backward, on the first training batch's feature pairs (calibration stage, "
+        "float32); share: of the median training step (detectron2's `time` in the method runs' "
+        "metrics.json, all seeds). Forest plot: one row per method, mean ΔAP50 and its "
+        "interval against the zero line, with the loss weight and the loss's ms per step.", "",
     ]
     return lines, numbers

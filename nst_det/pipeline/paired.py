@@ -1,0 +1,92 @@
+"""Paired comparison of a method against the plain student, seed by seed.
+
+Every method run of seed s starts from the same pretrained student, data order and
+initialisation as the plain run of seed s, so the per-seed differences
+Δ_s = method_s − plain_s carry much less of the seed noise than the two groups' spreads do. The
+comparison is the mean of Δ over the seeds both sides have, with a two-sided Student-t
+confidence interval (n − 1 degrees of freedom); the verdict is "better" / "worse" only when
+that interval excludes 0. With one paired seed there is no interval and no verdict, and the
+text says so.
+
+Pure: numbers in, numbers and words out (no files, no plotting).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
+__all__ = ["Paired", "paired_difference", "t_quantile", "verdict", "format_interval"]
+
+LEVEL = 0.95
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with `df` degrees of freedom.
+
+    scipy is not a direct dependency of nst_det but a hard one of POT (pot>=0.9 in
+    pyproject.toml), so it is always installed alongside."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Δ = method − plain over the seeds both have; low/high None below 2 seeds."""
+
+    seeds: tuple  # the paired seeds, ascending
+    deltas: tuple  # method_s − plain_s, in the order of `seeds`
+    mean: float | None  # None without any paired seed
+    low: float | None
+    high: float | None
+    level: float
+    unpaired: tuple  # seeds present on only one side (left out of the comparison)
+    verdict: str
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def verdict(low: float | None, high: float | None, n: int) -> str:
+    """Words for an interval [low, high] of method − plain from n paired seeds.
+
+    "better" / "worse" only when the interval excludes 0 (an end exactly at 0 does not)."""
+    seeds = f"{n} seed{'s' if n != 1 else ''}"
+    if n == 0:
+        return "no paired seeds: not compared"
+    if low is None or high is None:
+        return f"{seeds} only: no interval, no verdict"
+    if low > 0:
+        return f"better ({seeds})"
+    if high < 0:
+        return f"worse ({seeds})"
+    return f"no difference detected at this size ({seeds})"
+
+
+def paired_difference(method: dict, plain: dict, level: float = LEVEL) -> Paired:
+    """Paired Δ of `method` against `plain`, both {seed: metric value}."""
+    seeds = tuple(sorted(set(method) & set(plain)))
+    unpaired = tuple(sorted(set(method) ^ set(plain)))
+    deltas = tuple(method[s] - plain[s] for s in seeds)
+    n = len(deltas)
+    mean = statistics.fmean(deltas) if n else None
+    low = high = None
+    if n >= 2:
+        half = t_quantile(0.5 + level / 2, n - 1) * statistics.stdev(deltas) / math.sqrt(n)
+        low, high = mean - half, mean + half
+    return Paired(seeds, deltas, mean, low, high, level, unpaired, verdict(low, high, n))
+
+
+def format_interval(p: Paired) -> str:
+    """'+1.2 [-0.3, +2.7]'; the mean alone with one seed; 'n/a' without any."""
+    if p.mean is None:
+        return "n/a"
+    if p.low is None:
+        return f"{p.mean:+.1f}"
+    return f"{p.mean:+.1f} [{p.low:+.1f}, {p.high:+.1f}]"
