@@ -17,8 +17,11 @@ hits them alike; the figures are ratios of medians measured in this one run:
 --methods (a list from nst_det/pipeline/methods.py, or all): one distiller per transfer method
 (the pipeline's method opts, every weight 1: the cost does not depend on it), all from the same
 student weights and teacher, timed side by side in the same interleaved loop: each method's
-overhead, and its loss share = the method's losses alone (forward + backward on the first
-batch's feature pairs / RoI logit shape, as the calibration stage times them) / its step.
+overhead, and its loss share = the method's losses alone (forward + backward through the
+distiller's own core on the inputs it got in its warm-up step: features, RoI logits, gt_boxes,
+DKD's target, learned modules included, as the calibration stage times them) / its step. The
+detection methods (cwd, ..., dkd) run on their reference levels and hyper-parameters for the
+setup's R-CNN student, FGFI without its warm-up.
 """
 
 from __future__ import annotations
@@ -205,9 +208,10 @@ def main():
 def build_methods(device: str, tmp: str, setup: str, methods: list):
     """The plain student, one distiller per method (same student weights, same teacher weights,
     random) and the batch, as `build` makes them for NST."""
-    from nst_det.pipeline.methods import method_opts
+    from nst_det.pipeline.methods import detector_of, method_opts
 
     student_file, teacher_file = SETUPS[setup]
+    detector = detector_of(load_config(str(student_file)))
     opts = ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", ""]
     teacher_weights = str(Path(tmp) / "teacher.pth")
     torch.save({"model": build_model(load_config(str(teacher_file), opts)).state_dict()},
@@ -219,7 +223,7 @@ def build_methods(device: str, tmp: str, setup: str, methods: list):
         cfg = load_config(str(student_file), [
             *opts, "MODEL.TEACHER.WEIGHTS", teacher_weights,
             "MODEL.TEACHER.CONFIG_FILE", str(teacher_file), "MODEL.TEACHER.OPTS", str(opts),
-            *method_opts(method)])
+            *method_opts(method, detector=detector)])
         model = build_model(cfg)
         # student-side extras (e.g. FitNet regressors) keep their own initialisation
         model.load_state_dict(student.state_dict(), strict=False)
@@ -235,7 +239,7 @@ def build_methods(device: str, tmp: str, setup: str, methods: list):
 
 def methods_overhead(args, methods: list):
     """Every method's overhead and loss share, measured side by side (module doc)."""
-    from nst_det.pipeline.calibrate import method_loss_step, teacher_of
+    from nst_det.pipeline.calibrate import method_loss_step, record_core_inputs, teacher_of
 
     with tempfile.TemporaryDirectory() as tmp:
         student, distillers, batch = build_methods(args.device, tmp, args.setup, methods)
@@ -252,18 +256,13 @@ def methods_overhead(args, methods: list):
         optimizers[model].step()
 
     images = student.preprocess_image(batch).tensor
-    logits_shape = []
-    hook = student.roi_heads.box_predictor.register_forward_hook(
-        lambda m, i, o: logits_shape.append(tuple(o[0].shape)) and None)
+    loss_steps = {}
     with EventStorage(0):
-        train_step(student)  # warm-up (and the RoI logit shape)
-        hook.remove()
-        with torch.no_grad():
-            s_feats, t_feats = student.backbone(images), teacher.backbone(images)
-        loss_steps = {m: method_loss_step(cfg, m, s_feats, t_feats, logits_shape[0])
-                      for m, (cfg, _) in distillers.items()}
+        train_step(student)  # warm-up
         for method, (_, model) in distillers.items():
-            train_step(model)  # warm-up
+            with record_core_inputs(model.distill, {}) as recorded:
+                train_step(model)  # warm-up (and what the core gets)
+            loss_steps[method] = method_loss_step(model, recorded)
             loss_steps[method]()
 
         def teacher_backbone():

@@ -2,31 +2,53 @@
 and the report's methods table from fabricated stage records."""
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from nst_det.config import load_config
-from nst_det.pipeline.calibrate import opts_to_yaml, weights_from
+from nst_det.pipeline.calibrate import (
+    measure,
+    method_loss_step,
+    opts_to_yaml,
+    record_core_inputs,
+    time_method_loss,
+    weights_from,
+)
 from nst_det.pipeline.methods import (
+    DETECTION,
     METHODS,
     add_method_stages,
+    detector_of,
     loss_keys,
     method_opts,
     parse_methods,
 )
-from nst_det.pipeline.plan import TOY_CONFIGS, TOY_SCALES, Stage, build_plan
+from nst_det.pipeline.plan import (
+    TOY_CONFIGS,
+    TOY_RETINANET_CONFIGS,
+    TOY_SCALES,
+    Stage,
+    build_plan,
+)
 from nst_det.pipeline.report_methods import methods_section
 
 REPO = Path(__file__).resolve().parents[1]
 NST_CONFIG = str(REPO / TOY_CONFIGS.det_student_nst)
+RETINA_NST_CONFIG = str(REPO / TOY_RETINANET_CONFIGS.det_student_nst)
+TOY = REPO / "configs" / "quick_schedules"
+DET_METHODS = ["cwd", "pkd", "mgd", "fgd", "defeat", "fgfi", "reviewkd", "dkd"]
+FEATURE_METHODS = DET_METHODS[:-1]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_opts_select_exactly_the_methods_losses(method):
     weights = {k: 0.5 + i for i, k in enumerate(loss_keys(method))}
-    cfg = load_config(NST_CONFIG, method_opts(method, weights))
+    detector = detector_of(load_config(NST_CONFIG))
+    cfg = load_config(NST_CONFIG, method_opts(method, weights, detector))
     on = {"loss_nst": cfg.MODEL.NST.LOSS_WEIGHT, "loss_kd": cfg.MODEL.KD.LOSS_WEIGHT,
           **{f"loss_{n}": w for n, w in zip(cfg.MODEL.TRANSFER.NAMES, cfg.MODEL.TRANSFER.WEIGHTS)}}
     assert {k: v for k, v in on.items() if v} == weights
@@ -62,6 +84,75 @@ def test_method_stages_differ_from_the_distillation_stage_only_by_the_loss(tmp_p
     assert "det_method_kd_nst_s1" in by_name["report"].after
     assert stages[-1].kind == "report"
     assert add_method_stages(plan, []) is plan
+
+
+def test_the_detection_methods_are_on_the_methods_axis():
+    assert set(DET_METHODS) <= set(METHODS) and set(DETECTION) == set(DET_METHODS)
+    assert parse_methods(",".join(DET_METHODS)) == DET_METHODS
+    assert parse_methods("all") == list(METHODS)
+    assert all(loss_keys(m) == [f"loss_{m}"] for m in DET_METHODS)
+    with pytest.raises(ValueError, match="detector"):
+        method_opts("fgd")  # its levels depend on the detector
+
+
+def _toy_method_cfg(kind, method):
+    """The method's own toy config (the reference setting, docs/detection_methods.md)."""
+    prefix = {"rcnn": "faster_rcnn", "retinanet": "retinanet"}[kind]
+    return load_config(str(TOY / f"{prefix}_R_18_FPN_toy_{method}.yaml"))
+
+
+def _namespace(cfg, method):
+    return dict(cfg.MODEL[method.upper()]) if method.upper() in cfg.MODEL else {}
+
+
+def _same_setting(cfg, toy, method, warmup):
+    """cfg runs `method` as its toy config does, but for the weight and FGFI's warm-up."""
+    assert list(cfg.MODEL.TRANSFER.NAMES) == [method]
+    assert cfg.MODEL.NST.LOSS_WEIGHT == 0 and cfg.MODEL.KD.LOSS_WEIGHT == 0
+    assert cfg.MODEL.META_ARCHITECTURE == toy.MODEL.META_ARCHITECTURE
+    if method != "dkd":  # DKD is on the RoI logits: no feature pairs
+        for key in ("STUDENT_FEATURES", "TEACHER_FEATURES", "FEATURE_WEIGHTS"):
+            assert list(cfg.MODEL.DISTILL[key]) == list(toy.MODEL.DISTILL[key]), (method, key)
+    expected = _namespace(toy, method)
+    if method == "fgfi":
+        expected["WARMUP_ITERS"] = warmup
+    assert _namespace(cfg, method) == pytest.approx(expected), method
+
+
+@pytest.mark.parametrize("plan_configs,kind,methods", [
+    (TOY_CONFIGS, "rcnn", DET_METHODS), (TOY_RETINANET_CONFIGS, "retinanet", FEATURE_METHODS)])
+def test_plan_has_a_calibrated_detection_stage_per_new_method(tmp_path, plan_configs, kind,
+                                                              methods):
+    scale = replace(TOY_SCALES["demo"], seeds=(0, 1))
+    plan = build_plan(str(tmp_path), scale, plan_configs)
+    stages = add_method_stages(plan, methods)
+    by_name = {s.name: s for s in stages}
+    assert len(stages) == len(plan) + len(methods) * 3
+    for method in methods:
+        toy = _toy_method_cfg(kind, method)
+        calib = by_name[f"calibrate_{method}"]
+        assert calib.config == plan_configs.det_student_nst
+        assert calib.inputs["method"] == method and calib.inputs["detector"]["kind"] == kind
+        # the calibration measures the method at weight 1 with FGFI's warm-up off
+        calib_cfg = load_config(calib.config, calib.opts)
+        _same_setting(calib_cfg, toy, method, warmup=0)
+        assert list(calib_cfg.MODEL.TRANSFER.WEIGHTS) == [1.0]
+        # what the calibration writes, and the training stages run from it
+        yaml = Path(calib.out_dir) / "method.yaml"
+        yaml.parent.mkdir(parents=True)
+        yaml.write_text(opts_to_yaml(calib.config, method_opts(
+            method, {f"loss_{method}": 0.37}, calib.inputs["detector"])))
+        for seed in (0, 1):
+            run = by_name[f"det_method_{method}_s{seed}"]
+            assert run.config == str(yaml) and calib.name in run.after
+            assert run.meta["method"] == method and run.meta["seed"] == seed
+            cfg = load_config(run.config, run.opts)
+            _same_setting(cfg, toy, method, warmup=20)  # 120 iterations: a sixth
+            assert list(cfg.MODEL.TRANSFER.WEIGHTS) == pytest.approx([0.37])
+            assert cfg.SEED == seed and cfg.OUTPUT_DIR == run.out_dir
+    if kind == "retinanet":
+        with pytest.raises(ValueError, match="dkd"):
+            add_method_stages(plan, ["dkd"])
 
 
 def test_calibration_rule_and_method_yaml(tmp_path):
@@ -130,3 +221,98 @@ def test_methods_table_and_plot_from_stage_records(tmp_path):
     assert (tmp_path / "figures" / "methods_forest_ap50.png").stat().st_size > 5_000
     plain_only = [s for s in stages if s.meta["role"] == "student"]
     assert methods_section(plain_only, str(tmp_path)) == ([], {})  # no method runs: no section
+
+
+RETINA_TINY = ["MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50"]
+
+
+@pytest.fixture(scope="module")
+def tiny_teachers(tmp_path_factory):
+    """{kind: (teacher yaml, weights)}: random tiny R-CNN and RetinaNet teachers, saved once."""
+    from _detection_common import make_cfg, write_teacher
+    from detectron2.modeling import build_model
+
+    tmp = tmp_path_factory.mktemp("teachers")
+    cfg = make_cfg(TOY / "retinanet_R_34_FPN_toy_teacher.yaml", ["MODEL.WEIGHTS", "",
+                                                                *RETINA_TINY])
+    torch.manual_seed(7)
+    weights = tmp / "retina_teacher.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    yaml = tmp / "retina_teacher.yaml"
+    yaml.write_text(cfg.dump())
+    return {"rcnn": write_teacher(tmp), "retinanet": (yaml, weights)}
+
+
+def _tiny_batches(n):
+    """n batches of two small images with GT boxes (the second touches the bottom/right)."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        batch = []
+        for (h, w), boxes, classes in (((90, 120), [[8.0, 10.0, 60.0, 70.0]], [1]),
+                                       ((70, 100), [[50.0, 30.0, 100.0, 70.0]], [2])):
+            inst = Instances((h, w))
+            inst.gt_boxes, inst.gt_classes = Boxes(torch.tensor(boxes)), torch.tensor(classes)
+            image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8, generator=g)
+            batch.append({"image": image, "instances": inst, "height": h, "width": w})
+        batches.append(batch)
+    return batches
+
+
+CALIBRATION_CASES = ([("rcnn", m) for m in DET_METHODS]
+                     + [("retinanet", m) for m in FEATURE_METHODS])
+
+
+@pytest.mark.parametrize("kind,method", CALIBRATION_CASES,
+                         ids=[f"{k}-{m}" for k, m in CALIBRATION_CASES])
+def test_calibration_measures_and_times_every_method_through_the_core(tiny_teachers, kind,
+                                                                       method):
+    from _detection_common import make_cfg
+    from detectron2.modeling import build_model
+
+    base = {"rcnn": NST_CONFIG, "retinanet": RETINA_NST_CONFIG}[kind]
+    teacher_yaml, teacher_weights = tiny_teachers[kind]
+    cfg = make_cfg(base, [
+        "MODEL.WEIGHTS", "", *(RETINA_TINY if kind == "retinanet" else []),
+        "MODEL.TEACHER.CONFIG_FILE", str(teacher_yaml),
+        "MODEL.TEACHER.WEIGHTS", str(teacher_weights),
+        *method_opts(method, detector=detector_of(load_config(base)))])
+    if method == "fgfi":  # the calibration opts: FGFI would read 0 at iteration 0 otherwise
+        assert cfg.MODEL.FGFI.WARMUP_ITERS == 0
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    keys = loss_keys(method)
+    detection, raw, recorded = measure(model, _tiny_batches(2), keys)
+    assert "feature_losses" not in vars(model.distill) and "kd" not in vars(model.distill)
+    assert set(recorded) == ({"feature_losses", "kd"} if method == "dkd" else {"feature_losses"})
+    weights = weights_from(detection, raw, 0.25)
+    assert set(weights) == set(keys)
+    assert all(math.isfinite(w) and w > 0 for w in weights.values()), (raw, detection)
+    # the timed step is the core's own loss: learned modules and the student side get gradients
+    learned = [p for m in model.distill.regressors.values() for p in m.parameters()]
+    model.zero_grad(set_to_none=True)
+    method_loss_step(model, recorded)()
+    assert all(p.grad is not None for p in learned)
+    assert all(p.grad is None for p in model.teacher.parameters())
+    ms = time_method_loss(model, recorded, repeats=1)
+    assert math.isfinite(ms) and ms > 0
+
+
+def test_recorded_core_inputs_are_the_calls_arguments():
+    class Core:
+        def feature_losses(self, s, t, **extras):
+            return {"loss_x": sum((s[k] * t[k]).sum() for k in s)}
+
+        def kd(self, a, b, **extras):
+            return {}
+
+    core, record = Core(), {}
+    s, t, boxes = torch.ones(1, 2, 2, 2), torch.full((1, 2, 2, 2), 3.0), [torch.zeros(1, 4)]
+    with record_core_inputs(core, record):
+        core.feature_losses({"p2": s}, {"p2": t}, gt_boxes=boxes)
+        core.feature_losses({"p2": 2 * s}, {"p2": t})  # only the first call is kept
+    assert record["feature_losses"][0][0]["p2"] is s and record["feature_losses"][1] == {
+        "gt_boxes": boxes}
+    assert "kd" not in record and "feature_losses" not in vars(core)

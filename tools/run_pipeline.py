@@ -66,7 +66,7 @@ def parse_args(argv=None):
                         help="also train one detection-stage student per transfer method and "
                              "seed from the plain pretrained student, each loss weight "
                              f"calibrated (nst_det/pipeline/methods.py); any of "
-                             f"{','.join(METHODS)}")
+                             f"{','.join(METHODS)}, or all")
     parser.add_argument("--jobs", type=int, default=None,
                         help="--cluster local: training stages run side by side, each a job with "
                              "cpu_count/jobs threads (default: 2 for toy runs on a CPU with 2+ "

@@ -8,8 +8,10 @@ The stage folder gets
   calibration.json  the measured per-batch values, the weights, and the loss's cost;
   method.yaml       the config the method's training stages run: the distillation config as
                     _BASE_ plus the method's calibrated weights.
-It also times the method's transfer loss alone (forward + backward, on the feature pairs and RoI
-logit shapes of the first batch): the report sets it against the training step time.
+It also times the method's transfer losses alone, forward + backward, through the model's own
+distillation core on the inputs the core got in the first batch (features, RoI logits, gt_boxes,
+DKD's target; learned modules included): the report sets it against the training step time.
+The calibration config has FGFI's warm-up off (`methods.method_opts`): it would read 0 here.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import math
 import os
 import statistics
 import time
+from contextlib import contextmanager
 
 from ..utils.atomic import atomic_write
-from .methods import CALIBRATION, METHODS, loss_keys, method_opts
+from .methods import CALIBRATION, loss_keys, method_opts
 from .plan import Stage
 
 __all__ = ["calibrate_stage", "weights_from", "opts_to_yaml", "method_loss_step",
-           "time_method_loss", "teacher_of"]
+           "time_method_loss", "teacher_of", "record_core_inputs", "measure"]
 
 
 def weights_from(detection: list, raw: dict, fraction: float) -> dict:
@@ -59,12 +62,6 @@ def opts_to_yaml(base_config: str, opts: list) -> str:
     return yaml.safe_dump({"_BASE_": os.path.abspath(base_config), **tree}, sort_keys=False)
 
 
-def _pair_names(cfg):
-    """(student features, teacher features, weights) of the configured feature pairs."""
-    ns = cfg.MODEL.DISTILL if "DISTILL" in cfg.MODEL else cfg.MODEL.NST
-    return list(ns.STUDENT_FEATURES), list(ns.TEACHER_FEATURES), list(ns.FEATURE_WEIGHTS)
-
-
 def teacher_of(model):
     """The frozen teacher of a distilling detector (model.teacher or model.distill.teacher)."""
     teacher = getattr(model, "teacher", None)
@@ -73,60 +70,77 @@ def teacher_of(model):
     return teacher
 
 
-def _loss_fns(cfg, method: str) -> list:
-    """[(kind, function)] of the method's losses, kind "feature" (pairs) or "kd" (logits)."""
-    from ..losses import get_transfer_loss, kd_loss, nst_loss
+@contextmanager
+def record_core_inputs(core, record: dict):
+    """Within the block, store the arguments of the first `core.feature_losses` and `core.kd`
+    calls (the distillation core's: what the model hands its losses in a training step).
 
-    spec, fns = METHODS[method], []
-    if "nst" in spec:
-        nst = cfg.MODEL.NST
-        args = {"poly": {"degree": nst.POLY_DEGREE, "c": nst.POLY_C},
-                "gaussian": {"sigma2": nst.GAUSSIAN_SIGMA2 if nst.GAUSSIAN_SIGMA2 > 0 else None},
-                "linear": {}}[spec["nst"]]
-        fns.append(("feature", lambda s, t: nst_loss(s, t, spec["nst"], **args)))
-    if "transfer" in spec:
-        fns.append(("feature", get_transfer_loss(spec["transfer"])))
-    if "kd" in spec:
-        fns.append(("kd", lambda s, t: kd_loss(s, t, cfg.MODEL.KD.TEMPERATURE)))
-    return fns
-
-
-def method_loss_step(cfg, method: str, s_feats: dict, t_feats: dict, logits_shape):
-    """A function running the method's transfer losses once, forward + backward.
-
-    Inputs: the recorded student / teacher backbone features (the configured pairs, cropped to
-    their common extent as `align_pair` does at equal strides) and random [R, K + 1] RoI
-    logits of the recorded shape for KD (its cost depends only on the shape).
+    `record` gets "feature_losses" / "kd": (args, kwargs), the supplied values included
+    (gt_boxes, DKD's target); the core's own methods are back on exit.
     """
+    def wrap(name):
+        original = getattr(core, name)
+
+        def recording(*args, **kwargs):
+            record.setdefault(name, (args, kwargs))
+            return original(*args, **kwargs)
+        return recording
+
+    for name in ("feature_losses", "kd"):
+        setattr(core, name, wrap(name))  # an instance attribute: shadows the method
+    try:
+        yield record
+    finally:
+        for name in ("feature_losses", "kd"):
+            delattr(core, name)
+
+
+def _fresh(value, grad: bool):
+    """A recorded argument as leaves: each tensor detached (floating ones requiring grad if
+    `grad`: the student's side), in dicts / lists / tuples like the recorded one."""
     import torch
 
-    students, teachers, weights = _pair_names(cfg)
-    pairs = []
-    for s, t, w in zip(students, teachers, weights):
-        f_s, f_t = s_feats[s].detach().float(), t_feats[t].detach().float()
-        h, wd = min(f_s.shape[-2], f_t.shape[-2]), min(f_s.shape[-1], f_t.shape[-1])
-        pairs.append((w, f_s[..., :h, :wd].contiguous().requires_grad_(), f_t[..., :h, :wd]))
-    gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(*logits_shape, generator=gen).requires_grad_(),
-              torch.randn(*logits_shape, generator=gen))
-    fns = _loss_fns(cfg, method)
+    if isinstance(value, torch.Tensor):
+        leaf = value.detach()
+        return leaf.requires_grad_() if grad and leaf.is_floating_point() else leaf
+    if isinstance(value, dict):
+        return {k: _fresh(v, grad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fresh(v, grad) for v in value)
+    return value
+
+
+def method_loss_step(model, recorded: dict):
+    """A function running the model's transfer losses once, forward + backward, as training does.
+
+    model: a distilling detector (its `distill` core holds the method's losses, learned modules
+    and hyper-parameters); recorded: `record_core_inputs`' record of one training step (student
+    and teacher features, RoI logits, gt_boxes, DKD's target). The student-side inputs are fresh
+    leaves each run (their gradient is computed, as the backbone's would be); the teacher's and
+    the supplied values are detached; the learned modules get their gradients, as in a step.
+    A loss's warm-up applies as configured (the callers turn FGFI's off; off, no EventStorage
+    is needed).
+    """
+    core = model.distill
+    if not recorded:
+        raise ValueError("no distillation loss ran in the recorded step (every weight 0?)")
 
     def step():
-        total = 0.0
-        for kind, fn in fns:
-            if kind == "kd":
-                total = total + fn(*logits)
-            else:
-                total = total + sum(w * fn(s, t) for w, s, t in pairs)
-        total.backward()
+        losses = {}
+        for name in ("feature_losses", "kd"):
+            if name in recorded:
+                args, kwargs = recorded[name]
+                s, *rest = args
+                losses.update(getattr(core, name)(
+                    _fresh(s, True), *_fresh(rest, False), **_fresh(kwargs, False)))
+        sum(losses.values()).backward()
 
     return step
 
 
-def time_method_loss(cfg, method: str, s_feats: dict, t_feats: dict, logits_shape,
-                     repeats: int = 10) -> float:
+def time_method_loss(model, recorded: dict, repeats: int = 10) -> float:
     """Median ms of `method_loss_step` after one warm-up run."""
-    step = method_loss_step(cfg, method, s_feats, t_feats, logits_shape)
+    step = method_loss_step(model, recorded)
     step()
     times = []
     for _ in range(repeats):
@@ -136,12 +150,44 @@ def time_method_loss(cfg, method: str, s_feats: dict, t_feats: dict, logits_shap
     return 1e3 * statistics.median(times)
 
 
+def measure(model, batches, keys: list) -> tuple:
+    """(detection losses, {key: losses at the model's weights}, recorded inputs of the first
+    batch): forward only, under no_grad, in training mode, one value per batch."""
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    detection, raw, recorded = [], {k: [] for k in keys}, {}
+    with torch.no_grad(), EventStorage():  # the R-CNN heads log training statistics
+        for i, batch in enumerate(batches):
+            if i == 0:
+                with record_core_inputs(model.distill, recorded):
+                    losses = model(batch)
+            else:
+                losses = model(batch)
+            detection.append(float(sum(v for k, v in losses.items() if k not in keys)))
+            for k in keys:
+                raw[k].append(float(losses[k]))
+    return detection, raw, recorded
+
+
+def _shapes(value):
+    """Shapes of the tensors in a recorded argument (nested like it)."""
+    if hasattr(value, "shape"):
+        return list(value.shape)
+    if isinstance(value, dict):
+        return {k: _shapes(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_shapes(v) for v in value]
+    return value
+
+
 def calibrate_stage(stage: Stage) -> dict:
     """Measure the method's losses at weight 1 and the detection loss; write the weights."""
+    import itertools
+
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.utils.env import seed_all_rng
-    from detectron2.utils.events import EventStorage
 
     from ..config import load_config
     from ..engine import TRAINER_REGISTRY
@@ -156,34 +202,13 @@ def calibrate_stage(stage: Stage) -> dict:
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.train()
     keys = loss_keys(method)
-    recorded = {}
-    teacher = teacher_of(model)
-
-    def keep_first(key, pick=lambda o: o):
-        def hook(module, inputs, output):  # returns None: the output is not replaced
-            recorded.setdefault(key, pick(output))
-        return hook
-
-    handles = [
-        model.backbone.register_forward_hook(keep_first("s")),
-        teacher.backbone.register_forward_hook(keep_first("t")),
-        model.roi_heads.box_predictor.register_forward_hook(
-            keep_first("logits", lambda o: o[0].shape)),
-    ]
-    detection, raw = [], {k: [] for k in keys}
     data = iter(trainer_cls.build_train_loader(cfg))
-    with torch.no_grad(), EventStorage():  # the R-CNN heads log training statistics
-        for _ in range(CALIBRATION["batches"]):
-            losses = model(next(data))
-            detection.append(float(sum(v for k, v in losses.items() if k not in keys)))
-            for k in keys:
-                raw[k].append(float(losses[k]))
+    detection, raw, recorded = measure(model, itertools.islice(data, CALIBRATION["batches"]),
+                                       keys)
     del data
-    for h in handles:
-        h.remove()
     weights = weights_from(detection, raw, CALIBRATION["fraction"])
-    loss_ms = time_method_loss(cfg, method, recorded["s"], recorded["t"], recorded["logits"])
-    opts = method_opts(method, weights)
+    loss_ms = time_method_loss(model, recorded)
+    opts = method_opts(method, weights, stage.inputs.get("detector"))
     with atomic_write(os.path.join(stage.out_dir, "method.yaml"), "w") as f:
         f.write(opts_to_yaml(stage.config, opts))
     record = {
@@ -191,9 +216,8 @@ def calibrate_stage(stage: Stage) -> dict:
         "weight 1, over the first batches of the initial model (no optimizer step)",
         **{k: CALIBRATION[k] for k in ("fraction", "batches")},
         "detection_loss": detection, "loss_at_weight_1": raw, "weights": weights,
-        "loss_ms": loss_ms, "loss_ms_inputs": {
-            "features": {k: list(v.shape) for k, v in recorded["s"].items()},
-            "roi_logits": list(recorded["logits"])},
+        "loss_ms": loss_ms,
+        "loss_ms_inputs": {name: _shapes(args) for name, (args, _) in recorded.items()},
         "opts": opts, "torch_threads": torch.get_num_threads(),
     }
     with atomic_write(os.path.join(stage.out_dir, "calibration.json"), "w") as f:

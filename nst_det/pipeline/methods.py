@@ -13,6 +13,10 @@ optimizer step), so each loss starts at FRACTION of the detection loss. A method
 records the measured values and weights in its folder (calibration.json, stage.json) and writes
 the config the method's training stages run (method.yaml: the distillation config plus the
 calibrated weights).
+
+The detection methods (CWD, PKD, MGD, FGD, DeFeat, FGFI, ReviewKD, DKD; docs/detection_methods.md)
+run on their reference FPN levels and hyper-parameters for the plan's detector (R-CNN or
+RetinaNet, read from the distillation config: `detector_of`), with only the weight calibrated.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from dataclasses import replace
 
 from .plan import Stage
 
-__all__ = ["METHODS", "CALIBRATION", "loss_keys", "method_opts", "method_slug",
-           "add_method_stages", "parse_methods"]
+__all__ = ["METHODS", "CALIBRATION", "DETECTION", "loss_keys", "method_opts", "method_slug",
+           "add_method_stages", "parse_methods", "detector_of", "fgfi_warmup"]
 
 # method -> the losses it switches on. "nst": MODEL.NST.KERNEL (loss_nst); "kd": Hinton KD on
 # the RoI class logits (loss_kd); "transfer": a name in nst_det.losses' registry under
-# MODEL.TRANSFER (loss_<name>), on the same feature pairs as NST. The KD^2M metrics (mmd,
-# gaussian_*, sinkhorn) see each level's pooled [B, C] features: one sample per image.
+# MODEL.TRANSFER (loss_<name>), on the same feature pairs as NST (the detection methods: on their
+# own levels, `DETECTION`). The KD^2M metrics (mmd, gaussian_*, sinkhorn) see each level's pooled
+# [B, C] features: one sample per image.
 METHODS = {
     "nst_poly": {"nst": "poly"},
     "nst_linear": {"nst": "linear"},
@@ -42,7 +47,36 @@ METHODS = {
     "fitnet": {"transfer": "fitnet"},
     "kd": {"kd": True},
     "kd+nst": {"kd": True, "nst": "poly"},
+    "cwd": {"transfer": "cwd"},
+    "pkd": {"transfer": "pkd"},
+    "mgd": {"transfer": "mgd"},
+    "fgd": {"transfer": "fgd"},
+    "defeat": {"transfer": "defeat"},
+    "fgfi": {"transfer": "fgfi"},
+    "reviewkd": {"transfer": "reviewkd"},
+    "dkd": {"transfer": "dkd"},
 }
+
+_FGD_RCNN = {"TEMPERATURE": 0.5, "ALPHA": 5e-5, "BETA": 2.5e-5, "GAMMA": 5e-5, "LAMBDA": 5e-7}
+_FGD_RETINANET = {"TEMPERATURE": 0.5, "ALPHA": 1e-3, "BETA": 5e-4, "GAMMA": 5e-4, "LAMBDA": 5e-6}
+# detection method -> {detector: (levels, per-level weight, MODEL.<METHOD> keys)}: the reference
+# settings (docs/detection_methods.md), as in configs/quick_schedules/{faster_rcnn,retinanet}_
+# R_18_FPN_toy_<method>.yaml. levels: the first N of the plan's distillation pairs (finest first;
+# p2.. for R-CNN, p3.. for RetinaNet); 0: no feature pairs (DKD is on the RoI logits, R-CNN only).
+# Not here but in `method_opts`: ReviewKD's fusion width = the student's FPN width (as the toy
+# configs' 64), FGFI's warm-up off (calibration measures at iteration 0; training stages get
+# `fgfi_warmup`).
+DETECTION = {
+    "cwd": {"rcnn": (5, 1.0, {"TAU": 1.0}), "retinanet": (5, 1.0, {"TAU": 1.0})},
+    "pkd": {"rcnn": (4, 1.0, {}), "retinanet": (4, 1.0, {})},
+    "mgd": {"rcnn": (4, 1.0, {"MASK_RATIO": 0.45}), "retinanet": (5, 1.0, {"MASK_RATIO": 0.65})},
+    "fgd": {"rcnn": (4, 1.0, _FGD_RCNN), "retinanet": (5, 1.0, _FGD_RETINANET)},
+    "defeat": {d: (5, 0.2, {"FG_WEIGHT": 3.0, "BG_WEIGHT": 12.0}) for d in ("rcnn", "retinanet")},
+    "fgfi": {d: (5, 1.0, {"PSI": 0.5}) for d in ("rcnn", "retinanet")},
+    "reviewkd": {d: (5, 1.0, {}) for d in ("rcnn", "retinanet")},
+    "dkd": {"rcnn": (0, 0.0, {"ALPHA": 1.0, "BETA": 0.25, "TEMPERATURE": 1.0})},
+}
+_DETECTORS = {"DistillationRCNN": "rcnn", "DistillationRetinaNet": "retinanet"}
 
 # the weight rule (module doc): each loss starts at FRACTION of the detection loss
 CALIBRATION = {"fraction": 0.25, "batches": 4, "seed": 0}
@@ -54,7 +88,10 @@ def method_slug(method: str) -> str:
 
 
 def parse_methods(text: str) -> list:
-    """"nst_poly,kd" -> ["nst_poly", "kd"]; a ValueError names unknown methods."""
+    """"nst_poly,kd" -> ["nst_poly", "kd"]; "all": every method; a ValueError names unknown
+    methods."""
+    if text.strip() == "all":
+        return list(METHODS)
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -75,11 +112,64 @@ def loss_keys(method: str) -> list:
     return keys
 
 
-def method_opts(method: str, weights: dict | None = None) -> list:
+def detector_of(cfg) -> dict:
+    """What `method_opts` needs of a distillation config: {"kind": "rcnn" | "retinanet",
+    "student_features", "teacher_features" (its pairs, finest first), "fpn_channels"}."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in _DETECTORS:
+        raise ValueError(f"the detection methods need one of {sorted(_DETECTORS)}; the "
+                         f"distillation config has MODEL.META_ARCHITECTURE {arch!r}")
+    d = cfg.MODEL.DISTILL
+    return {"kind": _DETECTORS[arch], "student_features": list(d.STUDENT_FEATURES),
+            "teacher_features": list(d.TEACHER_FEATURES),
+            "fpn_channels": int(cfg.MODEL.FPN.OUT_CHANNELS)}
+
+
+def fgfi_warmup(iters: int) -> int:
+    """FGFI's warm-up for a training run of `iters` iterations: the reference's 400, at most a
+    sixth of the schedule (the toy configs' 50 of 300); 400 when the config keeps its own
+    schedule (iters 0)."""
+    return min(400, iters // 6) if iters else 400
+
+
+def _detection_opts(method: str, detector: dict | None) -> list:
+    """The reference levels and hyper-parameters of a detection method (`DETECTION`)."""
+    if method not in DETECTION:
+        return []
+    if detector is None:
+        raise ValueError(f"method {method!r} needs the detector it distils (detector_of(cfg))")
+    kind = detector["kind"]
+    if kind not in DETECTION[method]:
+        raise ValueError(f"method {method!r} has no {kind} setting (it runs on "
+                         f"{sorted(DETECTION[method])} students: dkd needs RoI class logits)")
+    levels, level_weight, keys = DETECTION[method][kind]
+    opts = []
+    if levels:
+        s, t = detector["student_features"], detector["teacher_features"]
+        if min(len(s), len(t)) < levels:
+            raise ValueError(f"method {method!r} distils {levels} FPN levels; the distillation "
+                             f"config pairs only {s} with {t}")
+        opts += ["MODEL.DISTILL.STUDENT_FEATURES", repr(s[:levels]),
+                 "MODEL.DISTILL.TEACHER_FEATURES", repr(t[:levels]),
+                 "MODEL.DISTILL.FEATURE_WEIGHTS", repr([level_weight] * levels)]
+    ns = f"MODEL.{method.upper()}"
+    keys = dict(keys)
+    if method == "reviewkd":
+        keys["MID_CHANNELS"] = detector["fpn_channels"]
+    if method == "fgfi":
+        keys["WARMUP_ITERS"] = 0  # training stages set their own (`fgfi_warmup`)
+    for key, value in keys.items():
+        opts += [f"{ns}.{key}", repr(value)]
+    return opts
+
+
+def method_opts(method: str, weights: dict | None = None, detector: dict | None = None) -> list:
     """Config overrides (KEY, VALUE, ...) that select `method` with `weights` per loss key.
 
     weights: {loss key: weight}; None: every weight 1 (what calibration measures). Losses the
     method does not use are switched off, so the overrides fully replace the base config's.
+    detector: `detector_of(distillation config)`, needed by the detection methods (`DETECTION`:
+    their levels, pair weights and MODEL.<METHOD> keys are added).
     """
     spec = METHODS[method]
     weights = weights or {k: 1.0 for k in loss_keys(method)}
@@ -91,6 +181,7 @@ def method_opts(method: str, weights: dict | None = None) -> list:
         "MODEL.TRANSFER.NAMES", repr([transfer] if transfer else []),
         "MODEL.TRANSFER.WEIGHTS",
         repr([float(weights[f"loss_{transfer}"])] if transfer else []),
+        *_detection_opts(method, detector),
     ]
 
 
@@ -104,7 +195,9 @@ def add_method_stages(stages: list, methods: list, seeds=None) -> list:
     """The plan with a calibration stage per method and a training stage per method and seed.
 
     Built from the plan's `det_plain_detnst_s<seed>` stages (everything but the loss equal);
-    the new stages go before export/report, which also wait for them.
+    the new stages go before export/report, which also wait for them. A detection method's
+    stages also carry its levels and hyper-parameters for the plan's detector (read from the
+    distillation config), and FGFI's training stages its warm-up (`fgfi_warmup`).
     """
     if not methods:
         return stages
@@ -114,23 +207,31 @@ def add_method_stages(stages: list, methods: list, seeds=None) -> list:
     calib_seed = CALIBRATION["seed"] if CALIBRATION["seed"] in seeds else seeds[0]
     reference = by_name[f"det_plain_detnst_s{calib_seed}"]
     out_root = os.path.dirname(reference.out_dir)
+    detector = None
+    if any(m in DETECTION for m in methods):
+        from ..config import load_config
+
+        detector = detector_of(load_config(reference.config))
     new, previous = [], []
     for method in methods:
         slug = method_slug(method)
         calib_dir = os.path.join(out_root, f"calibrate_{slug}")
         base_opts = _without(reference.opts, ("OUTPUT_DIR",))
+        inputs = {"method": method, **({"detector": detector} if method in DETECTION else {})}
         # one calibration at a time (each loads student and teacher): chained, not side by side
         new.append(Stage(
             f"calibrate_{slug}", "calibrate", calib_dir, reference.config,
-            [*base_opts, *method_opts(method), "OUTPUT_DIR", calib_dir],
-            inputs={"method": method}, after=[*reference.after, *previous],
+            [*base_opts, *method_opts(method, detector=detector), "OUTPUT_DIR", calib_dir],
+            inputs=inputs, after=[*reference.after, *previous],
             meta={"stage": "det", "role": "calibration", "method": method}))
         previous = [f"calibrate_{slug}"]
         for seed in seeds:
             base = by_name[f"det_plain_detnst_s{seed}"]
             name = f"det_method_{slug}_s{seed}"
             out_dir = os.path.join(out_root, name)
-            opts = [*_without(base.opts, ("OUTPUT_DIR",)), "OUTPUT_DIR", out_dir]
+            warmup = (["MODEL.FGFI.WARMUP_ITERS", str(fgfi_warmup(base.iters))]
+                      if method == "fgfi" else [])
+            opts = [*_without(base.opts, ("OUTPUT_DIR",)), *warmup, "OUTPUT_DIR", out_dir]
             new.append(replace(
                 base, name=name, out_dir=out_dir,
                 config=os.path.join(calib_dir, "method.yaml"), opts=opts,
