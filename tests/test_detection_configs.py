@@ -12,6 +12,7 @@ from detectron2.modeling import build_model
 
 from nst_det import add_nst_config
 from nst_det.distill import build_feature_pairs
+from nst_det.losses import get_transfer_loss
 from nst_det.modeling.roi_logits import check_kd_heads
 from nst_det.modeling.teacher import build_teacher_cfg
 
@@ -63,11 +64,19 @@ def test_detection_config_builds(path):
     finally:
         os.chdir(cwd)
     teacher = _build_teacher(tcfg.dump())
+    weights = [float(w) for w in cfg.MODEL.TRANSFER.WEIGHTS]  # a YAML "5e-07" would be a string
+    assert all(isinstance(w, float) for w in cfg.MODEL.TRANSFER.WEIGHTS), cfg.MODEL.TRANSFER
+    if cfg.MODEL.KD.LOSS_WEIGHT > 0 and hasattr(student, "roi_heads"):
+        check_kd_heads(student.roi_heads, teacher.roi_heads)
+    feature_losses = cfg.MODEL.NST.LOSS_WEIGHT > 0 or any(
+        w > 0 and not getattr(get_transfer_loss(n), "on_logits", False)
+        for n, w in zip(cfg.MODEL.TRANSFER.NAMES, weights))
+    if not feature_losses:  # logits only (KD, DKD): no feature pairs to check
+        assert cfg.MODEL.KD.LOSS_WEIGHT > 0 or any(w > 0 for w in weights)
+        return
     pairs = build_feature_pairs(
         cfg.MODEL.DISTILL.STUDENT_FEATURES, cfg.MODEL.DISTILL.TEACHER_FEATURES,
         cfg.MODEL.DISTILL.FEATURE_WEIGHTS, student.backbone.output_shape(),
         teacher.backbone.output_shape(),
     )
-    assert pairs and cfg.MODEL.NST.LOSS_WEIGHT > 0
-    if cfg.MODEL.KD.LOSS_WEIGHT > 0 and hasattr(student, "roi_heads"):
-        check_kd_heads(student.roi_heads, teacher.roi_heads)
+    assert pairs
