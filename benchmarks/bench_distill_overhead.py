@@ -83,23 +83,29 @@ def paper_batch(num_images: int = 1, height: int = 800, width: int = 1333):
     return batch
 
 
-def build(device: str, tmp: str, setup: str = "toy"):
-    """Student, distiller (same initial weights, random) and a batch: two toy training images,
-    or one random 800x1333 image for the paper setup."""
-    student_file, teacher_file = SETUPS[setup]
+def build_pair(device: str, tmp: str, student_file, teacher_file, student_opts=()):
+    """(plain student, distiller with the same initial weights, distiller's config), random
+    weights, for a detection student config (+ `student_opts`) and its teacher's config."""
     # random weights: nothing is downloaded, and timing does not depend on the values
     opts = ["MODEL.DEVICE", device, "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", ""]
     teacher_cfg = load_config(str(teacher_file), opts)
     teacher_weights = str(Path(tmp) / "teacher.pth")
     torch.save({"model": build_model(teacher_cfg).state_dict()}, teacher_weights)
     distill_cfg = load_config(str(student_file), [
-        *opts, "MODEL.TEACHER.WEIGHTS", teacher_weights,
+        *opts, *student_opts, "MODEL.TEACHER.WEIGHTS", teacher_weights,
         "MODEL.TEACHER.CONFIG_FILE", str(teacher_file), "MODEL.TEACHER.OPTS", str(opts)])
     distill = build_model(distill_cfg)
     # the plain student: the very same detector without the distillation
-    student = build_model(load_config(str(student_file),
-                                      [*opts, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"]))
+    student = build_model(load_config(str(student_file), [
+        *opts, *student_opts, "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"]))
     distill.load_state_dict(student.state_dict())
+    return student, distill, distill_cfg
+
+
+def build(device: str, tmp: str, setup: str = "toy"):
+    """Student, distiller (same initial weights, random) and a batch: two toy training images,
+    or one random 800x1333 image for the paper setup."""
+    student, distill, distill_cfg = build_pair(device, tmp, *SETUPS[setup])
     if setup == "paper":
         batch = paper_batch()
     else:
