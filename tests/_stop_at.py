@@ -50,6 +50,9 @@ def _stop_at(event: str, sig: signal.Signals) -> None:
 
 def main() -> None:
     event, sig, tool, *args = sys.argv[1:]
+    # a process started in the background (nohup, `&`, CI) inherits SIGINT ignored; Ctrl-C in a
+    # terminal reaches a tool with Python's own handler, which is what is tested here
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _stop_at(event, signal.Signals[f"SIG{sig}"])
     sys.argv = [tool, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(tool)))
