@@ -15,12 +15,17 @@ setup:
 demo: setup
 	$(VENV_PY) tools/run_pipeline.py --output output/pipeline
 
+# Test files run side by side, one per core (pytest-xdist; a file's tests stay together, so a
+# module's fixtures, e.g. its SLURM cluster, are built once): TEST_WORKERS=0 runs them in-process.
+TEST_WORKERS ?= auto
+TEST_PAR := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup
-	$(VENV_PY) -m pytest
+	$(VENV_PY) -m pytest $(TEST_PAR)
 
 # The unit and contract tests alone (no end-to-end runs): the loop while developing
 test-fast: setup
-	$(VENV_PY) -m pytest -m "not slow"
+	$(VENV_PY) -m pytest -m "not slow" $(TEST_PAR)
 
 # The suite on a second detectron2, built from source with its compiled ops (as GPU users
 # install it), in its own venv: make test-upstream D2_SRC=<detectron2 source folder or archive>.
