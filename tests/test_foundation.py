@@ -132,7 +132,10 @@ def test_stock_faster_rcnn_r18_trains_and_evaluates(tiny_voc, tmp_path):
         trainer.model, DetectionTrainer.build_test_loader(cfg, test), evaluator
     )
     ap50 = results["bbox"]["AP50"]
-    assert math.isfinite(ap50) and 0.0 <= ap50 <= 100.0
+    assert math.isfinite(ap50)
+    # the trainer's own final evaluation (EvalHook, nst_det's evaluator choice for the set) is
+    # detectron2's VOC evaluation of the same model
+    assert trainer.last_eval_results["bbox"]["AP50"] == ap50
 
 
 @pytest.mark.slow
