@@ -60,6 +60,10 @@ def add_nst_config(cfg: CN) -> None:
     cfg.MODEL.DISTILL.STUDENT_FEATURES = ["res4"]
     cfg.MODEL.DISTILL.TEACHER_FEATURES = ["res4"]
     cfg.MODEL.DISTILL.FEATURE_WEIGHTS = [1.0]
+    # Detection: FGD/MGD's "inheriting strategy": the student's neck (backbone without bottom_up,
+    # e.g. the FPN) and heads start as copies of the teacher's (same names and shapes, else an
+    # error at build time). Only the initialisation: a resumed checkpoint restores the student.
+    cfg.MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD = False
     for key in ("STUDENT_FEATURES", "TEACHER_FEATURES", "FEATURE_WEIGHTS"):  # moved 2026-11
         cfg.register_renamed_key(f"MODEL.NST.{key}", f"MODEL.DISTILL.{key}",
                                  "the feature pairs serve every feature loss, not only NST")

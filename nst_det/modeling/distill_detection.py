@@ -8,15 +8,20 @@ forward and only records its backbone (and head) outputs.
 
 from __future__ import annotations
 
-from typing import Dict, List
+import logging
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
 from ..distill import DistillationCore, distill_config
+from ..distill.inherit import inherit_neck_head
 from .teacher import build_teacher
 
-__all__ = ["DetectorDistillMixin", "build_detection_core", "gt_boxes_of"]
+__all__ = ["DetectorDistillMixin", "build_detection_core", "gt_boxes_of",
+           "inherit_teacher_neck_head"]
+
+logger = logging.getLogger(__name__)
 
 
 def build_detection_core(
@@ -36,6 +41,22 @@ def build_detection_core(
         context=context,
         **distill_config(cfg),
     )
+
+
+def inherit_teacher_neck_head(cfg, modules: dict, heads: Sequence[str]) -> None:
+    """If MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD: the student starts from the teacher's neck/heads.
+
+    Args:
+        cfg: the student's config.
+        modules: the detector's `from_config` arguments, with "backbone", `heads` and "distill"
+            (the core, whose teacher is already built and strictly loaded).
+        heads: the detector's head module names (see `nst_det.distill.inherit`).
+    """
+    if not cfg.MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD:
+        return
+    n = inherit_neck_head(modules, modules["distill"].teacher, heads)
+    logger.info("Student neck and heads %s initialised from the teacher (%d tensors); a loaded "
+                "checkpoint still overrides them", list(heads), n)
 
 
 def gt_boxes_of(batched_inputs: List[dict], device) -> List[torch.Tensor]:

@@ -19,7 +19,12 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import StandardROIHeads
 
 from ..distill import DistillationCore, record_first_call
-from .distill_detection import DetectorDistillMixin, build_detection_core, gt_boxes_of
+from .distill_detection import (
+    DetectorDistillMixin,
+    build_detection_core,
+    gt_boxes_of,
+    inherit_teacher_neck_head,
+)
 from .roi_logits import box_class_logits, box_pooler, check_kd_heads
 
 __all__ = ["DistillationRCNN"]
@@ -70,6 +75,7 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
         ret = super().from_config(cfg)
         ret["distill"] = build_detection_core(cfg, ret["backbone"], "DistillationRCNN",
                                               supplies=("gt_boxes", "target"))
+        inherit_teacher_neck_head(cfg, ret, heads=("proposal_generator", "roi_heads"))
         return ret
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):

@@ -19,7 +19,12 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 
 from ..distill import DistillationCore, record_first_call
-from .distill_detection import DetectorDistillMixin, build_detection_core, gt_boxes_of
+from .distill_detection import (
+    DetectorDistillMixin,
+    build_detection_core,
+    gt_boxes_of,
+    inherit_teacher_neck_head,
+)
 
 __all__ = ["DistillationRetinaNet", "sigmoid_kd_loss"]
 
@@ -94,6 +99,7 @@ class DistillationRetinaNet(DetectorDistillMixin, RetinaNet):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["distill"] = build_detection_core(cfg, ret["backbone"], "DistillationRetinaNet")
+        inherit_teacher_neck_head(cfg, ret, heads=("head",))
         return ret
 
     def _check_kd_teacher(self, teacher) -> None:
