@@ -11,15 +11,18 @@ from detectron2.engine import SimpleTrainer
 from torch import nn
 
 from nst_det.engine import DetectionTrainer
-from nst_det.engine.cpu_amp import autocast_training_forward
+from nst_det.engine.cpu_amp import TrainingAutocast
 
 
 def test_autocast_only_while_training():
-    layer = autocast_training_forward(nn.Linear(4, 3))
+    layer = nn.Linear(4, 3)
+    wrapped = TrainingAutocast(layer)
     x = torch.randn(2, 4)
-    assert layer.train()(x).dtype == torch.bfloat16
-    assert layer.eval()(x).dtype == torch.float32
-    assert set(layer.state_dict()) == {"weight", "bias"}  # nothing added to checkpoints
+    assert wrapped(x).dtype == torch.bfloat16
+    layer.eval()  # the module's mode decides (evaluation switches the model, not the wrapper)
+    assert wrapped(x).dtype == torch.float32
+    assert layer.train()(x).dtype == torch.float32  # the module itself is left as it was
+    assert "forward" not in vars(layer)  # no instance attribute shadows nn.Linear.forward
 
 
 def test_detection_trainer_trains_under_bf16_autocast_on_cpu(tmp_path, tiny_voc):
@@ -30,6 +33,9 @@ def test_detection_trainer_trains_under_bf16_autocast_on_cpu(tmp_path, tiny_voc)
         data=tiny_voc[:2], output_dir=tmp_path / "amp")
     trainer = DetectionTrainer(cfg)  # detectron2's AMPTrainer would refuse: no CUDA
     assert type(trainer.step_trainer) is SimpleTrainer and trainer.cfg.SOLVER.AMP.ENABLED
+    assert isinstance(trainer.step_trainer.model, TrainingAutocast)
+    assert not isinstance(trainer.model, TrainingAutocast)  # hooks and checkpoints: the model
+    assert "forward" not in vars(trainer.model)  # its forward is its class's, not patched
 
     model = trainer.model
     dtypes, losses = {}, {}
@@ -60,3 +66,4 @@ def test_detection_trainer_trains_under_bf16_autocast_on_cpu(tmp_path, tiny_voc)
     assert features["p3"].dtype == torch.float32
     state = torch.load(tmp_path / "amp" / "model_final.pth", weights_only=True)["model"]
     assert all(v.dtype != torch.bfloat16 for v in state.values())
+    assert set(state) == set(model.state_dict())  # the model's own keys: no "module." prefix

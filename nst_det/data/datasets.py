@@ -1,10 +1,12 @@
-"""Dataset registration: the built-in toy VOC2007 set (generated on first use), and checked VOC.
+"""Dataset registration: the built-in toy VOC2007 set (generated on first use), loaded checked.
 
 Real PASCAL VOC is registered by detectron2 itself (`voc_2007_trainval`, `voc_2007_test`, ... under
-`$DETECTRON2_DATASETS`); nst_det swaps their loader for `load_voc_checked` (same records, clear
-errors on bad files). The toy set uses the same loader and metadata (year 2007), so
-`PascalVOCDetectionEvaluator` applies the VOC07 11-point metric to it as well. `toy_coco_*` are
-the same toy images and boxes described by a COCO json (nst_det/data/toy_coco.py).
+`$DETECTRON2_DATASETS`), and importing nst_det leaves those entries as they are: it only adds new
+names. Their training records are checked as every training set's are (data/record_check.py:
+boxes, class ids, and `load_voc_checked`'s error naming the XML file when detectron2's loader
+fails on one, e.g. on an unknown class). The toy set loads through `load_voc_checked` with VOC's
+metadata (year 2007), so `PascalVOCDetectionEvaluator` applies the VOC07 11-point metric to it.
+`toy_coco_*` are the same toy images and boxes described by a COCO json (data/toy_coco.py).
 """
 
 from __future__ import annotations
@@ -63,17 +65,4 @@ def register_builtin_toy_datasets() -> None:
                       os.path.join(toy, "COCO2007_tiny"), num_trainval=16, num_test=8)
 
 
-def check_builtin_voc_datasets() -> None:
-    """Make detectron2's built-in `voc_*` data sets load through `load_voc_checked`."""
-    for name in DatasetCatalog.list():
-        meta = MetadataCatalog.get(name)
-        if name.startswith("voc_") and meta.get("evaluator_type") == "pascal_voc":
-            dirname, split, classes = meta.dirname, meta.split, meta.thing_classes
-            DatasetCatalog.remove(name)
-            DatasetCatalog.register(
-                name, lambda d=dirname, s=split, c=classes: load_voc_checked(d, s, c)
-            )
-
-
 register_builtin_toy_datasets()
-check_builtin_voc_datasets()

@@ -9,28 +9,34 @@ the usual ones. Evaluation (model.eval()) stays in float32.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 
-def autocast_training_forward(model: nn.Module, device_type: str = "cpu",
-                              dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Make `model.forward` run under torch.autocast while the model is in training mode.
+class TrainingAutocast(nn.Module):
+    """`module` called under torch.autocast while it is in training mode.
 
-    Only the instance's forward is wrapped: parameters, state_dict and hooks are unchanged, so
-    checkpoints are the same as without autocast. Returns the model.
+    The step trainer (SimpleTrainer) is given this wrapper; `ReliableTrainer.model`, its
+    checkpointer, hooks and evaluation keep the module itself, so checkpoints hold the module's
+    own state_dict keys, exactly as without autocast (this wrapper's own keys would carry a
+    "module." prefix). The module is not modified: calling it directly runs in float32.
+
+    Args:
+        module: the model (or its DDP wrapper) the step trainer calls.
+        device_type, dtype: as for torch.autocast.
     """
-    forward = model.forward
 
-    @functools.wraps(forward)
-    def forward_under_autocast(*args, **kwargs):
-        with torch.autocast(device_type=device_type, dtype=dtype, enabled=model.training):
-            return forward(*args, **kwargs)
+    def __init__(self, module: nn.Module, device_type: str = "cpu",
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.module = module
+        self.device_type, self.dtype = device_type, dtype
 
-    model.forward = forward_under_autocast
-    return model
+    def forward(self, *args, **kwargs):
+        # the module's own mode decides: evaluation hooks switch the module, not this wrapper
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype,
+                            enabled=self.module.training):
+            return self.module(*args, **kwargs)
 
 
 def cpu_has_native_bfloat16() -> bool:

@@ -50,7 +50,7 @@ from ..data.resumable import build_resumable_train_loader
 from ..utils.dist import build_ddp_model
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpointer import ReliableCheckpointer
-from .cpu_amp import autocast_training_forward
+from .cpu_amp import TrainingAutocast
 from .final_checkpoint import FinalCheckpoint
 from .nan_guard import install_nan_guard
 
@@ -95,8 +95,6 @@ class ReliableTrainer(TrainerBase):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         self.nan_guard = install_nan_guard(model, cfg.OUTPUT_DIR)  # names its checkpoint
-        if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
-            autocast_training_forward(model, "cpu", torch.bfloat16)
         model = build_ddp_model(model)
         self.step_trainer = self.build_step_trainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -115,7 +113,9 @@ class ReliableTrainer(TrainerBase):
     # the objects the step trainer works with, under DefaultTrainer's names (hooks read them)
     @property
     def model(self):
-        return self.step_trainer.model
+        """The model (DDP-wrapped when several processes train), without CPU AMP's wrapper."""
+        model = self.step_trainer.model
+        return model.module if isinstance(model, TrainingAutocast) else model
 
     @property
     def optimizer(self):
@@ -127,9 +127,14 @@ class ReliableTrainer(TrainerBase):
 
     def build_step_trainer(self, model, data_loader, optimizer):
         """The trainer of one iteration: detectron2's AMPTrainer for AMP on a GPU, else its
-        SimpleTrainer (CPU AMP is the model's own autocast, see cpu_amp.py)."""
-        amp = self.cfg.SOLVER.AMP.ENABLED and self.cfg.MODEL.DEVICE.startswith("cuda")
-        return (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        SimpleTrainer; with AMP on a CPU that SimpleTrainer calls the model under bfloat16
+        autocast (cpu_amp.TrainingAutocast), so backward and the optimizer step stay outside."""
+        if not self.cfg.SOLVER.AMP.ENABLED:
+            return SimpleTrainer(model, data_loader, optimizer)
+        if self.cfg.MODEL.DEVICE.startswith("cuda"):
+            return AMPTrainer(model, data_loader, optimizer)
+        return SimpleTrainer(TrainingAutocast(model, "cpu", torch.bfloat16), data_loader,
+                             optimizer)
 
     @classmethod
     def build_model(cls, cfg):
@@ -194,7 +199,8 @@ class ReliableTrainer(TrainerBase):
             bn_cfg = cfg.clone()
             bn_cfg.defrost()
             bn_cfg.DATALOADER.NUM_WORKERS = 0  # a second loader must not cost worker processes
-            ret.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model,
+            # the step trainer's model: BN statistics under the autocast training uses
+            ret.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.step_trainer.model,
                                        self.build_train_loader(bn_cfg),
                                        cfg.TEST.PRECISE_BN.NUM_ITER))
         # checkpoint before evaluating: a failing evaluation leaves the weights to debug with

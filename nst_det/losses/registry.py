@@ -11,30 +11,49 @@ always detached); ``kd`` takes ``(logits_s, logits_t, T=...)``.
 
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 from fvcore.common.registry import Registry
 
 __all__ = ["TRANSFER_LOSS_REGISTRY", "get_transfer_loss", "build_transfer_loss"]
 
 
+class _Entry:
+    """What the fvcore registry files for one loss: the short name (as ``__name__``) and the loss.
+
+    fvcore's public ``Registry.register(obj)`` files ``obj`` under ``obj.__name__``; the entry
+    carries the short name so that the loss function itself is left exactly as defined.
+    """
+
+    def __init__(self, name: str, obj: Any):
+        self.__name__, self.obj = name, obj
+
+    def __repr__(self) -> str:  # what fvcore's table shows for the entry: the loss itself
+        return repr(self.obj)
+
+
 class _NamedRegistry(Registry):
     """fvcore Registry whose ``register`` also accepts an explicit short name.
 
     fvcore registers under ``obj.__name__`` only; config keys read better as "nst" than as
-    "nst_loss", so ``register(name=...)`` is added on top of fvcore's own ``_do_register``.
+    "nst_loss", so each loss is registered through fvcore's public ``register`` as an `_Entry`
+    named ``name``, and ``get`` / iteration hand back the loss itself. fvcore's own checks
+    (a name registered twice, an unknown name in ``get``) are unchanged.
     """
 
     def register(self, obj: Any = None, *, name: Optional[str] = None) -> Any:
+        """Register ``obj`` under ``name`` (default ``obj.__name__``); a decorator without obj."""
         if obj is None:
-
-            def deco(fn: Any) -> Any:
-                self._do_register(name or fn.__name__, fn)
-                return fn
-
-            return deco
-        self._do_register(name or obj.__name__, obj)
+            return lambda fn: self.register(fn, name=name)
+        super().register(_Entry(name or obj.__name__, obj))
         return obj
+
+    def get(self, name: str) -> Any:
+        """The object registered as ``name``; KeyError (fvcore's) for an unknown name."""
+        return super().get(name).obj
+
+    def __iter__(self) -> Iterator[Tuple[str, Any]]:
+        return ((key, entry.obj) for key, entry in super().__iter__())
 
 
 TRANSFER_LOSS_REGISTRY = _NamedRegistry("TRANSFER_LOSS")

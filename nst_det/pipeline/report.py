@@ -17,20 +17,16 @@ import os
 import statistics
 import time
 
-import matplotlib
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-
-from ..config import load_config  # noqa: E402
-from ..export import eager_runner, preprocess  # noqa: E402
-from ..export.student import load_student_detector  # noqa: E402
-from ..losses import nst_loss  # noqa: E402
-from .describe import (  # noqa: E402
+from ..config import load_config
+from ..export import eager_runner, preprocess
+from ..export.student import load_student_detector
+from ..losses import nst_loss
+from .describe import (
     backbone_name,
     classifier_name,
     detector_name,
@@ -40,14 +36,29 @@ from .describe import (  # noqa: E402
     stage_config,
     training_precision,
 )
-from .plan import STUDENT_METHODS, Stage  # noqa: E402
-from .report_methods import methods_section  # noqa: E402
-from .run import stage_result  # noqa: E402
+from .plan import STUDENT_METHODS, Stage
+from .report_methods import methods_section
+from .run import stage_result
 
 FIG_DIR = "figures"
 # preferred column order of the detection metrics, by evaluator type; others follow sorted
 _METRIC_ORDER = {"pascal_voc": ("AP50", "AP", "AP75"),
                  "coco": ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+def _subplots(nrows: int = 1, ncols: int = 1, **fig_kw):
+    """A figure on its own Agg canvas and its axes, as `pyplot.subplots` returns them.
+
+    The canvas is chosen here, where figures are drawn, rather than with `matplotlib.use` at
+    import: importing the report then leaves matplotlib's backend and pyplot's figure list
+    alone for whoever imported nst_det (a notebook, an interactive session).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**fig_kw)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols)
+
+
 def _metrics_rows(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
@@ -214,7 +225,7 @@ class Report:
 
     # ---------------------------------------------------------------- pictures
     def curves(self) -> str:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        fig, axes = _subplots(1, 3, figsize=(15, 4))
         for stage in self._find(stage="cls"):
             rows = [r for r in _metrics_rows(stage.out_dir) if "total_loss" in r]
             axes[0].plot([r["iteration"] for r in rows], [r["total_loss"] for r in rows], ".-",
@@ -242,7 +253,7 @@ class Report:
         dets = [s for s in self._find(stage="det") if s.meta.get("role") != "method"]
         classes = sorted({k[5:] for s in dets for k in stage_result(s)["metrics"]["bbox"]
                           if k.startswith("AP50-")})
-        fig, ax = plt.subplots(figsize=(12, 4))
+        fig, ax = _subplots(figsize=(12, 4))
         if classes:
             width = 0.8 / len(dets)
             for i, stage in enumerate(dets):
@@ -264,7 +275,7 @@ class Report:
         cfg, model = _load_detector(stage)
         images, tensors = _test_images(cfg, count)
         run = eager_runner(model)
-        fig, axes = plt.subplots(1, count, figsize=(4 * count, 4))
+        fig, axes = _subplots(1, count, figsize=(4 * count, 4))
         names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes
         for ax, image, tensor in zip(np.atleast_1d(axes), images, tensors):
             det = run(tensor)
@@ -312,7 +323,7 @@ class Report:
         t = feats["teacher"].flatten(1)
         t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-10)
         picked = torch.argsort(t.var(dim=1), descending=True)[:channels]
-        fig, axes = plt.subplots(3, channels, figsize=(2.2 * channels, 6.6))
+        fig, axes = _subplots(3, channels, figsize=(2.2 * channels, 6.6))
         for row, key in enumerate(("teacher", "without NST", "with NST")):
             f = feats[key].flatten(1)
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-10)
@@ -334,7 +345,6 @@ class Report:
         path = os.path.join(FIG_DIR, name)
         fig.tight_layout()
         fig.savefig(os.path.join(self.out_dir, path), dpi=90)
-        plt.close(fig)
         return path
 
 

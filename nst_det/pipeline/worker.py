@@ -20,6 +20,7 @@ import shutil
 import signal
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import submitit
@@ -79,18 +80,34 @@ def sweep_temp_files(folder: str, exclude=()) -> list:
     return removed
 
 
-def _route_logs(log_file: str) -> None:
-    """Send detectron2/fvcore/nst_det logging of this stage to its own file."""
+_STAGE_LOGGERS = ("detectron2", "fvcore", "nst_det", "d2")
+
+
+@contextmanager
+def _stage_log(log_file: str):
+    """Within the block, detectron2/fvcore/nst_det logging (INFO and up) also goes to `log_file`.
+
+    Only what this adds is changed, and it is undone on exit: handlers someone else installed
+    stay where they are. In particular detectron2's `setup_logger` is `lru_cache`d and never
+    adds its handlers a second time, so removing them (as this once did) would silence
+    detectron2 for the rest of a process that runs a stage in-process (tests, DebugExecutor).
+    A logger's level is lowered to INFO only where it would drop INFO records, and restored.
+    """
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s]: %(message)s"))
-    for name in ("detectron2", "fvcore", "nst_det", "d2"):
-        logger = logging.getLogger(name)
-        for old in list(logger.handlers):
-            logger.removeHandler(old)
-            old.close()
+    loggers = [logging.getLogger(name) for name in _STAGE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+        if not logger.isEnabledFor(logging.INFO):
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+        handler.close()
 
 
 class _ProgressFile(HookBase):
@@ -123,13 +140,21 @@ def _write_metrics(out_dir: str, results: dict) -> None:
 def train_stage(stage: Stage) -> dict:
     """Train + evaluate one stage (every task of its job runs this); returns its metrics."""
     from ..config import load_config
-    from ..engine import TRAINER_REGISTRY
     from ..utils.dist import release_process_group
 
     cfg = load_config(stage.config, stage.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    _route_logs(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt"))
+    with _stage_log(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt")):
+        results = _train(stage, cfg)
+    release_process_group()
+    return results
+
+
+def _train(stage: Stage, cfg) -> dict:
+    """train_stage's work, with its logs routed to the stage's file."""
+    from ..engine import TRAINER_REGISTRY
+
     logging.getLogger("nst_det").info("stage %s: rank %d of world size %d", stage.name,
                                       comm.get_rank(), comm.get_world_size())
     if comm.is_main_process():
@@ -146,7 +171,6 @@ def train_stage(stage: Stage) -> dict:
     # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS; EvalHook keeps them
     results = trainer.last_eval_results or {}
     _write_metrics(cfg.OUTPUT_DIR, results)
-    release_process_group()
     return results
 
 
@@ -159,10 +183,10 @@ def evaluate_stage(stage: Stage) -> dict:
     cfg = load_config(stage.config, stage.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    _route_logs(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt"))
-    trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
-    results = trainer_cls.test(cfg, trainer_cls.build_model(cfg)) or {}
-    _write_metrics(cfg.OUTPUT_DIR, results)
+    with _stage_log(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt")):
+        trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
+        results = trainer_cls.test(cfg, trainer_cls.build_model(cfg)) or {}
+        _write_metrics(cfg.OUTPUT_DIR, results)
     release_process_group()
     return results
 
@@ -172,7 +196,7 @@ def init_distributed(env) -> None:
 
     One process per task (per GPU), all started by the scheduler (srun, or submitit's local
     controller): the process group is joined at the first node's address on a port derived from
-    the job id, and detectron2's per-machine group is built as its launch() does.
+    the job id, and the GPU is the task's local rank, as detectron2's launch() sets them up.
     """
     if env.num_tasks <= 1:
         return
@@ -185,17 +209,25 @@ def init_distributed(env) -> None:
     port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}:{port}",
                             world_size=env.num_tasks, rank=env.global_rank)
-    per_node = env.num_tasks // env.num_nodes
-    if hasattr(comm, "create_local_process_group"):  # detectron2 after v0.6 (public)
-        comm.create_local_process_group(per_node)
-    else:  # v0.6 has no public way: exactly what its launch() sets up
-        for node in range(env.num_nodes):
-            group = dist.new_group(list(range(node * per_node, (node + 1) * per_node)))
-            if node == env.node:
-                comm._LOCAL_PROCESS_GROUP = group
+    _local_process_group(env.num_tasks // env.num_nodes)
     if cuda:
         torch.cuda.set_device(env.local_rank)
     comm.synchronize()
+
+
+def _local_process_group(per_node: int) -> None:
+    """detectron2's per-machine process group (`comm.get_local_rank()`), where it has a public
+    way to make one: `comm.create_local_process_group` (detectron2 after v0.6).
+
+    detectron2 v0.6 has none: only its launch() sets the group, by assigning a private module
+    global, which nst_det does not do. Nothing nst_det runs needs the group on v0.6: the only
+    caller of get_local_rank() there is detectron2's create_ddp_model, and nst_det wraps models
+    with build_ddp_model, which takes the GPU set from submitit's local rank (init_distributed).
+    Code that calls `comm.get_local_rank()` in a multi-task job on v0.6 gets detectron2's own
+    "Local process group is not created" assertion.
+    """
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(per_node)
 
 
 def _stop_cleanly(signum, frame):
@@ -255,6 +287,12 @@ class StageJob(submitit.helpers.Checkpointable):
 
 
 def stage_paths(folder: str | Path, job_id: str) -> dict:
-    """submitit's log files of a job in a stage's job folder."""
-    paths = submitit.core.utils.JobPaths(folder, job_id=str(job_id), task_id=0)
-    return {"stdout": str(paths.stdout), "stderr": str(paths.stderr)}
+    """submitit's log files of a job (its first task) in a stage's job folder.
+
+    The names are submitit's folder convention, `<job id>_<task>_log.out` / `.err`, the paths a
+    submitted job's public `job.paths` gives (tests/test_public_api_only.py checks they agree);
+    the runner often has only the job id, read back from job.json, not the Job object.
+    """
+    folder = Path(folder).expanduser().absolute()
+    return {kind: str(folder / f"{job_id}_0_log.{ext}")
+            for kind, ext in (("stdout", "out"), ("stderr", "err"))}

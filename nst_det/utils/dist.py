@@ -11,16 +11,21 @@ from torch.nn.parallel import DistributedDataParallel
 def build_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     """`model` wrapped in DistributedDataParallel when more than one process runs, else itself.
 
-    `device_ids` is the local rank only for a model on a GPU: DDP rejects device_ids for a CPU
+    `device_ids` is given only for a model on a GPU: DDP rejects device_ids for a CPU
     model, and detectron2's `create_ddp_model` (v0.6 and upstream main 02b5c4e alike) always
     passes it, which breaks CPU (gloo) runs. `broadcast_buffers=False` unless given, as
     detectron2's DefaultTrainer wraps its model (so training behaves as it did before).
+
+    The GPU is the one the model is on (built on the current device, which detectron2's
+    launch() and nst_det's pipeline worker set to the local rank), not `comm.get_local_rank()`:
+    that needs detectron2's per-machine group, which v0.6 can create only inside launch().
     """
     if comm.get_world_size() == 1:
         return model
     kwargs.setdefault("broadcast_buffers", False)
-    if "device_ids" not in kwargs and next(model.parameters()).is_cuda:
-        kwargs["device_ids"] = [comm.get_local_rank()]
+    device = next(model.parameters()).device
+    if "device_ids" not in kwargs and device.type == "cuda":
+        kwargs["device_ids"] = [device.index]
     return DistributedDataParallel(model, **kwargs)
 
 
