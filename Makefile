@@ -17,8 +17,9 @@ demo: setup
 
 # Test files run side by side, one per core (pytest-xdist; a file's tests stay together, so a
 # module's fixtures, e.g. its SLURM cluster, are built once): TEST_WORKERS=0 runs them in-process.
+# Files come in conftest.py's order (end-to-end ones first), not by their number of tests.
 TEST_WORKERS ?= auto
-TEST_PAR := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+TEST_PAR := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: setup
 	$(VENV_PY) -m pytest $(TEST_PAR)

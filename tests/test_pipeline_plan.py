@@ -74,3 +74,17 @@ def test_other_toy_plans_load_every_training_config(tmp_path, name):
     expected = {"mnv3": {"mobilenet_v3_large", "resnet34", "GeneralizedRCNN", "DistillationRCNN"},
                 "retinanet": {"resnet18", "resnet34", "RetinaNet", "DistillationRetinaNet"}}
     assert archs == expected[name]
+
+
+def test_selected_stages_are_the_named_ones_and_what_they_read(tmp_path):
+    from nst_det.pipeline.plan import select_stages
+
+    stages = build_plan(str(tmp_path), TOY_SCALES["ci"], TOY_CONFIGS)
+    picked = select_stages(stages, ["det_nst_detnst_s0"])
+    assert [s.name for s in picked] == ["cls_teacher", "convert_cls_teacher", "cls_nst_s0",
+                                        "convert_cls_nst_s0", "det_teacher", "det_nst_detnst_s0"]
+    names = {s.name for s in picked}
+    assert all(set(s.after) <= names for s in picked)  # a runnable plan on its own
+    assert [s.name for s in select_stages(stages, ["cls_teacher"])] == ["cls_teacher"]
+    with pytest.raises(ValueError, match="no stage named det_teacherr.*det_teacher"):
+        select_stages(stages, ["det_teacherr"])

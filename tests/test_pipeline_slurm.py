@@ -24,7 +24,7 @@ import torch
 from _slurm_cluster import SlurmCluster, unavailable_reason
 
 from nst_det.pipeline.cluster import ClusterSettings
-from nst_det.pipeline.plan import TOY_CONFIGS, TOY_SCALES, Stage, build_plan
+from nst_det.pipeline.plan import TOY_CONFIGS, TOY_SCALES, Stage, build_plan, select_stages
 from nst_det.pipeline.run import STAGE_FILE, PipelineRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,12 +73,16 @@ def _slurm_state(job_id) -> str:
 
 
 def test_ci_pipeline_through_sbatch_with_dependencies(slurm, data_root, module_tmp_path):
-    out = module_tmp_path / "pipeline"
+    # the CI plan's NST-into-NST detector and every stage it reads: both pretraining chains and
+    # the teacher detector, a diamond with two-job afterok lists (the whole CI plan runs
+    # locally in test_pipeline.py; here what matters is how the stages go through sbatch)
+    out, target = module_tmp_path / "pipeline", "det_nst_detnst_s0"
     cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
-           "--output", str(out), "--cluster", "slurm", "--slurm-time", "30"]
+           "--output", str(out), "--cluster", "slurm", "--slurm-time", "30", "--stages", target]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
-    stages = build_plan(str(out), TOY_SCALES["ci"], TOY_CONFIGS)
+    stages = select_stages(build_plan(str(out), TOY_SCALES["ci"], TOY_CONFIGS), [target])
+    assert len(stages) == 6 and max(len(s.after) for s in stages) == 2
     # the whole plan went in before anything finished, dependent stages with afterok
     submitted = [line for line in run.stdout.splitlines() if " submitted (job " in line]
     assert len(submitted) == len(stages)
@@ -94,7 +98,9 @@ def test_ci_pipeline_through_sbatch_with_dependencies(slurm, data_root, module_t
         else:
             assert "--dependency" not in script
         assert json.loads((Path(stage.out_dir) / STAGE_FILE).read_text())["job_id"] == job_id
-    assert (out / "report.md").is_file()
+    final = torch.load(out / target / "model_final.pth", map_location="cpu", weights_only=True)
+    assert final["iteration"] == TOY_SCALES["ci"].det_student_iters - 1
+    assert not (out / "det_plain_s0").exists()  # not asked for, not run
     status = subprocess.run([*cmd, "--status"], cwd=REPO, capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.count(" done ") == len(stages), status.stdout
 

@@ -41,7 +41,7 @@ from nst_det.pipeline import (  # noqa: E402
 from nst_det.pipeline.calibrate import calibrate_stage  # noqa: E402
 from nst_det.pipeline.cluster import ClusterSettings  # noqa: E402
 from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  # noqa: E402
-from nst_det.pipeline.plan import TOY_PLANS  # noqa: E402
+from nst_det.pipeline.plan import TOY_PLANS, select_stages  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
 from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
 
@@ -67,6 +67,9 @@ def parse_args(argv=None):
                              "seed from the plain pretrained student, each loss weight "
                              f"calibrated (nst_det/pipeline/methods.py); any of "
                              f"{','.join(METHODS)}, or all")
+    parser.add_argument("--stages", default="",
+                        help="comma-separated stage names: run only these and the stages they "
+                             "read, e.g. det_teacher (names: --status)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="--cluster local: training stages run side by side, each a job with "
                              "cpu_count/jobs threads (default: 2 for toy runs on a CPU with 2+ "
@@ -174,6 +177,11 @@ def main(argv=None):
                         PAPER_CONFIGS if args.paper else TOY_PLANS[args.toy_students],
                         train_opts=amp_opts(args.amp, args.paper))
     stages = add_method_stages(stages, parse_methods(args.methods))
+    if args.stages:
+        try:
+            stages = select_stages(stages, [n.strip() for n in args.stages.split(",")])
+        except ValueError as e:
+            sys.exit(str(e))
     handlers = {
         "calibrate": calibrate_stage,
         "convert": convert_stage,
@@ -186,7 +194,7 @@ def main(argv=None):
         return 0
     os.makedirs(args.output, exist_ok=True)
     runner.run(wait=not args.no_wait)
-    if not args.no_wait:
+    if not args.no_wait and any(s.kind == "report" for s in stages):
         print(f"report: {os.path.join(args.output, 'report.md')}")
     return 0
 

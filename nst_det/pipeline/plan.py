@@ -233,3 +233,22 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
     stages.append(Stage("export", "export", os.path.join(out_root, "export"), after=trained))
     stages.append(Stage("report", "report", out_root, after=[*trained, "export"]))
     return stages
+
+
+def select_stages(stages: list, names) -> list:
+    """The named stages and every stage they read, transitively, in the plan's order.
+
+    An unknown name is an error listing the plan's stage names.
+    """
+    by_name = {s.name: s for s in stages}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ValueError(f"--stages: no stage named {', '.join(unknown)} in this plan; its "
+                         f"stages: {', '.join(by_name)}")
+    wanted, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(by_name[name].after)
+    return [s for s in stages if s.name in wanted]
