@@ -96,3 +96,12 @@ def distributed_worker(config_file: str, data_prefix: str, data_dir: str, num_im
     train_net = load_train_net()
     args = train_net.default_argument_parser().parse_args(["--config-file", config_file])
     return train_net.launched_main(args)
+
+
+def zoo_ships_configs() -> bool:
+    """Whether the installed detectron2 has its model-zoo configs (upstream builds; not v0.6)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("detectron2.model_zoo")
+    return any(os.path.isdir(os.path.join(p, "configs")) for p in spec.submodule_search_locations)

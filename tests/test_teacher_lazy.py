@@ -15,7 +15,15 @@ import threading
 
 import pytest
 import torch
-from _detection_common import LEVELS, NST_TOY, R18_FPN_TOY, TOY, distill_opts, make_cfg
+from _detection_common import (
+    LEVELS,
+    NST_TOY,
+    R18_FPN_TOY,
+    TOY,
+    distill_opts,
+    make_cfg,
+    zoo_ships_configs,
+)
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import GeneralizedRCNN, build_model
@@ -126,12 +134,6 @@ def _losses(model, batch):
     """One training forward (detectron2's heads log to an EventStorage)."""
     with EventStorage(0):
         return model(batch)
-
-
-def _zoo_ships_configs() -> bool:
-    """Whether the installed detectron2 has its model-zoo configs (upstream builds; not v0.6)."""
-    spec = importlib.util.find_spec("detectron2.model_zoo")
-    return any(os.path.isdir(os.path.join(p, "configs")) for p in spec.submodule_search_locations)
 
 
 def test_lazy_teacher_distils_yacs_student_inert_frozen(tmp_path):
@@ -333,7 +335,7 @@ def test_model_zoo_names(tmp_path):
     """Zoo names resolve where detectron2 ships its configs; elsewhere (the v0.6 sdist) the error
     says so and asks for a path. Both branches assert; which one runs depends on the install."""
     cfg = make_cfg(NST_TOY, ["MODEL.TEACHER.CONFIG_FILE", YAML_ZOO])
-    if not _zoo_ships_configs():
+    if not zoo_ships_configs():
         for name in (YAML_ZOO, PY_ZOO):
             with pytest.raises(FileNotFoundError,
                                match="ships no model-zoo configs.*give the config file's path"):
@@ -410,7 +412,7 @@ def test_tiny_vitdet_teacher_from_the_zoo(tmp_path):
         pytest.skip("this detectron2 (v0.6) has no ViT backbone: ViTDet teachers need upstream")
     if importlib.util.find_spec("timm") is None:
         pytest.skip("detectron2's ViT blocks import timm (optional dependency): pip install timm")
-    assert _zoo_ships_configs()  # every detectron2 with ViTDet is a source build with its configs
+    assert zoo_ships_configs()  # every detectron2 with ViTDet is a source build with its configs
     tiny = ["model.backbone.net.img_size=128", "model.backbone.net.embed_dim=32",
             "model.backbone.net.depth=2", "model.backbone.net.num_heads=2",
             "model.backbone.net.window_size=4", "model.backbone.net.window_block_indexes=[0]",
