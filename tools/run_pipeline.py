@@ -44,6 +44,11 @@ from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  
 from nst_det.pipeline.plan import TOY_PLANS, select_stages  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
 from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
+from nst_det.pipeline.weight_grid import (  # noqa: E402
+    grid_configs_stage,
+    select_weight_stage,
+    train_with_minival,
+)
 
 
 def parse_args(argv=None):
@@ -67,6 +72,15 @@ def parse_args(argv=None):
                              "seed from the plain pretrained student, each loss weight "
                              f"calibrated (nst_det/pipeline/methods.py); any of "
                              f"{','.join(METHODS)}, or all")
+    parser.add_argument("--weight-grid", action="store_true",
+                        help="with --methods: train each method at its calibrated weight x1/4, "
+                             "x1, x4 (one seed, evaluated on the toy minival split only) and run "
+                             "its seeds at the best validation AP50 (nst_det/pipeline/"
+                             "weight_grid.py)")
+    parser.add_argument("--controls", action="store_true",
+                        help="add the methods table's controls: plain_aa (plain student, only "
+                             "SEED changed: negative) and nst_handset (NST at the config's "
+                             "hand-set weight: positive)")
     parser.add_argument("--stages", default="",
                         help="comma-separated stage names: run only these and the stages they "
                              "read, e.g. det_teacher (names: --status)")
@@ -176,7 +190,8 @@ def main(argv=None):
     stages = build_plan(args.output, scale,
                         PAPER_CONFIGS if args.paper else TOY_PLANS[args.toy_students],
                         train_opts=amp_opts(args.amp, args.paper))
-    stages = add_method_stages(stages, parse_methods(args.methods))
+    stages = add_method_stages(stages, parse_methods(args.methods),
+                               weight_grid=args.weight_grid, controls=args.controls)
     if args.stages:
         try:
             stages = select_stages(stages, [n.strip() for n in args.stages.split(",")])
@@ -188,6 +203,9 @@ def main(argv=None):
         "export": lambda stage: export_stage(stage, stages),
         "report": lambda stage: write_report(stages, stage.out_dir),
     }
+    if args.weight_grid:  # the grid's stages; training with the toy minival sets registered
+        handlers.update({"weight_grid": grid_configs_stage, "select_weight": select_weight_stage,
+                         "train": train_with_minival})
     runner = PipelineRunner(stages, handlers, cluster_settings(args))
     if args.status:
         print(runner.status())

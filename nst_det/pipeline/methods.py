@@ -21,6 +21,7 @@ RetinaNet, read from the distillation config: `detector_of`), with only the weig
 
 from __future__ import annotations
 
+import ast
 import os
 from dataclasses import replace
 
@@ -191,15 +192,18 @@ def _without(opts: list, keys: tuple) -> list:
     return [x for k, v in pairs if k not in keys for x in (k, v)]
 
 
-def add_method_stages(stages: list, methods: list, seeds=None) -> list:
+def add_method_stages(stages: list, methods: list, seeds=None, weight_grid: bool = False,
+                      controls: bool = False) -> list:
     """The plan with a calibration stage per method and a training stage per method and seed.
 
     Built from the plan's `det_plain_detnst_s<seed>` stages (everything but the loss equal);
     the new stages go before export/report, which also wait for them. A detection method's
     stages also carry its levels and hyper-parameters for the plan's detector (read from the
     distillation config), and FGFI's training stages its warm-up (`fgfi_warmup`).
+    weight_grid: each method's seeds train at the grid weight with the best minival AP50
+    (weight_grid.py); controls: add the plain_aa / nst_handset control stages (weight_grid.py).
     """
-    if not methods:
+    if not methods and not controls:
         return stages
     by_name = {s.name: s for s in stages}
     seeds = sorted({s.meta["seed"] for s in stages if s.name.startswith("det_plain_detnst_s")}
@@ -212,6 +216,16 @@ def add_method_stages(stages: list, methods: list, seeds=None) -> list:
         from ..config import load_config
 
         detector = detector_of(load_config(reference.config))
+    if weight_grid or controls:
+        from ..config import load_config
+        from . import weight_grid as grid
+
+        # the config alone (its opts name weights files not written yet) plus the plan's test set
+        reference_cfg = load_config(reference.config)
+        opts = dict(zip(reference.opts[::2], reference.opts[1::2]))
+        test = (ast.literal_eval(opts["DATASETS.TEST"]) if "DATASETS.TEST" in opts
+                else reference_cfg.DATASETS.TEST)
+        minival = grid.minival_name(test[0]) if weight_grid else ""
     new, previous = [], []
     for method in methods:
         slug = method_slug(method)
@@ -225,6 +239,17 @@ def add_method_stages(stages: list, methods: list, seeds=None) -> list:
             inputs=inputs, after=[*reference.after, *previous],
             meta={"stage": "det", "role": "calibration", "method": method}))
         previous = [f"calibrate_{slug}"]
+        # the config the method's seeds train from, and the stages that write it
+        config, chosen_by = os.path.join(calib_dir, "method.yaml"), [f"calibrate_{slug}"]
+        if weight_grid:
+            warmup = (["MODEL.FGFI.WARMUP_ITERS", str(fgfi_warmup(reference.iters))]
+                      if method == "fgfi" else [])
+            points = grid.grid_stages(method, slug, reference, calib_dir,
+                                      inputs.get("detector"), warmup, minival)
+            new += points
+            select = points[-1]
+            config = os.path.join(select.out_dir, "method.yaml")
+            chosen_by = [*chosen_by, *select.after, select.name]
         for seed in seeds:
             base = by_name[f"det_plain_detnst_s{seed}"]
             name = f"det_method_{slug}_s{seed}"
@@ -233,10 +258,12 @@ def add_method_stages(stages: list, methods: list, seeds=None) -> list:
                       if method == "fgfi" else [])
             opts = [*_without(base.opts, ("OUTPUT_DIR",)), *warmup, "OUTPUT_DIR", out_dir]
             new.append(replace(
-                base, name=name, out_dir=out_dir,
-                config=os.path.join(calib_dir, "method.yaml"), opts=opts,
-                after=[*base.after, f"calibrate_{slug}"],
+                base, name=name, out_dir=out_dir, config=config, opts=opts,
+                after=[*base.after, *chosen_by],
                 meta={"stage": "det", "role": "method", "method": method, "seed": seed}))
+    if controls:
+        handset = float(reference_cfg.MODEL.NST.LOSS_WEIGHT)  # the NST config's own weight
+        new += grid.control_stages(by_name, seeds, handset, None)
     summary = [s for s in stages if s.kind in ("export", "report")]
     rest = [s for s in stages if s.kind not in ("export", "report")]
     trained = [s.name for s in new if s.kind == "train"]

@@ -1,0 +1,238 @@
+"""Optional parts of the methods axis: a validation weight grid per method, and two controls.
+
+Weight grid (`--weight-grid`): per method, one seed (the calibration seed) trained at the
+calibrated weight times each of GRID_FACTORS, each run evaluated on the toy set's `minival`
+split only (disjoint from trainval and test). A `select_<method>` stage then picks the factor
+with the best validation AP50 (`select_weight`: a pure function of the grid runs' stage.json
+records, which hold only minival metrics and are refused unless marked as such) and writes the
+config every reported seed of the method trains from. Test AP never enters the choice.
+
+    grid_<m> (writes x<f>.yaml) -> det_grid_<m>_x<f> (minival) -> select_<m> (method.yaml)
+        -> det_method_<m>_s<seed>
+
+Controls (`--controls`), rows of the methods table compared with plain like every method:
+  plain_aa     negative (A/A) control: the plain student again, only SEED changed; a verdict
+               other than "no difference" means the interval is too optimistic.
+  nst_handset  positive control: NST at the main table's hand-set MODEL.NST.LOSS_WEIGHT (the
+               NST config's own value), no calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+
+from ..utils.atomic import atomic_write
+from .plan import Stage
+
+__all__ = ["GRID_FACTORS", "AA_SEED_OFFSET", "factor_label", "minival_name", "grid_stages",
+           "control_stages", "select_weight", "grid_configs_stage", "select_weight_stage",
+           "register_minival_sets", "train_with_minival"]
+
+GRID_FACTORS = (0.25, 1.0, 4.0)  # times the calibrated weight
+VALIDATION_SPLIT = "minival"
+# the A/A run's SEED is its pair's + this, far from any seed a plan trains (0, 1, 2, ...)
+AA_SEED_OFFSET = 1000
+# toy VOC prefix -> (dirname under $DETECTRON2_DATASETS/toy, its generator arguments): the sets
+# nst_det.data.datasets registers without a minival split. Their minival is generated in a
+# folder of its own, so the registered sets' folders (and their spec files) stay as they are;
+# the generator draws every image from (seed, split, index), so trainval / test there are the
+# same pictures and minival is disjoint from both.
+TOY_MINIVAL = {
+    "toy_voc_tiny": ("VOC2007_tiny_minival", {"num_trainval": 16, "num_test": 8,
+                                              "num_minival": 8}),
+    "toy_voc_2007": ("VOC2007_minival", {"num_trainval": 300, "num_test": 150,
+                                         "num_minival": 150}),
+}
+
+
+def factor_label(factor: float) -> str:
+    """0.25 -> "x0.25", 1.0 -> "x1", 4.0 -> "x4" (stage and file names)."""
+    return f"x{factor:g}"
+
+
+def minival_name(test_name: str) -> str:
+    """The validation set next to a toy test set: "toy_voc_tiny_test" -> "toy_voc_tiny_minival";
+    a ValueError for a set without one (the paper's VOC2007: its `val` is part of trainval)."""
+    prefix = test_name[:-len("_test")] if test_name.endswith("_test") else None
+    if prefix not in TOY_MINIVAL:
+        raise ValueError(f"--weight-grid needs a validation split disjoint from trainval and "
+                         f"test; {test_name!r} has none (toy sets: {sorted(TOY_MINIVAL)})")
+    return f"{prefix}_{VALIDATION_SPLIT}"
+
+
+def register_minival_sets() -> list:
+    """Register `<prefix>_minival` for the toy sets of TOY_MINIVAL not registered yet."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from ..data import make_toy_voc
+    from ..data.datasets import TOY_CLASSES, datasets_root, load_voc_checked
+
+    names = []
+    for prefix, (folder, sizes) in TOY_MINIVAL.items():
+        name = f"{prefix}_{VALIDATION_SPLIT}"
+        if name in DatasetCatalog.list():
+            continue
+        dirname = os.path.join(datasets_root(), "toy", folder)
+
+        def load(dirname=dirname, sizes=sizes):
+            make_toy_voc(dirname, seed=0, **sizes)  # the builtin sets' seed
+            return load_voc_checked(dirname, VALIDATION_SPLIT, TOY_CLASSES)
+
+        DatasetCatalog.register(name, load)
+        MetadataCatalog.get(name).set(thing_classes=list(TOY_CLASSES), dirname=dirname,
+                                      year=2007, split=VALIDATION_SPLIT,
+                                      evaluator_type="pascal_voc")
+        names.append(name)
+    return names
+
+
+def train_with_minival(stage: Stage) -> dict:
+    """The "train" handler under --weight-grid: worker.train_stage once the minival sets are
+    registered (in the stage's own process: the builtin registration has no minival split)."""
+    from .worker import train_stage
+
+    register_minival_sets()
+    return train_stage(stage)
+
+
+def _without(opts: list, keys: tuple) -> list:
+    pairs = list(zip(opts[::2], opts[1::2]))
+    return [x for k, v in pairs if k not in keys for x in (k, v)]
+
+
+def grid_stages(method: str, slug: str, reference: Stage, calib_dir: str, detector,
+                extra_opts: list, minival: str) -> list:
+    """[grid_<slug>, det_grid_<slug>_x<f> for f in GRID_FACTORS, select_<slug>].
+
+    reference: the calibration seed's det_plain_detnst stage; extra_opts: what the method's
+    training stages add to its opts (FGFI's warm-up). Each grid run is that stage with the
+    method at factor x the calibrated weight, DATASETS.TEST = (minival,), its own folder.
+    """
+    out_root = os.path.dirname(reference.out_dir)
+    grid_dir = os.path.join(out_root, f"grid_{slug}")
+    new = [Stage(f"grid_{slug}", "weight_grid", grid_dir, reference.config,
+                 inputs={"method": method, "factors": list(GRID_FACTORS),
+                         "calibration": os.path.join(calib_dir, "calibration.json"),
+                         **({"detector": detector} if detector else {})},
+                 after=[f"calibrate_{slug}"],
+                 meta={"role": "weight_grid", "method": method})]
+    points = []
+    for factor in GRID_FACTORS:
+        name = f"det_grid_{slug}_{factor_label(factor)}"
+        out_dir = os.path.join(out_root, name)
+        opts = [*_without(reference.opts, ("OUTPUT_DIR", "DATASETS.TEST")), *extra_opts,
+                "DATASETS.TEST", f"('{minival}',)", "OUTPUT_DIR", out_dir]
+        new.append(replace(
+            reference, name=name, out_dir=out_dir, opts=opts,
+            config=os.path.join(grid_dir, f"{factor_label(factor)}.yaml"),
+            after=[*reference.after, f"grid_{slug}"],
+            meta={"stage": "det", "role": "grid", "method": method,
+                  "seed": reference.meta["seed"], "factor": factor,
+                  "split": VALIDATION_SPLIT, "dataset": minival}))
+        points.append({"factor": factor, "stage": name,
+                       "record": os.path.join(out_dir, "stage.json")})
+    new.append(Stage(f"select_{slug}", "select_weight", os.path.join(out_root, f"select_{slug}"),
+                     inputs={"method": method, "grid": points, "configs": grid_dir},
+                     after=[p["stage"] for p in points],
+                     meta={"role": "weight_select", "method": method}))
+    return new
+
+
+def control_stages(by_name: dict, seeds: list, handset_weight: float, detector) -> list:
+    """plain_aa and nst_handset training stages for each seed (module doc)."""
+    from .methods import method_opts
+
+    new = []
+    for seed in seeds:
+        plain = by_name[f"det_plain_s{seed}"]
+        out_root = os.path.dirname(plain.out_dir)
+        name = f"det_control_plain_aa_s{seed}"
+        out_dir = os.path.join(out_root, name)
+        # Data order and the new heads' initialisation both come from SEED in this project
+        # (the trainer's stream is seeded by cfg.SEED, seed_all_rng(cfg.SEED) draws the RPN /
+        # ROI / FPN weights) and no key sets the data order alone. The closest faithful A/A
+        # run changes SEED only: the same pretrained weights file (MODEL.WEIGHTS), config,
+        # schedule and data; its spread is the seed noise a paired method row is judged by.
+        opts = [*_without(plain.opts, ("OUTPUT_DIR", "SEED")), "SEED",
+                str(seed + AA_SEED_OFFSET), "OUTPUT_DIR", out_dir]
+        new.append(replace(plain, name=name, out_dir=out_dir, opts=opts, meta={
+            "stage": "det", "role": "control", "control": "negative", "method": "plain_aa",
+            "seed": seed, "data_seed": seed + AA_SEED_OFFSET}))
+    for seed in seeds:
+        base = by_name[f"det_plain_detnst_s{seed}"]
+        out_root = os.path.dirname(base.out_dir)
+        name = f"det_control_nst_handset_s{seed}"
+        out_dir = os.path.join(out_root, name)
+        weights = {"loss_nst": handset_weight}
+        opts = [*_without(base.opts, ("OUTPUT_DIR",)),
+                *method_opts("nst_poly", weights, detector), "OUTPUT_DIR", out_dir]
+        new.append(replace(base, name=name, out_dir=out_dir, opts=opts, meta={
+            "stage": "det", "role": "control", "control": "positive", "method": "nst_handset",
+            "seed": seed, "weights": weights}))
+    return new
+
+
+def _validation_ap50(record: dict) -> float:
+    """A grid run's AP50, from a record that says it evaluated the validation split."""
+    meta = record["meta"]
+    if meta.get("role") != "grid" or meta.get("split") != VALIDATION_SPLIT:
+        raise ValueError(f"{record.get('name')}: not a {VALIDATION_SPLIT} grid record "
+                         f"(role {meta.get('role')!r}, split {meta.get('split')!r}): a weight "
+                         "is never chosen on another split")
+    ap = record["metrics"]["bbox"]["AP50"]
+    return ap if math.isfinite(ap) else -math.inf  # a diverged run never wins
+
+
+def select_weight(records: list) -> dict:
+    """The grid point with the best validation AP50, from the grid runs' stage.json records.
+
+    Pure: reads each record's meta (role, split, factor) and metrics["bbox"]["AP50"] only;
+    records of any other split are refused. Ties go to the factor nearest the calibrated
+    weight (x1), then to the smaller one. Returns {"chosen": factor, "split", "dataset",
+    "points": [{"factor", "AP50"}] by factor}.
+    """
+    if not records:
+        raise ValueError("no grid records to choose a weight from")
+    points = sorted(({"factor": r["meta"]["factor"], "AP50": _validation_ap50(r)}
+                     for r in records), key=lambda p: p["factor"])
+    best = max(points, key=lambda p: (p["AP50"], -abs(math.log(p["factor"])), -p["factor"]))
+    return {"chosen": best["factor"], "split": VALIDATION_SPLIT,
+            "dataset": records[0]["meta"].get("dataset"), "points": points}
+
+
+def grid_configs_stage(stage: Stage) -> dict:
+    """Write x<f>.yaml per grid factor: the method at factor x its calibrated weights."""
+    from .calibrate import opts_to_yaml
+    from .methods import method_opts
+
+    with open(stage.inputs["calibration"]) as f:
+        calibrated = json.load(f)["weights"]
+    os.makedirs(stage.out_dir, exist_ok=True)
+    grid = {}
+    for factor in stage.inputs["factors"]:
+        weights = {k: factor * w for k, w in calibrated.items()}
+        opts = method_opts(stage.inputs["method"], weights, stage.inputs.get("detector"))
+        path = os.path.join(stage.out_dir, f"{factor_label(factor)}.yaml")
+        with atomic_write(path, "w") as f:
+            f.write(opts_to_yaml(stage.config, opts))
+        grid[factor_label(factor)] = weights
+    return {"weight_grid": {"calibrated": calibrated, "weights": grid}}
+
+
+def select_weight_stage(stage: Stage) -> dict:
+    """Choose the factor (`select_weight`) and copy its config to method.yaml."""
+    records = []
+    for point in stage.inputs["grid"]:
+        with open(point["record"]) as f:
+            records.append(json.load(f))
+    choice = select_weight(records)
+    label = factor_label(choice["chosen"])
+    os.makedirs(stage.out_dir, exist_ok=True)
+    with open(os.path.join(stage.inputs["configs"], f"{label}.yaml")) as f:
+        text = f.read()
+    with atomic_write(os.path.join(stage.out_dir, "method.yaml"), "w") as f:
+        f.write(text)
+    return {"weight_select": choice}
