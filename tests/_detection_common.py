@@ -105,3 +105,18 @@ def zoo_ships_configs() -> bool:
 
     spec = importlib.util.find_spec("detectron2.model_zoo")
     return any(os.path.isdir(os.path.join(p, "configs")) for p in spec.submodule_search_locations)
+
+
+RETINA_TEACHER = TOY / "retinanet_R_34_FPN_toy_teacher.yaml"
+RETINA_TINY = ["MODEL.WEIGHTS", "", "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50"]
+
+
+def write_retina_teacher(tmp_path: Path, seed=7):
+    """The toy R-34 FPN RetinaNet teacher (+ RETINA_TINY) as a config and random weights."""
+    cfg = make_cfg(RETINA_TEACHER, RETINA_TINY)
+    torch.manual_seed(seed)
+    weights = tmp_path / "retina_teacher.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    yaml = tmp_path / "retina_teacher.yaml"
+    yaml.write_text(cfg.dump())
+    return yaml, weights

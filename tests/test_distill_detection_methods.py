@@ -12,7 +12,14 @@ import math
 
 import pytest
 import torch
-from _detection_common import NST_TOY, TOY, make_cfg, write_teacher
+from _detection_common import (
+    NST_TOY,
+    RETINA_TINY,
+    TOY,
+    make_cfg,
+    write_retina_teacher,
+    write_teacher,
+)
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.structures import Boxes, Instances, pairwise_iou
@@ -24,9 +31,7 @@ from nst_det.export.student import student_state_dict
 from nst_det.losses import dkd_loss, fgd_loss
 from nst_det.modeling.roi_logits import box_class_logits
 
-RETINA_TEACHER = TOY / "retinanet_R_34_FPN_toy_teacher.yaml"
 RETINA_STUDENT = TOY / "retinanet_R_18_FPN_toy_nst.yaml"
-RETINA_TINY = ["MODEL.WEIGHTS", "", "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50"]
 FEATURE_METHODS = ["cwd", "pkd", "mgd", "fgd", "defeat", "fgfi", "reviewkd"]
 LEARNED = {"mgd", "fgd", "defeat", "fgfi", "reviewkd"}
 ALL = FEATURE_METHODS + ["dkd"]
@@ -36,13 +41,7 @@ ALL = FEATURE_METHODS + ["dkd"]
 def teachers(module_tmp_path):
     """(R-CNN teacher yaml, weights), (RetinaNet teacher yaml, weights): random, saved once."""
     rcnn = write_teacher(module_tmp_path)
-    cfg = make_cfg(RETINA_TEACHER, RETINA_TINY)
-    torch.manual_seed(7)
-    weights = module_tmp_path / "retina_teacher.pth"
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    yaml = module_tmp_path / "retina_teacher.yaml"
-    yaml.write_text(cfg.dump())
-    return rcnn, (yaml, weights)
+    return rcnn, write_retina_teacher(module_tmp_path)
 
 
 def _cfg(teachers, kind, names, extra=()):

@@ -11,7 +11,14 @@ import copy
 
 import pytest
 import torch
-from _detection_common import NST_TOY, TOY, make_cfg, write_teacher
+from _detection_common import (
+    NST_TOY,
+    RETINA_TINY,
+    TOY,
+    make_cfg,
+    write_retina_teacher,
+    write_teacher,
+)
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.structures import Boxes, Instances
@@ -19,10 +26,8 @@ from detectron2.utils.events import EventStorage
 
 from nst_det.engine.checkpointer import ReliableCheckpointer
 
-RETINA_TEACHER = TOY / "retinanet_R_34_FPN_toy_teacher.yaml"
 RETINA_INHERIT = TOY / "retinanet_R_18_FPN_toy_fgd_inherit.yaml"
 RETINA_FGD = TOY / "retinanet_R_18_FPN_toy_fgd.yaml"
-RETINA_TINY = ["MODEL.WEIGHTS", "", "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50"]
 BOTTOM_UP = "backbone.bottom_up."
 # tensors each kind must have among the inherited ones (so an empty selection cannot pass)
 EXPECTED = {
@@ -38,13 +43,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def teachers(module_tmp_path):
     """{"rcnn": (yaml, weights) toy R-18 FPN, "retina": (yaml, weights) toy R-34 FPN}, random."""
-    cfg = make_cfg(RETINA_TEACHER, RETINA_TINY)
-    torch.manual_seed(7)
-    weights = module_tmp_path / "retina_teacher.pth"
-    torch.save({"model": build_model(cfg).state_dict()}, weights)
-    yaml = module_tmp_path / "retina_teacher.yaml"
-    yaml.write_text(cfg.dump())
-    return {"rcnn": write_teacher(module_tmp_path), "retina": (yaml, weights)}
+    return {"rcnn": write_teacher(module_tmp_path), "retina": write_retina_teacher(module_tmp_path)}
 
 
 def _cfg(teachers, kind, inherit=True, extra=()):
