@@ -251,6 +251,6 @@ def test_tiny_cpu_check_runs_every_part(tmp_path):
     assert train["resume"]["end_iter"] == 7 and train["backend"] == "gloo"
     for fmt in ("torchscript", "onnx"):
         assert m["export"][fmt]["passed"] and m["export"][fmt]["total_detections"] > 0
-    assert m["pipeline"]["stages"] == 4 and m["pipeline"]["export"]["onnx"]["passed"]
+    assert m["pipeline"]["stages"] == 3 and m["pipeline"]["export"]["onnx"]["passed"]
     md = json_path.with_suffix(".md").read_text()
     assert all(p.name in md for p in PARTS) and "(tiny)" in md

@@ -52,7 +52,14 @@ def test_every_stage_and_artefact_exists(pipeline_run):
         assert sorted(final) == ["iteration", "model"], name  # no optimizer state: half the disk
         assert _stage(out, name)["kind"] == "train"
     for name in ("cls_teacher", "cls_plain_s0", "cls_nst_s0", "cls_kd_nst_s0"):
-        assert (out / name / "backbone_d2.pth").is_file()
+        # the classification stage's job converted its model before recording it finished
+        converted = _stage(out, name)["d2_backbone"]
+        assert converted["file"] == str(out / name / "backbone_d2.pth") and converted["converted"]
+        left = set(converted["not_converted"])  # the classifier head and BN's step counters
+        assert {"fc.weight", "fc.bias"} <= left, name
+        assert all(k.startswith("fc.") or k.endswith(".num_batches_tracked") for k in left)
+        assert set(torch.load(converted["file"], weights_only=True)["model"]) >= {
+            "stem.conv1.weight", "res5.0.conv1.weight"}
     # one evaluation (at the end) at this size: the best model is model_final, stored once
     best, final = (out / "det_plain_s0" / f"model_{n}.pth" for n in ("best", "final"))
     assert best.stat().st_ino == final.stat().st_ino

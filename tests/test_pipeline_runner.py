@@ -77,7 +77,7 @@ def _stage(root, name, kind="train", after=(), **meta):
 
 
 def _runner(stages, jobs=1, **handlers):
-    handlers = {"train": quick, "convert": quick, "report": quick, **handlers}
+    handlers = {"train": quick, "calibrate": quick, "report": quick, **handlers}
     return PipelineRunner(stages, handlers, ClusterSettings(cluster="local", jobs=jobs))
 
 
@@ -126,18 +126,18 @@ def test_finished_stages_are_skipped_and_the_report_follows_new_and_rerun_stages
 @pytest.mark.slow
 def test_what_reads_a_stage_run_again_is_redone(tmp_path):
     cls = _stage(tmp_path, "cls", stage="cls")
-    convert = _stage(tmp_path, "convert_cls", "convert", after=["cls"])
-    det = _stage(tmp_path, "det", after=["convert_cls"])
-    _runner([cls, convert, det]).run()
+    calibrate = _stage(tmp_path, "calibrate", "calibrate", after=["cls"])  # a short stage
+    det = _stage(tmp_path, "det", after=["calibrate"])
+    _runner([cls, calibrate, det]).run()
     (tmp_path / "stages" / "events.log").unlink()
     (Path(cls.out_dir) / STAGE_FILE).unlink()
     _runner([cls]).run()  # a run stopped after the training stage: its readers are now stale
     assert {name for _, name in _events(tmp_path)} == {"cls"}
     (tmp_path / "stages" / "events.log").unlink()
-    _runner([cls, convert, det]).run()
-    assert {name for _, name in _events(tmp_path)} == {"convert_cls", "det"}
+    _runner([cls, calibrate, det]).run()
+    assert {name for _, name in _events(tmp_path)} == {"calibrate", "det"}
     (tmp_path / "stages" / "events.log").unlink()
-    _runner([cls, convert, det]).run()
+    _runner([cls, calibrate, det]).run()
     assert _events(tmp_path) == {}
 
 
@@ -158,12 +158,12 @@ def test_jobs_overlap_independent_stages_respect_dependencies_and_limit(tmp_path
 
 @pytest.mark.slow
 def test_a_failed_stage_stops_its_dependents_and_names_itself(tmp_path):
-    bad = _stage(tmp_path, "bad", "convert")
+    bad = _stage(tmp_path, "bad", "calibrate")
     child = _stage(tmp_path, "child", after=["bad"])
     grandchild = _stage(tmp_path, "grandchild", "report", after=["child"])
     other = _stage(tmp_path, "other", sleep=1)
     runner = PipelineRunner([bad, child, grandchild, other],
-                            {"convert": failing, "train": quick, "report": quick},
+                            {"calibrate": failing, "train": quick, "report": quick},
                             ClusterSettings(jobs=2))
     with pytest.raises(RuntimeError) as err:
         runner.run()
@@ -226,22 +226,6 @@ def test_start_order_uses_the_pace_of_stages_of_the_same_role(tmp_path):
     runner.run()
     # chains: cls_student 100 x 0.2 s + det_of_student < det_teacher + det_distilled (det prior)
     assert order[0] == "det_teacher", order
-
-
-def test_a_slot_is_held_for_a_longer_chain_waiting_only_for_a_conversion(tmp_path):
-    # the demo's moment when the classification teacher ends: its conversion is ready, the teacher
-    # detector waits only for that conversion, two student pretrainings (short chains) are ready
-    stages = [_stage(tmp_path, "convert", kind="convert"),
-              _stage(tmp_path, "det_teacher", after=["convert"], role="teacher"),
-              _stage(tmp_path, "det_distilled", after=["det_teacher"], role="student"),
-              _stage(tmp_path, "cls_a", stage="cls", role="student"),
-              _stage(tmp_path, "cls_b", stage="cls", role="student")]
-    stages[1].iters = stages[2].iters = 100
-    runner, order = _runner(stages, jobs=2), []
-    runner._submit = lambda stage, after=(): _Instant(stage, order)
-    runner.run()
-    # without the held slot both students start while the conversion runs
-    assert order.index("det_teacher") < order.index("cls_b"), order
 
 
 @pytest.mark.slow

@@ -73,16 +73,17 @@ def _slurm_state(job_id) -> str:
 
 
 def test_ci_pipeline_through_sbatch_with_dependencies(slurm, data_root, module_tmp_path):
-    # the CI plan's NST-into-NST detector and every stage it reads: both pretraining chains and
-    # the teacher detector, a diamond with two-job afterok lists (the whole CI plan runs
-    # locally in test_pipeline.py; here what matters is how the stages go through sbatch)
+    # the CI plan's NST-into-NST detector and every stage it reads: the classification teacher,
+    # the NST student it taught and the teacher detector built on it, a diamond with a two-job
+    # afterok list (the whole CI plan runs locally in test_pipeline.py; here what matters is how
+    # the stages go through sbatch)
     out, target = module_tmp_path / "pipeline", "det_nst_detnst_s0"
     cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
            "--output", str(out), "--cluster", "slurm", "--slurm-time", "30", "--stages", target]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     stages = select_stages(build_plan(str(out), TOY_SCALES["ci"], TOY_CONFIGS), [target])
-    assert len(stages) == 6 and max(len(s.after) for s in stages) == 2
+    assert len(stages) == 4 and max(len(s.after) for s in stages) == 2
     # the whole plan went in before anything finished, dependent stages with afterok
     submitted = [line for line in run.stdout.splitlines() if " submitted (job " in line]
     assert len(submitted) == len(stages)
@@ -250,12 +251,12 @@ def _failing(stage):
 
 def test_a_failing_stage_stops_its_dependents(slurm, module_tmp_path):
     root = module_tmp_path / "failing"
-    bad = Stage("bad", "convert", str(root / "bad"))
+    bad = Stage("bad", "calibrate", str(root / "bad"))
     child = Stage("child", "export", str(root / "child"), after=["bad"])
     grandchild = Stage("grandchild", "report", str(root / "grandchild"), after=["child"])
     other = Stage("other", "report", str(root / "other"))
     runner = PipelineRunner([bad, child, grandchild, other],
-                            {"convert": _failing, "export": _marker, "report": _marker},
+                            {"calibrate": _failing, "export": _marker, "report": _marker},
                             ClusterSettings(cluster="slurm", time_min={"other": 10}))
     with pytest.raises(RuntimeError) as err:
         runner.run()

@@ -43,7 +43,7 @@ from nst_det.pipeline.cluster import ClusterSettings  # noqa: E402
 from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  # noqa: E402
 from nst_det.pipeline.plan import TOY_PLANS, select_stages  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
-from nst_det.pipeline.steps import convert_stage, export_stage  # noqa: E402
+from nst_det.pipeline.steps import export_stage  # noqa: E402
 from nst_det.pipeline.weight_grid import (  # noqa: E402
     grid_configs_stage,
     select_weight_stage,
@@ -199,7 +199,6 @@ def main(argv=None):
             sys.exit(str(e))
     handlers = {
         "calibrate": calibrate_stage,
-        "convert": convert_stage,
         "export": lambda stage: export_stage(stage, stages),
         "report": lambda stage: write_report(stages, stage.out_dir),
     }

@@ -12,7 +12,7 @@ from .plan import Stage
 # prior seconds per iteration on a 2-core CPU, per stage kind, and fixed seconds per stage;
 # replaced by the stages' measured pace as the pipeline runs (for the ETA and the start order)
 PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
-PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "convert": 5.0, "export": 40.0,
+PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "export": 40.0,
                    "report": 30.0, "calibrate": 60.0}
 # of a training stage's fixed seconds, those after its last iteration (evaluation, saving)
 TRAIN_TAIL_SEC = PRIOR_SEC_FIXED["train"] / 2

@@ -22,8 +22,10 @@ class Stage:
     """One step of the pipeline.
 
     kind: "train" (tools/train_net-style training + evaluation), "evaluate" (evaluation only),
-    "convert" (classification -> detectron2 backbone weights), "export" (best student
-    detector) or "report".
+    "export" (best student detector) or "report".
+    d2_backbone: for a classification stage, {"src": its classifier weights, "dst": a file}: the
+    job converts src to detectron2 backbone weights at dst before it records the stage finished,
+    so that a detector stage reads them from the stage it waits for.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Stage:
     meta: dict = field(default_factory=dict)  # what the report needs to place the result
     iters: int = 0  # training iterations (for the ETA)
     after: list = field(default_factory=list)  # names of the stages whose outputs it reads
+    d2_backbone: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -183,8 +186,7 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
                              "MODEL.CLASSIFIER.WEIGHTS", teacher_ckpt],
                             meta={"role": "teacher", "stage": "cls"}))
     teacher_d2 = os.path.join(teacher_dir, "backbone_d2.pth")
-    stages.append(Stage("convert_cls_teacher", "convert", os.path.join(teacher_dir, "convert"),
-                        inputs={"src": teacher_ckpt, "dst": teacher_d2}, after=["cls_teacher"]))
+    stages[-1].d2_backbone = {"src": teacher_ckpt, "dst": teacher_d2}
 
     student_d2 = {}
     for seed in scale.seeds:
@@ -196,19 +198,17 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
             stage = train(name, config, opts, scale.cls_student_iters,
                           after=[] if method == "plain" else ["cls_teacher"],
                           role="student", stage="cls", method=method, seed=seed)
-            stages.append(stage)
             student_d2[method, seed] = os.path.join(stage.out_dir, "backbone_d2.pth")
-            stages.append(Stage(f"convert_{name}", "convert",
-                                os.path.join(stage.out_dir, "convert"), inputs={
-                                    "src": os.path.join(stage.out_dir, "model_final.pth"),
-                                    "dst": student_d2[method, seed]}, after=[name]))
+            stage.d2_backbone = {"src": os.path.join(stage.out_dir, "model_final.pth"),
+                                 "dst": student_d2[method, seed]}
+            stages.append(stage)
 
     extra = configs.det_extra_opts
     det_teacher = train("det_teacher", configs.det_teacher,
                         [*extra, *configs.det_teacher_opts,
                          *schedule(scale.det_teacher_iters, eval_twice=True),
                          "MODEL.WEIGHTS", teacher_d2, "SEED", "0"],
-                        scale.det_teacher_iters, after=["convert_cls_teacher"],
+                        scale.det_teacher_iters, after=["cls_teacher"],
                         role="teacher", stage="det")
     stages.append(det_teacher)
     # the distillation runs rebuild the teacher from the very config it was trained with
@@ -225,7 +225,7 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
                              "MODEL.TEACHER.WEIGHTS", teacher_weights,
                              "MODEL.TEACHER.EVAL_BEFORE_TRAIN", "False"]
                 config = configs.det_student_nst if det_nst else configs.det_student
-                after = [f"convert_cls_{method}_s{seed}", *(["det_teacher"] if det_nst else [])]
+                after = [f"cls_{method}_s{seed}", *(["det_teacher"] if det_nst else [])]
                 stages.append(train(name, config, opts, scale.det_student_iters, after=after,
                                     role="student", stage="det", method=method, seed=seed,
                                     det_nst=det_nst))

@@ -294,32 +294,15 @@ class PipelineRunner:
 
     def _start_ready(self, waiting: dict) -> None:
         """Local: submit the stages whose inputs are done, longest chain first, up to `jobs`
-        training stages at a time.
-
-        A training stage whose only missing inputs are short stages (conversion) about to run
-        or running keeps its place in that order: a job slot is held for it rather than given to
-        a stage of a shorter chain (the teacher detector waits only for the teacher's
-        conversion when the classification teacher ends; two student pretrainings taking both
-        slots in those seconds delayed it, and all that follows it, by ~2.5 minutes in the
-        demo).
-        """
+        training stages at a time."""
         memo = {}
-        short = {n for n, s in waiting.items() if s.kind not in HEAVY
-                 and set(s.after) <= self._finished}
-        short |= {n for n in self._started if self._by_name[n].kind not in HEAVY}
-
-        def soon(stage):  # inputs done, or only short stages that can run now are missing
-            return set(stage.after) - self._finished <= short
-
         slots = self.jobs - sum(self._by_name[n].kind in HEAVY for n in self._started)
-        for stage in sorted(filter(soon, waiting.values()),
-                            key=lambda s: -self.clock.critical_path(s, memo)):
+        ready = [s for s in waiting.values() if set(s.after) <= self._finished]
+        for stage in sorted(ready, key=lambda s: -self.clock.critical_path(s, memo)):
             if stage.kind in HEAVY:
                 if slots <= 0:
                     continue
-                slots -= 1  # taken now, or held until its short inputs have finished
-            if not set(stage.after) <= self._finished:
-                continue
+                slots -= 1
             left = self._left(waiting)
             job = self._submit(stage)
             del waiting[stage.name]

@@ -1,4 +1,5 @@
-"""The non-training stages of the pipeline: conversion, export of the best student, report."""
+"""What the pipeline does besides training: a classification stage's backbone conversion, the
+export of the best student, the report."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from .plan import Stage
 from .run import stage_result
 
 
-def convert_stage(stage: Stage) -> dict:
-    """Classification checkpoint -> detectron2 backbone weights (classifier head dropped)."""
-    state, _ = read_classifier_file(stage.inputs["src"], "student checkpoint")
-    family = detect_family(state)
-    converted, skipped = convert_student(state, family)
-    save_d2_weights(converted, stage.inputs["dst"])
-    return {"converted": len(converted), "not_converted": sorted(skipped)}
+def write_d2_backbone(src: str, dst: str) -> dict:
+    """Classification weights file `src` -> detectron2 backbone weights at `dst` (classifier head
+    dropped, written atomically); returns what was converted (the stage record keeps it)."""
+    state, _ = read_classifier_file(src, "classifier weights")
+    converted, skipped = convert_student(state, detect_family(state))
+    save_d2_weights(converted, dst)
+    return {"file": dst, "converted": len(converted), "not_converted": sorted(skipped)}
 
 
 def best_student(stages: list) -> Stage:

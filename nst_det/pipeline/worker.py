@@ -1,6 +1,6 @@
 """What runs inside one stage's submitit job: `StageJob`, on a workstation or a SLURM node.
 
-A job trains + evaluates (or only evaluates, converts, exports, reports) one stage and, on its
+A job trains + evaluates (or only evaluates, exports, reports) one stage and, on its
 global rank 0, writes the stage's `stage.json` atomically at its end: the file that marks the
 stage finished. Multi-task jobs (one task per GPU, possibly on several nodes) set up
 detectron2's distributed state from submitit's JobEnvironment, so nothing is spawned inside a
@@ -243,7 +243,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     Args:
         stage: the stage (plain data from the plan).
-        handler: function(stage) -> metrics (convert, export, report); None for training and
+        handler: function(stage) -> metrics (export, report, ...); None for training and
             evaluation stages, which run `train_stage` / `evaluate_stage`.
         inputs: the stages it reads (`stage.after`); their run ids go into stage.json, so
             that the runner redoes this stage when one of them has run again since.
@@ -277,6 +277,10 @@ class StageJob(submitit.helpers.Checkpointable):
                       "seconds": time.perf_counter() - start, "meta": stage.meta,
                       "metrics": metrics, "job_id": env.job_id, "run_id": uuid.uuid4().hex,
                       "inputs": runs_of(self.inputs)}
+            if stage.d2_backbone:  # before stage.json: a stage recorded done has its backbone
+                from .steps import write_d2_backbone
+
+                record["d2_backbone"] = write_d2_backbone(**stage.d2_backbone)
             with atomic_write(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
                 json.dump(record, f, indent=2)
         return metrics

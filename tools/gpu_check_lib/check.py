@@ -29,7 +29,7 @@ PARTS = [
     Part("export", P + "export", 60, 120, needs=("train_net",),
          what="TorchScript and ONNX of the trained student, verified against eager"),
     Part("pipeline", P + "pipeline", 200, 300, needs=("environment",),
-         what="tools/run_pipeline.py's CI-scale toy plan on the device (17 stages; --tiny: 4)"),
+         what="tools/run_pipeline.py's CI-scale toy plan on the device (13 stages; --tiny: 3)"),
     Part("upstream_ops", P + "upstream_ops", 240, 300, needs=("environment",), optional=True,
          what="upstream detectron2 built with its compiled (CUDA) ops, one op called"),
 ]

@@ -23,8 +23,8 @@ Q = Path("configs") / "quick_schedules"
 TINY_DATA = ["DATASETS.TRAIN", "('toy_voc_tiny_trainval',)",
              "DATASETS.TEST", "('toy_voc_tiny_test',)", "DATALOADER.NUM_WORKERS", "0"]
 # the CI plan's stages kept in --tiny mode: one student through pretraining, conversion,
-# detection and export (the full CI plan has 17 stages, minutes on a shared 2-core CPU)
-TINY_PIPELINE = ("cls_plain_s0", "convert_cls_plain_s0", "det_plain_s0", "export")
+# detection and export (the full CI plan has 13 stages, minutes on a shared 2-core CPU)
+TINY_PIPELINE = ("cls_plain_s0", "det_plain_s0", "export")
 EXPORT_SCORE_THRESH = 0.01
 
 
@@ -188,7 +188,7 @@ def _print_tracebacks(folder: Path, lines: int = 40) -> None:
 
 
 def pipeline(ctx) -> dict:
-    """tools/run_pipeline.py's CI-scale toy plan (classification, conversion, teacher and
+    """tools/run_pipeline.py's CI-scale toy plan (classification, teacher and
     student detectors without and with NST, export verified, report), trained on ctx's device;
     --tiny keeps one student's chain (TINY_PIPELINE)."""
     from dataclasses import replace
@@ -196,7 +196,7 @@ def pipeline(ctx) -> dict:
     from nst_det.pipeline import TOY_SCALES, PipelineRunner, build_plan, stage_result
     from nst_det.pipeline.plan import TOY_PLANS
     from nst_det.pipeline.report import write_report
-    from nst_det.pipeline.steps import convert_stage, export_stage
+    from nst_det.pipeline.steps import export_stage
 
     rp = _load_script(_repo(ctx) / "tools" / "run_pipeline.py", "run_pipeline")
     out = _fresh(Path(ctx["work_dir"]) / "pipeline")
@@ -215,8 +215,7 @@ def pipeline(ctx) -> dict:
         settings = replace(settings, gpus={"default": 1})
         note = ("tools/run_pipeline.py gives local stages no GPU at --num-gpus 1 (submitit: "
                 "CUDA_VISIBLE_DEVICES=''); this run gave each stage GPU 0")
-    handlers = {"convert": convert_stage,
-                "export": lambda stage: export_stage(stage, stages),
+    handlers = {"export": lambda stage: export_stage(stage, stages),
                 "report": lambda stage: write_report(stages, stage.out_dir)}
     start = time.perf_counter()
     try:
