@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -233,7 +234,12 @@ def test_preempted_stage_is_requeued_and_resumes(slurm, data_root, module_tmp_pa
         skip_delay.join()
     assert _job_id(stage) == job_id
     folder = Path(stage.out_dir)
-    assert "Requeued" in "".join(p.read_text() for p in (folder / "submitit").glob("*_log.*"))
+    # SLURM's own count of the job's restarts: submitit's "Requeued" log line was missing in one
+    # of five fresh-clone runs (cause not found; perhaps the requeued run reopens the log file
+    # truncated), while the restart count is the controller's record of the requeue itself
+    job = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True,
+                         text=True, check=True).stdout
+    assert re.search(r"\bRestarts=[1-9]", job), job
     assert json.loads((folder / "progress.json").read_text())["start_iter"] >= 4
     _assert_same_weights(folder, reference_weights)
 
