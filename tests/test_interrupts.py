@@ -228,10 +228,9 @@ def test_export_stopped_at_each_write_leaves_a_verified_export_or_none(tmp_path)
     subprocess.run(cmd(0), cwd=REPO, env=env, capture_output=True, check=True, timeout=900)
     assert _export_set_is_whole_or_absent(out) == "whole"
     first = exported_sha()
-    # stopped while staging: the previous export stays whole and unchanged
+    # stopped while staging (at its first and its last write; every staged file is written by
+    # the same atomic_write): the previous export stays whole and unchanged
     for trial, (event, sig) in enumerate([("write:model_final.pth", "INT"),
-                                          ("write:config.yaml", "TERM"),
-                                          ("write:export_info.json", "INT"),
                                           ("write:verification.json", "TERM")], start=1):
         run = _stopped(event, sig, cmd(trial), env)
         assert _temps(out) == [], (event, sig, run.stderr[-2000:])

@@ -46,94 +46,96 @@ def _assert_same_weights(a, b):
         assert torch.equal(wa[key], wb[key]), key
 
 
+ARGS = ["--max-iter", "6", "--test"]  # checkpoints after iterations 2 and 5, then model_final
+
+
 @pytest.fixture(scope="module")
-def reference_run(module_tmp_path):
-    """An uninterrupted 8-iteration run (checkpoints after iterations 2 and 5)."""
-    root = module_tmp_path
-    _train(root / "full", root / "data")
-    return root
+def reference(module_tmp_path):
+    """task -> a folder with `full`: an uninterrupted 6-iteration run and its final evaluation
+    (each task's run made once for the module), and `data`."""
+    made = {}
+
+    def get(task):
+        if task not in made:
+            made[task] = module_tmp_path / task
+            _train(made[task] / "full", made[task] / "data", "--task", task, *ARGS)
+        return made[task]
+    return get
 
 
-def test_killed_run_resumes_to_identical_weights_and_losses(reference_run):
-    root = reference_run
+def _assert_ends_as_uninterrupted(run, full):
+    assert _losses(run) == _losses(full)
+    _assert_same_weights(run / "model_final.pth", full / "model_final.pth")
+    assert (run / "last_checkpoint").read_text() == "model_final.pth"
+    assert json.loads((run / "results.json").read_text()) == \
+        json.loads((full / "results.json").read_text())
+
+
+@pytest.mark.parametrize("task", ["det", "cls"])
+def test_killed_run_resumes_to_identical_weights_and_losses(reference, task):
+    """Both trainers share the resumable data stream and RNG checkpointing."""
+    root = reference(task)
     killed = root / "killed"
-    _train(killed, root / "data", "--kill-at", "5", expect_kill=True)
+    _train(killed, root / "data", "--task", task, *ARGS, "--kill-at", "2", expect_kill=True)
     assert not (killed / "model_final.pth").exists()
-    assert (killed / "last_checkpoint").read_text() == "model_0000005.pth"
-    shutil.copytree(killed, root / "killed_copy")  # for the corrupt-checkpoint test
+    assert (killed / "last_checkpoint").read_text() == "model_0000002.pth"
     # resume with a data-loader worker this time: the stream must not depend on workers
-    _train(killed, root / "data", "--resume", "--num-workers", "1")
-    assert _losses(killed) == _losses(root / "full")
-    assert _iterations(killed) == list(range(8))  # resumed at 6: each iteration ran once
-    _assert_same_weights(killed / "model_final.pth", root / "full" / "model_final.pth")
+    _train(killed, root / "data", "--task", task, *ARGS, "--resume", "--num-workers", "1")
+    assert all("total_loss" in row for row in _losses(root / "full").values())
+    assert _iterations(killed) == list(range(6))  # resumed at 3: each iteration ran once
+    _assert_ends_as_uninterrupted(killed, root / "full")
     shutil.rmtree(killed)  # ~0.3 GB of checkpoints; CI's disk is shared by every test
 
 
-def test_kill_during_checkpoint_save_keeps_previous_checkpoint(reference_run):
-    root = reference_run
+def test_kill_during_checkpoint_save_keeps_previous_checkpoint(reference):
+    root = reference("det")
     run = root / "killed_in_save"
-    _train(run, root / "data", "--kill-during-save-at", "5", expect_kill=True)
+    _train(run, root / "data", *ARGS, "--kill-during-save-at", "5", expect_kill=True)
     assert not (run / "model_0000005.pth").exists()  # the half-written file never got its name
     assert (run / "last_checkpoint").read_text() == "model_0000002.pth"
     torch.load(run / "model_0000002.pth", weights_only=True)  # still loadable
-    _train(run, root / "data", "--resume")
+    _train(run, root / "data", *ARGS, "--resume")
     # killed in 5's save; resumed after 2
-    assert _iterations(run) == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]
-    assert _losses(run) == _losses(root / "full")
-    _assert_same_weights(run / "model_final.pth", root / "full" / "model_final.pth")
+    assert _iterations(run) == [0, 1, 2, 3, 4, 3, 4, 5]
+    _assert_ends_as_uninterrupted(run, root / "full")
     shutil.rmtree(run)
-
-
-def test_truncated_checkpoint_is_skipped_with_warning(reference_run):
-    root = reference_run
-    run = root / "killed_copy"
-    ckpt = run / "model_0000005.pth"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a disk that filled up mid-write
-    log = _train(run, root / "data", "--resume")
-    assert "Skipping checkpoint on resume" in log and "model_0000005.pth" in log
-    # it fell back to iteration 2 and still ends where the uninterrupted run ended
-    _assert_same_weights(run / "model_final.pth", root / "full" / "model_final.pth")
-    shutil.rmtree(run)
-
-
-def test_classification_killed_run_resumes_exactly(tmp_path):
-    """The classification trainer shares the resumable stream and RNG checkpointing."""
-    data = tmp_path / "cls_data"
-    _train(tmp_path / "full", data, "--task", "cls")
-    _train(tmp_path / "killed", data, "--task", "cls", "--kill-at", "5", expect_kill=True)
-    _train(tmp_path / "killed", data, "--task", "cls", "--resume", "--num-workers", "1")
-    assert _iterations(tmp_path / "killed") == list(range(8))  # resumed at 6
-    assert all("total_loss" in row for row in _losses(tmp_path / "full").values())
-    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
-    _assert_same_weights(tmp_path / "killed" / "model_final.pth",
-                         tmp_path / "full" / "model_final.pth")
 
 
 # ---- the windows between the writes at the end of training -----------------------------------
 # detectron2's PeriodicCheckpointer saves model_<max_iter-1> and then model_final; the final
 # evaluation follows. A run killed in either gap must, resumed, end as an uninterrupted run does.
 
-@pytest.fixture(scope="module", params=["det", "cls"])
-def six_iteration_run(request, module_tmp_path):
-    """An uninterrupted 6-iteration run with its final evaluation (saves after 2, 5, final)."""
-    root = module_tmp_path / request.param
-    _train(root / "full", root / "data", "--task", request.param, "--max-iter", "6", "--test")
-    return request.param, root
+WINDOWS = {"after_last_periodic_save": ("--kill-before-save", "model_final"),
+           "after_final_save": ("--kill-after-save", "model_final")}
 
 
-@pytest.mark.parametrize("window", [("--kill-before-save", "model_final"),
-                                    ("--kill-after-save", "model_final")],
-                         ids=["after_last_periodic_save", "after_final_save"])
-def test_run_killed_at_the_end_resumes_to_final_checkpoint_and_evaluation(six_iteration_run,
-                                                                          window):
-    task, root = six_iteration_run
-    run = root / f"killed{window[0]}"
-    args = ["--task", task, "--max-iter", "6", "--test"]
-    _train(run, root / "data", *args, *window, expect_kill=True)
+@pytest.fixture(scope="module")
+def killed_at_the_end(reference):
+    """(task, window) -> a run killed in that window (made once; tests resume copies of it)."""
+    made = {}
+
+    def get(task, window):
+        if (task, window) not in made:
+            root = reference(task)
+            made[task, window] = run = root / f"killed_{window}"
+            _train(run, root / "data", "--task", task, *ARGS, *WINDOWS[window],
+                   expect_kill=True)
+        return made[task, window]
+    return get
+
+
+@pytest.mark.parametrize("window", list(WINDOWS))
+@pytest.mark.parametrize("task", ["det", "cls"])
+def test_run_killed_at_the_end_resumes_to_final_checkpoint_and_evaluation(
+        reference, killed_at_the_end, task, window):
+    root = reference(task)
+    run = root / f"resumed_{window}"
+    shutil.copytree(killed_at_the_end(task, window), run)
     assert not (run / "results.json").exists()
-    expected_tag = "model_0000005.pth" if window[0] == "--kill-before-save" else "model_final.pth"
+    expected_tag = "model_0000005.pth" if window == "after_last_periodic_save" else \
+        "model_final.pth"
     assert (run / "last_checkpoint").read_text() == expected_tag
-    _train(run, root / "data", *args, "--resume")
+    _train(run, root / "data", "--task", task, *ARGS, "--resume")
     # iteration 5's loss row is written after its checkpoint saves (hook order), so the killed run
     # recorded 0-4; a resumed run that trained anything would add rows
     assert _iterations(run) == list(range(5))
@@ -141,4 +143,18 @@ def test_run_killed_at_the_end_resumes_to_final_checkpoint_and_evaluation(six_it
     assert (run / "last_checkpoint").read_text() == "model_final.pth"
     assert json.loads((run / "results.json").read_text()) == \
         json.loads((root / "full" / "results.json").read_text())
+    shutil.rmtree(run)
+
+
+def test_truncated_checkpoint_is_skipped_with_warning(reference, killed_at_the_end):
+    root = reference("det")
+    run = root / "truncated"
+    shutil.copytree(killed_at_the_end("det", "after_last_periodic_save"), run)
+    ckpt = run / "model_0000005.pth"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a disk that filled up mid-write
+    log = _train(run, root / "data", *ARGS, "--resume")
+    assert "Skipping checkpoint on resume" in log and "model_0000005.pth" in log
+    # it fell back to iteration 2 and still ends where the uninterrupted run ended
+    assert _iterations(run) == [0, 1, 2, 3, 4, 3, 4, 5]
+    _assert_ends_as_uninterrupted(run, root / "full")
     shutil.rmtree(run)
