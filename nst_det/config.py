@@ -214,11 +214,12 @@ def check_config_files(config_file: str) -> None:
         path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
 
 
-def load_config(config_file: str, opts=()) -> CN:
-    """get_cfg() + add_nst_config + the file + `opts` (KEY VALUE ...), with errors that name them.
+def load_config(config_file: str, opts=(), *, opts_name: str = "command-line overrides") -> CN:
+    """get_cfg() + add_nst_config + the file + `opts` (KEY VALUE ...), with errors that name them:
+    the one loader of student, teacher (opts_name "MODEL.TEACHER.OPTS") and saved configs.
 
     yacs reports an unknown key as a bare KeyError or AssertionError; here the message also names
-    the file (or the command line) and the usual causes.
+    the file (or `opts_name`) and the usual causes.
     """
     from detectron2.config import get_cfg
 
@@ -226,13 +227,13 @@ def load_config(config_file: str, opts=()) -> CN:
     opts = list(opts)
     if len(opts) % 2:  # yacs' own message would be reported as a misspelt key below
         raise ValueError(
-            f"command-line overrides: {len(opts)} items, but they come as KEY VALUE pairs: the "
+            f"{opts_name}: {len(opts)} items, but they come as KEY VALUE pairs: the "
             f"last key, {opts[-1]!r}, has no value (or a value is missing before it). Give each "
             "KEY its VALUE, e.g. MODEL.NST.LOSS_WEIGHT 25")
     cfg = get_cfg()
     add_nst_config(cfg)
     for source, merge in ((f"config file {config_file}", lambda: cfg.merge_from_file(config_file)),
-                          ("command-line overrides", lambda: cfg.merge_from_list(opts))):
+                          (opts_name, lambda: cfg.merge_from_list(opts))):
         try:
             merge()
         except (KeyError, AssertionError) as e:

@@ -11,9 +11,9 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from nst_det import add_nst_config
-from nst_det.checkpoint import convert_student, save_d2_weights
 from nst_det.engine.checkpointer import unfilled_keys
 from nst_det.modeling.classification import build_classifier
+from nst_det.modeling.convert import convert_student, save_d2_weights
 
 REPO = Path(__file__).resolve().parents[1]
 

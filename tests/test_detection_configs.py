@@ -80,3 +80,16 @@ def test_detection_config_builds(path):
         teacher.backbone.output_shape(),
     )
     assert pairs
+
+
+def test_a_misspelt_teacher_override_names_the_teacher_opts_and_file():
+    from nst_det.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", "quick_schedules",
+                                   "faster_rcnn_R_18_FPN_toy_nst.yaml"))
+    cfg.MODEL.TEACHER.OPTS = ["MODEL.RESNETS.DEPTHH", "50"]
+    with pytest.raises(KeyError, match=r"MODEL\.TEACHER\.OPTS: .*DEPTHH"):
+        build_teacher_cfg(cfg)
+    cfg.MODEL.TEACHER.OPTS = ["MODEL.RESNETS.DEPTH"]
+    with pytest.raises(ValueError, match=r"MODEL\.TEACHER\.OPTS: 1 items"):
+        build_teacher_cfg(cfg)

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from nst_det.pipeline.forest import ForestRow, forest_plot
-from nst_det.pipeline.paired import format_interval, paired_difference, t_quantile, verdict
+from nst_det.pipeline.paired import (
+    format_interval,
+    mean_sd,
+    paired_difference,
+    t_quantile,
+    verdict,
+)
 from nst_det.pipeline.plan import Stage
 from nst_det.pipeline.report_methods import methods_section
 
@@ -147,3 +153,9 @@ def test_forest_plot_is_written_without_touching_pyplot(tmp_path):
     forest_plot(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
     assert plt.get_fignums() == before  # drawn on its own Agg canvas, no pyplot figure left
+
+
+def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_values():
+    # 1, 2, 6: mean 3, sample variance ((-2)^2 + (-1)^2 + 3^2) / 2 = 7
+    assert mean_sd([1.0, 2.0, None, 6.0, float("nan")]) == f"3.0 ± {7 ** 0.5:.1f}"
+    assert mean_sd([4.25]) == "4.2" and mean_sd([None]) == mean_sd([]) == "n/a"

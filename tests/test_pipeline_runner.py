@@ -23,7 +23,7 @@ import pytest
 from nst_det.pipeline.cluster import ClusterSettings
 from nst_det.pipeline.plan import Stage
 from nst_det.pipeline.run import STAGE_FILE, PipelineRunner
-from nst_det.pipeline.worker import sweep_temp_files
+from nst_det.utils.atomic import remove_stale_temps
 
 REPO = Path(__file__).resolve().parents[1]
 # the stand-in stage functions below travel into the jobs by value (this module is not
@@ -192,6 +192,13 @@ def test_stages_waiting_for_unknown_stages_are_refused(tmp_path):
         _runner([_stage(tmp_path, "x", after=["missing"])])
 
 
+def test_stages_waiting_for_each_other_are_refused_before_any_job(tmp_path):
+    a, b = _stage(tmp_path, "a", after=["b"]), _stage(tmp_path, "b", after=["a"])
+    with pytest.raises(RuntimeError, match=r"wait for each other: \['(a|b)', '(a|b)', '\1'\]"):
+        _runner([a, b, _stage(tmp_path, "c")]).run()
+    assert not (tmp_path / "stages" / "c").exists()  # nothing was started
+
+
 class _Instant:
     """A job that has ended at once with its stage finished (for the runner's order alone)."""
 
@@ -255,8 +262,10 @@ def test_sweep_removes_only_temporaries_and_spares_other_stages(tmp_path):
         path.parent.mkdir(exist_ok=True)
         path.write_text("x")
     (tmp_path / ".export.abc.tmp").mkdir()
-    removed = sweep_temp_files(str(tmp_path), [str(tmp_path / "other")])
-    assert sorted(removed) == sorted(map(str, [*leftovers, tmp_path / ".export.abc.tmp"]))
+    assert remove_stale_temps(tmp_path, below=True) == []  # no dead writer of this host named
+    removed = remove_stale_temps(tmp_path, below=True, exclude=[tmp_path / "other"],
+                                 any_writer=True)
+    assert sorted(removed) == sorted([*leftovers, tmp_path / ".export.abc.tmp"])
     assert all(p.exists() for p in keep) and not any(p.exists() for p in leftovers)
 
 

@@ -13,9 +13,9 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 
 from nst_det import add_nst_config
-from nst_det.checkpoint import convert_student, detect_family
 from nst_det.modeling.backbone import TorchvisionBackbone
 from nst_det.modeling.classification import ClassificationDistiller, build_classifier
+from nst_det.modeling.convert import convert_student, detect_family
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -217,7 +217,7 @@ def test_zoo_pkl_by_url_initialises_backbone_strictly(server, cache, tmp_path, m
 def test_torchvision_resnet_url_as_detector_weights(server, cache, tmp_path):
     """MODEL.WEIGHTS = torchvision's published ResNet file: converted once to detectron2 names
     (cached beside the download) and loaded strictly into the student's bottom-up network."""
-    from nst_det.checkpoint import convert_student
+    from nst_det.modeling.convert import convert_student
 
     torch.manual_seed(2)
     classifier = build_classifier("resnet18", 1000)

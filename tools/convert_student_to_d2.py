@@ -11,8 +11,7 @@ nst_det Inception-BN). The output loads into detectron2's R-18/34/50/101 C4 and 
 
 import argparse
 
-from nst_det.checkpoint import convert_student, detect_family, save_d2_weights
-from nst_det.modeling.classification.weights import read_classifier_file
+from nst_det.modeling.convert import classifier_file_to_d2
 
 
 def main():
@@ -27,16 +26,13 @@ def main():
                         "check the weights strictly against its backbone")
     args = parser.parse_args()
 
-    state, not_student = read_classifier_file(args.input, "student checkpoint")
-    family = args.family or detect_family(state)
-    converted, skipped = convert_student(state, family, args.arch)
-    skipped.update({k: "not part of the student (distiller-only module)" for k in not_student})
-    save_d2_weights(converted, args.output)
-    print(f"{args.input} ({family}): converted {len(converted)} tensors -> {args.output}")
-    print(f"not converted ({len(skipped)}):")
-    for key, reason in sorted(skipped.items()):
+    done = classifier_file_to_d2(args.input, args.output, args.family, args.arch,
+                                 what="student checkpoint")
+    print(f"{args.input} ({done['family']}): converted {done['converted']} tensors -> "
+          f"{args.output}")
+    print(f"not converted ({len(done['not_converted'])}):")
+    for key, reason in done["not_converted"].items():
         print(f"  {key}: {reason}")
-
 
 if __name__ == "__main__":
     main()

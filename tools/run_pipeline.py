@@ -19,7 +19,6 @@ keys, e.g. `{partition: learnfair, time: {cls: 4320, det: 720}, gpus: 8, sbatch:
 """
 
 import os
-import signal
 import sys
 import warnings
 from dataclasses import replace
@@ -49,6 +48,7 @@ from nst_det.pipeline.weight_grid import (  # noqa: E402
     select_weight_stage,
     train_with_minival,
 )
+from nst_det.utils.atomic import exit_on_sigterm  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -182,8 +182,7 @@ def amp_opts(choice: str, paper: bool) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    # a plain `kill` becomes SystemExit, so the runner stops the stage processes it started
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    exit_on_sigterm()  # a plain `kill` unwinds, so the runner stops the stage jobs it started
     scale = TOY_SCALES[args.scale or ("paper" if args.paper else "demo")]
     if args.seeds:
         scale = replace(scale, seeds=tuple(int(s) for s in args.seeds.split(",")))

@@ -11,16 +11,13 @@ detectron2's CLI and launch semantics, e.g.
 The trainer class is the config's `NST_DET.TRAINER` (a name in nst_det.engine.TRAINER_REGISTRY).
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from nst_det.checkpoint.remote import resolve_weights
-from nst_det.checkpoint.weights_file import check_weights_file
 from nst_det.config import load_config
 from nst_det.data.from_config import register_datasets_from_config
-from nst_det.engine import TRAINER_REGISTRY
+from nst_det.engine.train_or_evaluate import train_or_evaluate
 from nst_det.utils.atomic import exit_on_sigterm
 from nst_det.utils.dist import release_process_group
 
@@ -40,20 +37,7 @@ def setup(args):
 
 
 def main(args):
-    cfg = setup(args)
-    trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
-    if args.eval_only:
-        weights = resolve_weights(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
-        if not args.resume:  # one clear error for a missing, truncated or wrong-format file
-            check_weights_file(weights, "MODEL.WEIGHTS", allow_pickle=weights.endswith(".pkl"))
-        model = trainer_cls.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            weights, resume=args.resume
-        )
-        return trainer_cls.test(cfg, model)
-    trainer = trainer_cls(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return train_or_evaluate(setup(args), eval_only=args.eval_only, resume=args.resume)
 
 
 def argument_parser():

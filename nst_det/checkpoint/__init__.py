@@ -1,5 +1,3 @@
-"""Checkpoint conversion: classification students -> detectron2 backbone weights."""
-
-from .convert import convert_student, detect_family, save_d2_weights
-
-__all__ = ["convert_student", "detect_family", "save_d2_weights"]
+"""Weights files below the models: reading and checking them (weights_file), downloads and their
+cache (remote). Conversion to detectron2 names lives beside the backbones: nst_det.modeling.convert.
+"""

@@ -40,8 +40,7 @@ from filelock import FileLock
 
 from ..utils.atomic import atomic_write
 
-__all__ = ["WeightsDownloadError", "cache_dir", "cached_path", "is_url",
-           "resolve_detection_weights", "resolve_weights"]
+__all__ = ["WeightsDownloadError", "cache_dir", "cached_path", "is_url", "resolve_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,31 +159,3 @@ def resolve_weights(path: str, key: str = "weights") -> str:
                     os.removedirs(os.path.dirname(dest))
                 raise
     return dest
-
-
-def resolve_detection_weights(path: str, key: str = "MODEL.WEIGHTS") -> str:
-    """`resolve_weights`, and a downloaded torchvision ResNet classifier (e.g. torchvision's
-    `resnet18-f37072fd.pth`) converted once into detectron2 backbone weights.
-
-    The conversion (nst_det.checkpoint.convert, the tables of tools/convert_student_to_d2.py) is
-    cached beside the download as `<name>.d2.pth`, written atomically. Local files and other
-    downloads are returned as they are: a local classifier is converted with the tool.
-    """
-    local = resolve_weights(path, key)
-    if local == path or not str(path).startswith(("https://", "http://")) \
-            or not local.endswith(".pth"):
-        return local
-    converted = local[: -len(".pth")] + ".d2.pth"
-    if os.path.isfile(converted):
-        return converted
-    from .weights_file import load_weights_file
-
-    state = load_weights_file(local, key)  # one clear error for a damaged or foreign file
-    if not (isinstance(state, dict) and "layer1.0.conv1.weight" in state):
-        return local  # not a torchvision ResNet classifier: a detectron2 checkpoint, say
-    from .convert import convert_student, save_d2_weights
-
-    weights, _ = convert_student(state, "resnet")
-    save_d2_weights(weights, converted)
-    logger.info(f"{key}={path}: torchvision ResNet converted to detectron2 names -> {converted}")
-    return converted

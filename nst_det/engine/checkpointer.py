@@ -33,8 +33,8 @@ from typing import Any, Iterator
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..checkpoint.remote import resolve_detection_weights
 from ..checkpoint.weights_file import WeightsFileError, check_weights_file
+from ..modeling.convert import resolve_detection_weights
 from ..utils.atomic import atomic_link, atomic_write
 
 

@@ -20,7 +20,7 @@ from typing import Dict, Mapping
 import detectron2
 import numpy as np
 import torch
-from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
+from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
@@ -28,7 +28,7 @@ from torch import nn
 
 from ..checkpoint.remote import resolve_weights
 from ..checkpoint.weights_file import load_weights_file
-from ..config import add_nst_config
+from ..config import load_config
 from ..distill.core import freeze
 
 __all__ = [
@@ -123,10 +123,7 @@ def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
     if is_lazy_config(path):
         raise ValueError(f"teacher config {path} is a LazyConfig (.py) file, not a yacs config: "
                          "see build_lazy_teacher_cfg (build_teacher handles both)")
-    tcfg = get_cfg()
-    add_nst_config(tcfg)
-    tcfg.merge_from_file(path)
-    tcfg.merge_from_list(list(cfg.MODEL.TEACHER.OPTS))
+    tcfg = load_config(path, cfg.MODEL.TEACHER.OPTS, opts_name="MODEL.TEACHER.OPTS")
     if tcfg.MODEL.TEACHER.CONFIG_FILE:
         raise ValueError(
             f"teacher config {path} itself has a teacher (MODEL.TEACHER.CONFIG_FILE="

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import submitit
 
+from ..utils.process import process_running
+
 __all__ = ["ClusterSettings", "SLURM_ACTIVE", "squeue", "local_job_alive", "stage_executor"]
 
 # squeue states of a job that has not ended -> the pipeline's words for them
@@ -99,12 +101,4 @@ def squeue(job_ids) -> dict:
 
 def local_job_alive(job_id: str) -> bool:
     """Whether a local submitit job (its id is its controller's pid) is still running."""
-    try:
-        os.kill(int(job_id), 0)
-    except (OSError, ValueError):
-        return False
-    try:  # the pid may have been reused by another program
-        with open(f"/proc/{int(job_id)}/cmdline", "rb") as f:
-            return b"submitit" in f.read()
-    except OSError:
-        return False
+    return process_running(job_id, named=b"submitit")  # not another program that got the pid

@@ -17,7 +17,7 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 
-__all__ = ["Paired", "paired_difference", "t_quantile", "verdict", "format_interval"]
+__all__ = ["Paired", "paired_difference", "t_quantile", "verdict", "format_interval", "mean_sd"]
 
 LEVEL = 0.95
 
@@ -90,3 +90,13 @@ def format_interval(p: Paired) -> str:
     if p.low is None:
         return f"{p.mean:+.1f}"
     return f"{p.mean:+.1f} [{p.low:+.1f}, {p.high:+.1f}]"
+
+
+def mean_sd(values: list) -> str:
+    """"mean ± sample standard deviation" of the finite values (one value: itself; none: n/a)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"

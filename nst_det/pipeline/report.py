@@ -36,6 +36,7 @@ from .describe import (
     stage_config,
     training_precision,
 )
+from .paired import mean_sd
 from .plan import STUDENT_METHODS, Stage
 from .report_methods import methods_section
 from .run import stage_result
@@ -65,15 +66,6 @@ def _metrics_rows(run_dir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def _mean_std(values: list) -> str:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _load_detector(stage: Stage):
@@ -177,8 +169,8 @@ class Report:
                 values = {k: [bbox[s.name][k] for s in runs] for k in self.metrics}
                 name = f"{label} → {'NST' if det_nst else 'fine-tune'}"
                 numbers[name] = {"top1": top1, **values}
-                rows.append(f"| {self.student_name(method)} {name} | {_mean_std(top1)} | "
-                            + " | ".join(_mean_std(values[k]) for k in self.metrics) + " |"
+                rows.append(f"| {self.student_name(method)} {name} | {mean_sd(top1)} | "
+                            + " | ".join(mean_sd(values[k]) for k in self.metrics) + " |"
                             + extra("student"))
         return header + "\n".join(rows) + "\n", numbers
 

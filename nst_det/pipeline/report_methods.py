@@ -17,21 +17,13 @@ import os
 import statistics
 
 from .forest import ForestRow, forest_plot
-from .paired import format_interval, paired_difference
+from .paired import format_interval, mean_sd, paired_difference
 from .run import stage_result
 from .weight_grid import factor_label
 
 __all__ = ["methods_section", "method_numbers"]
 
 COCO_EXTRA = ("AP75", "APs", "APm", "APl")
-
-
-def _mean_sd(values: list) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _step_seconds(out_dir: str) -> list:
@@ -183,7 +175,7 @@ def methods_section(stages: list, out_dir: str, fig_dir: str = "figures") -> tup
         share = (f"{100 * loss_ms / step_ms:.1f}% of {step_ms:.0f} ms"
                  if loss_ms is not None and step_ms else "—")
         cells = [_label(name, n), _weights(n) or "—", ",".join(map(str, n["seeds"])),
-                 *[_mean_sd(n.get(m, [])) for m in metrics], *compared, cost, share]
+                 *[mean_sd(n.get(m, [])) for m in metrics], *compared, cost, share]
         rows.append("| " + " | ".join(cells) + " |")
         if name != "plain":
             p = n["paired"]["AP50"]

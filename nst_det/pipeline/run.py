@@ -18,6 +18,7 @@ of either cluster come from `cluster.py`, duration estimates and the ETA from `e
 
 from __future__ import annotations
 
+import graphlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 
-from ..utils.atomic import atomic_write
+from ..utils.atomic import atomic_write, remove_stale_temps
 from .cluster import SLURM_ACTIVE, ClusterSettings, local_job_alive, squeue, stage_executor
 from .eta import HEAVY, TRAIN_TAIL_SEC, PlanClock
 from .plan import Stage
@@ -37,7 +38,6 @@ from .worker import (
     StageJob,
     stage_paths,
     stage_result,
-    sweep_temp_files,
 )
 
 __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
@@ -224,16 +224,13 @@ class PipelineRunner:
                   f"{', after ' + ','.join(after) if after else ''})", flush=True)
 
     def _in_dependency_order(self, stages: list) -> list:
-        names, ordered, placed = {s.name for s in stages}, [], set()
-        while len(ordered) < len(stages):
-            ready = [s for s in stages if s.name not in placed
-                     and all(d in placed or d not in names for d in s.after)]
-            if not ready:
-                raise RuntimeError("the plan's stages wait for each other: "
-                                   f"{[(s.name, s.after) for s in stages if s.name not in placed]}")
-            ordered += ready
-            placed |= {s.name for s in ready}
-        return ordered
+        """`stages` with each after the ones of them it reads (graphlib); a cycle is refused."""
+        names = {s.name for s in stages}
+        graph = {s.name: [d for d in s.after if d in names] for s in stages}
+        try:
+            return [self._by_name[n] for n in graphlib.TopologicalSorter(graph).static_order()]
+        except graphlib.CycleError as e:
+            raise RuntimeError(f"the plan's stages wait for each other: {e.args[1]}") from None
 
     def _follow(self, pending: list) -> list:
         """Start (locally) and watch the stages until none is left; returns failure messages."""
@@ -390,8 +387,8 @@ class PipelineRunner:
             while time.time() < deadline and not all(j.done() for j, _ in started.values()):
                 time.sleep(0.1)
         for name in started:
-            sweep_temp_files(self._by_name[name].out_dir,
-                             [s.out_dir for s in self.stages if s.name != name])
+            remove_stale_temps(self._by_name[name].out_dir, below=True, any_writer=True,
+                               exclude=[s.out_dir for s in self.stages if s.name != name])
 
 
 @contextmanager

@@ -1,23 +1,11 @@
-"""What the pipeline does besides training: a classification stage's backbone conversion, the
-export of the best student, the report."""
+"""What the pipeline does besides training: the export of the best student."""
 
 from __future__ import annotations
 
 import os
 
-from ..checkpoint import convert_student, detect_family, save_d2_weights
-from ..modeling.classification.weights import read_classifier_file
 from .plan import Stage
 from .run import stage_result
-
-
-def write_d2_backbone(src: str, dst: str) -> dict:
-    """Classification weights file `src` -> detectron2 backbone weights at `dst` (classifier head
-    dropped, written atomically); returns what was converted (the stage record keeps it)."""
-    state, _ = read_classifier_file(src, "classifier weights")
-    converted, skipped = convert_student(state, detect_family(state))
-    save_d2_weights(converted, dst)
-    return {"file": dst, "converted": len(converted), "not_converted": sorted(skipped)}
 
 
 def best_student(stages: list) -> Stage:

@@ -6,9 +6,9 @@ stage finished. Multi-task jobs (one task per GPU, possibly on several nodes) se
 detectron2's distributed state from submitit's JobEnvironment, so nothing is spawned inside a
 job. A job asked to stop (SIGINT, SIGTERM: Ctrl-C, `scancel`, the runner) raises inside the
 stage, so atomic writes remove their temporary files; what a hard kill leaves is removed when
-the stage starts again (`sweep_temp_files`). On a time limit or preemption (SLURM's USR2 signal),
-submitit calls `checkpoint()` and requeues the job, which resumes from the stage's last
-checkpoint (the trainers' exact resume).
+the stage starts again (`remove_stale_temps`). On a time limit or preemption (SLURM's USR2
+signal), submitit calls `checkpoint()` and requeues the job, which resumes from the stage's
+last checkpoint (the trainers' exact resume).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import signal
 import time
 import uuid
 from contextlib import contextmanager
@@ -28,7 +26,7 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from ..utils.atomic import atomic_write
+from ..utils.atomic import atomic_write, exit_on_sigterm, remove_stale_temps
 from .plan import Stage
 
 STAGE_FILE = "stage.json"
@@ -49,35 +47,6 @@ def runs_of(stages) -> dict:
     """name -> run id (a fresh one each time a stage finishes) of each of `stages`; None for a
     stage that has not finished (or finished before run ids were recorded)."""
     return {s.name: (stage_result(s) or {}).get("run_id") for s in stages}
-
-
-def sweep_temp_files(folder: str, exclude=()) -> list:
-    """Remove what interrupted atomic writes left in `folder` (recursively); returns the paths.
-
-    atomic_write / atomic_dir / atomic_link name their temporaries `.<name>.<random>.tmp` (and
-    `.<name>.<random>.old`), submitit its own `*.save_tmp`. Sub-folders listed in `exclude`
-    (other stages' folders, written by other jobs) are not entered.
-    """
-    exclude = {os.path.abspath(e) for e in exclude}
-    removed = []
-    for parent, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(parent, d)) not in exclude]
-        for name in [*dirs, *files]:
-            temp = (name.startswith(".") and name.endswith((".tmp", ".old"))) \
-                or name.endswith(".save_tmp")
-            if not temp:
-                continue
-            path = os.path.join(parent, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-                dirs.remove(name)
-            else:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    continue
-            removed.append(path)
-    return removed
 
 
 _STAGE_LOGGERS = ("detectron2", "fvcore", "nst_det", "d2")
@@ -153,7 +122,7 @@ def train_stage(stage: Stage) -> dict:
 
 def _train(stage: Stage, cfg) -> dict:
     """train_stage's work, with its logs routed to the stage's file."""
-    from ..engine import TRAINER_REGISTRY
+    from ..engine.train_or_evaluate import train_or_evaluate
 
     logging.getLogger("nst_det").info("stage %s: rank %d of world size %d", stage.name,
                                       comm.get_rank(), comm.get_world_size())
@@ -161,31 +130,28 @@ def _train(stage: Stage, cfg) -> dict:
         with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-    trainer = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)(cfg)
-    trainer.register_hooks([_ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))])
-    trainer.resume_or_load(resume=True)
-    trainer.train()
+    # a stage always resumes: its job may be a requeue, or a rerun after a stop
+    results = train_or_evaluate(cfg, resume=True, hooks=[
+        _ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))])
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     if comm.is_main_process() and not os.path.isfile(final):  # the stage's product: never done
         raise RuntimeError(f"stage {stage.name}: training ended without {final}")  # without it
-    # DefaultTrainer.train() returns results only with TEST.EXPECTED_RESULTS; EvalHook keeps them
-    results = trainer.last_eval_results or {}
     _write_metrics(cfg.OUTPUT_DIR, results)
     return results
 
 
 def evaluate_stage(stage: Stage) -> dict:
-    """Evaluate one stage's model as its config builds it; returns its metrics."""
+    """Evaluate one stage's model with its MODEL.WEIGHTS, as `train_net.py --eval-only` does;
+    returns its metrics."""
     from ..config import load_config
-    from ..engine import TRAINER_REGISTRY
+    from ..engine.train_or_evaluate import train_or_evaluate
     from ..utils.dist import release_process_group
 
     cfg = load_config(stage.config, stage.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with _stage_log(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt")):
-        trainer_cls = TRAINER_REGISTRY.get(cfg.NST_DET.TRAINER)
-        results = trainer_cls.test(cfg, trainer_cls.build_model(cfg)) or {}
+        results = train_or_evaluate(cfg, eval_only=True)
         _write_metrics(cfg.OUTPUT_DIR, results)
     release_process_group()
     return results
@@ -230,11 +196,6 @@ def _local_process_group(per_node: int) -> None:
         comm.create_local_process_group(per_node)
 
 
-def _stop_cleanly(signum, frame):
-    """SIGTERM raises like Ctrl-C, so `finally`/`except` blocks (atomic writes) clean up."""
-    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
-
-
 STAGE_FUNCTIONS = {"train": train_stage, "evaluate": evaluate_stage}
 
 
@@ -258,7 +219,7 @@ class StageJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         # submitit logs and ignores SIGTERM (SLURM sends it before USR2 on some preemptions);
         # here it must stop the stage so that its temporary files are removed
-        signal.signal(signal.SIGTERM, _stop_cleanly)
+        exit_on_sigterm()
         start = time.perf_counter()
         env = submitit.JobEnvironment()
         if self.threads:
@@ -268,7 +229,8 @@ class StageJob(submitit.helpers.Checkpointable):
         stage = self.stage
         if env.global_rank == 0:
             os.makedirs(stage.out_dir, exist_ok=True)
-            sweep_temp_files(stage.out_dir, self.others)  # what a hard kill left
+            # what a hard kill left (this job owns the folder, whoever wrote them)
+            remove_stale_temps(stage.out_dir, below=True, exclude=self.others, any_writer=True)
         init_distributed(env)
         run = self.handler or STAGE_FUNCTIONS[stage.kind]
         metrics = run(stage) or {}
@@ -278,9 +240,9 @@ class StageJob(submitit.helpers.Checkpointable):
                       "metrics": metrics, "job_id": env.job_id, "run_id": uuid.uuid4().hex,
                       "inputs": runs_of(self.inputs)}
             if stage.d2_backbone:  # before stage.json: a stage recorded done has its backbone
-                from .steps import write_d2_backbone
+                from ..modeling.convert import classifier_file_to_d2
 
-                record["d2_backbone"] = write_d2_backbone(**stage.d2_backbone)
+                record["d2_backbone"] = classifier_file_to_d2(**stage.d2_backbone)
             with atomic_write(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
                 json.dump(record, f, indent=2)
         return metrics

@@ -24,6 +24,8 @@ import threading
 from pathlib import Path
 from typing import IO, Iterator
 
+from .process import process_running
+
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -65,39 +67,47 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name}.{_HOST}.{os.getpid()}."
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+_OWN_TEMP = re.compile(r"^\..+\." + re.escape(_HOST) + r"\.(\d+)\.[^.]*\.(tmp|old)$")
 
 
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries that killed writers left in the folder of the file `path`.
+def _is_temp(name: str) -> bool:
+    """A temporary of these writers (`.<name>.<...>.tmp` / `.old`) or of submitit (`*.save_tmp`)."""
+    return (name.startswith(".") and name.endswith((".tmp", ".old"))) or name.endswith(".save_tmp")
 
-    Only temporaries of this host whose writer process is gone are removed (a live writer's, or
-    another machine's on a shared file system, are left alone). Returns what was removed.
+
+def remove_stale_temps(folder: str | os.PathLike, *, below: bool = False, exclude=(),
+                       any_writer: bool = False) -> list[Path]:
+    """Remove the temporaries that interrupted writers left in `folder`; returns what went.
+
+    By default only this host's temporaries whose writer process is gone (a live writer's, or
+    another machine's on a shared file system, are left alone): safe beside other writers, so
+    every write calls it on its own folder. `below`: the sub-folders too, except those in
+    `exclude` (and what is below them). `any_writer`: every temporary whoever wrote it,
+    submitit's `*.save_tmp` included, for a folder one process owns (a pipeline stage's folder
+    when its job starts: an earlier job of the stage, maybe on another node, was killed).
     """
-    path = Path(path)
-    pattern = re.compile(r"^\..+\." + re.escape(_HOST) + r"\.(\d+)\.[^.]*\.(tmp|old)$")
+    exclude = {os.path.abspath(e) for e in exclude}
     removed = []
-    try:
-        siblings = list(path.parent.iterdir())
-    except FileNotFoundError:
-        return removed
-    for sibling in siblings:
-        match = pattern.match(sibling.name)
-        if not match or _pid_running(int(match.group(1))):
-            continue
-        if sibling.is_dir() and not sibling.is_symlink():
-            shutil.rmtree(sibling, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                sibling.unlink()
-        removed.append(sibling)
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if os.path.abspath(os.path.join(parent, d)) not in exclude]
+        for name in [*dirs, *files]:
+            if any_writer:
+                stale = _is_temp(name)
+            else:
+                match = _OWN_TEMP.match(name)
+                stale = bool(match) and not process_running(int(match.group(1)))
+            if not stale:
+                continue
+            path = Path(parent, name)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            removed.append(path)
+        if not below:
+            break
     return removed
 
 
@@ -140,7 +150,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
+    remove_stale_temps(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
@@ -180,7 +190,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
+    remove_stale_temps(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         try:
@@ -214,7 +224,7 @@ def atomic_file_set(folder: str | os.PathLike, marker: str) -> Iterator[Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder / marker)
+    remove_stale_temps(folder)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(folder / marker), suffix=".tmp", dir=folder))
     try:
         try:

@@ -16,6 +16,8 @@ import traceback
 
 def main(target: str, ctx_file: str, out_file: str) -> int:
     # SIGTERM (the runner's time limit) unwinds like Ctrl-C, so `finally` blocks clean up
+    # (nst_det's exit_on_sigterm cannot be imported here: the install part runs before the
+    # packages that nst_det imports are there)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with open(ctx_file) as f:
         ctx = json.load(f)

@@ -16,6 +16,8 @@ modules such as FitNet regressors) are returned with the reason.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from typing import Callable
 
@@ -24,12 +26,16 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from ..modeling.backbone.inception_bn import InceptionBNBackbone
+from ..checkpoint.remote import resolve_weights
+from ..checkpoint.weights_file import load_weights_file
 from ..utils.atomic import atomic_write
+from .backbone.inception_bn import InceptionBNBackbone
 
-__all__ = ["RESNET_RENAMES", "INCEPTION_BN_RENAMES", "DROPPED", "convert_student",
-           "convert_torchvision",
-           "detect_family", "reference_backbone", "resnet_depth", "save_d2_weights"]
+__all__ = ["RESNET_RENAMES", "INCEPTION_BN_RENAMES", "DROPPED", "classifier_file_to_d2",
+           "convert_student", "convert_torchvision", "detect_family", "reference_backbone",
+           "resnet_depth", "resolve_detection_weights", "save_d2_weights"]
+
+logger = logging.getLogger(__name__)
 
 _BN = r"(weight|bias|running_mean|running_var)"
 
@@ -194,3 +200,48 @@ def save_d2_weights(converted: dict[str, torch.Tensor], path: str) -> None:
     with atomic_write(path) as f:
         torch.save({"model": {k: v.detach().cpu() for k, v in converted.items()},
                     "__author__": "nst_det", "matching_heuristics": True}, f)
+
+
+def classifier_file_to_d2(src: str, dst: str, family: str | None = None,
+                          arch: str | None = None, what: str = "classifier weights") -> dict:
+    """Classification weights file `src` -> detectron2 backbone weights at `dst` (written
+    atomically): the one route from a classifier to a detector backbone, which
+    tools/convert_student_to_d2.py and a pipeline's classification stage take.
+
+    family, arch: as `convert_student` (family detected from the keys when None). `what` names
+    the file in errors. Returns {"file", "family", "converted" (count), "not_converted"
+    ({key: reason}: the classifier head, BN step counters, distiller-only modules)}.
+    """
+    from .classification.weights import read_classifier_file
+
+    state, not_student = read_classifier_file(src, what)
+    family = family or detect_family(state)
+    converted, skipped = convert_student(state, family, arch)
+    skipped.update({k: "not part of the student (distiller-only module)" for k in not_student})
+    save_d2_weights(converted, dst)
+    return {"file": dst, "family": family, "converted": len(converted),
+            "not_converted": dict(sorted(skipped.items()))}
+
+
+def resolve_detection_weights(path: str, key: str = "MODEL.WEIGHTS") -> str:
+    """`resolve_weights`, and a downloaded torchvision ResNet classifier (e.g. torchvision's
+    `resnet18-f37072fd.pth`) converted once into detectron2 backbone weights.
+
+    The conversion (`convert_student`) is cached beside the download as `<name>.d2.pth`, written
+    atomically. Local files and other downloads are returned as they are: a local classifier is
+    converted with `classifier_file_to_d2` (tools/convert_student_to_d2.py).
+    """
+    local = resolve_weights(path, key)
+    if local == path or not str(path).startswith(("https://", "http://")) \
+            or not local.endswith(".pth"):
+        return local
+    converted = local[: -len(".pth")] + ".d2.pth"
+    if os.path.isfile(converted):
+        return converted
+    state = load_weights_file(local, key)  # one clear error for a damaged or foreign file
+    if not (isinstance(state, dict) and "layer1.0.conv1.weight" in state):
+        return local  # not a torchvision ResNet classifier: a detectron2 checkpoint, say
+    weights, _ = convert_student(state, "resnet")
+    save_d2_weights(weights, converted)
+    logger.info(f"{key}={path}: torchvision ResNet converted to detectron2 names -> {converted}")
+    return converted
