@@ -53,3 +53,29 @@ def test_registered_minival_records_share_no_image_with_train_or_test(tmp_path):
     assert all(r["annotations"] for r in records["minival_check_minival"])
     assert register_toy_voc("minival_none", str(tmp_path / "other"), num_trainval=2,
                             num_test=1) == ["minival_none_trainval", "minival_none_test"]
+
+
+def test_a_minival_registered_in_its_own_folder_is_disjoint_from_the_registered_sets(tmp_path):
+    """As the built-in toy_voc_*_minival: the minival split alone, in a folder of its own, beside
+    sets registered without one (their folders and spec files untouched)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    sizes = {"seed": 4, "num_trainval": 4, "num_test": 2}
+    sets = register_toy_voc("own_folder", str(tmp_path / "VOC2007"), **sizes)
+    (minival,) = register_toy_voc("own_folder", str(tmp_path / "VOC2007_minival"), **sizes,
+                                  num_minival=3, splits=("minival",))
+    assert minival == "own_folder_minival"
+
+    def pictures(name):
+        return {hashlib.sha256(open(r["file_name"], "rb").read()).hexdigest()
+                for r in DatasetCatalog.get(name)}
+
+    seen = {name: pictures(name) for name in [*sets, minival]}
+    assert len(seen[minival]) == 3
+    assert not seen[minival] & (seen[sets[0]] | seen[sets[1]])
+    assert "minival" not in json.loads((tmp_path / "VOC2007" / SPEC_FILE).read_text())
+    # the built-in sets come with theirs, each in its own folder
+    for prefix in ("toy_voc_tiny", "toy_voc_2007"):
+        meta = MetadataCatalog.get(f"{prefix}_minival")
+        assert meta.split == "minival"
+        assert meta.dirname != MetadataCatalog.get(f"{prefix}_test").dirname

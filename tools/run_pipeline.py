@@ -46,7 +46,6 @@ from nst_det.pipeline.steps import export_stage  # noqa: E402
 from nst_det.pipeline.weight_grid import (  # noqa: E402
     grid_configs_stage,
     select_weight_stage,
-    train_with_minival,
 )
 from nst_det.utils.atomic import exit_on_sigterm  # noqa: E402
 
@@ -201,9 +200,8 @@ def main(argv=None):
         "export": lambda stage: export_stage(stage, stages),
         "report": lambda stage: write_report(stages, stage.out_dir),
     }
-    if args.weight_grid:  # the grid's stages; training with the toy minival sets registered
-        handlers.update({"weight_grid": grid_configs_stage, "select_weight": select_weight_stage,
-                         "train": train_with_minival})
+    if args.weight_grid:  # the grid's own stages
+        handlers.update({"weight_grid": grid_configs_stage, "select_weight": select_weight_stage})
     runner = PipelineRunner(stages, handlers, cluster_settings(args))
     if args.status:
         print(runner.status())

@@ -27,15 +27,18 @@ def datasets_root() -> str:
 
 
 def register_toy_voc(prefix: str, dirname: str, seed: int = 0, num_trainval: int = 300,
-                     num_test: int = 150, num_minival: int = 0) -> list[str]:
+                     num_test: int = 150, num_minival: int = 0, splits=None) -> list[str]:
     """Register `<prefix>_trainval` and `<prefix>_test` (and `<prefix>_minival`, the validation
     split disjoint from both, when `num_minival` > 0), generating the data on first load.
 
+    splits: only these of them (e.g. ("minival",) for a set whose other splits are registered
+        already, in another folder: the generator draws every image from (seed, split, index),
+        so the same seed and sizes give the same trainval / test pictures anywhere).
     Returns:
         the registered dataset names.
     """
     names = []
-    for split in ("trainval", "test", *(("minival",) if num_minival else ())):
+    for split in splits or ("trainval", "test", *(("minival",) if num_minival else ())):
         name = f"{prefix}_{split}"
 
         def load(split=split):
@@ -58,6 +61,12 @@ def register_builtin_toy_datasets() -> None:
     # a reduced copy for the pipeline's CI-scale run (tools/run_pipeline.py --scale ci)
     register_toy_voc("toy_voc_tiny", os.path.join(datasets_root(), "toy", "VOC2007_tiny"),
                      num_trainval=16, num_test=8)
+    # their validation splits (the methods benchmark picks loss weights on them, never on test),
+    # in folders of their own so that the sets above (and their spec files) stay as they are
+    register_toy_voc("toy_voc_2007", os.path.join(datasets_root(), "toy", "VOC2007_minival"),
+                     num_minival=150, splits=("minival",))
+    register_toy_voc("toy_voc_tiny", os.path.join(datasets_root(), "toy", "VOC2007_tiny_minival"),
+                     num_trainval=16, num_test=8, num_minival=8, splits=("minival",))
     # the same images and boxes in COCO format, evaluated with detectron2's COCOEvaluator
     toy = os.path.join(datasets_root(), "toy")
     register_toy_coco("toy_coco_2007", os.path.join(toy, "VOC2007"), os.path.join(toy, "COCO2007"))

@@ -13,7 +13,8 @@ from .plan import Stage
 # replaced by the stages' measured pace as the pipeline runs (for the ETA and the start order)
 PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
 PRIOR_SEC_FIXED = {"train": 15.0, "evaluate": 30.0, "export": 40.0,
-                   "report": 30.0, "calibrate": 60.0}
+                   "report": 30.0, "calibrate": 60.0, "weight_grid": 5.0, "select_weight": 5.0}
+OTHER_SEC = 10.0  # a stage of a kind without a prior (a handler of the user's own)
 # of a training stage's fixed seconds, those after its last iteration (evaluation, saving)
 TRAIN_TAIL_SEC = PRIOR_SEC_FIXED["train"] / 2
 HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
@@ -37,7 +38,7 @@ class PlanClock:
         """Seconds the whole stage is expected to take."""
         if stage.kind == "train":
             return stage.iters * self.sec_per_iter(stage) + PRIOR_SEC_FIXED["train"]
-        return PRIOR_SEC_FIXED[stage.kind]
+        return PRIOR_SEC_FIXED.get(stage.kind, OTHER_SEC)
 
     def observe_pace(self, stage: Stage, sec_per_iter: float) -> None:
         """Record a training stage's measured pace (its progress.json) for later estimates."""

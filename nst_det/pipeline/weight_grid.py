@@ -28,24 +28,12 @@ from ..utils.atomic import atomic_write
 from .plan import Stage
 
 __all__ = ["GRID_FACTORS", "AA_SEED_OFFSET", "factor_label", "minival_name", "grid_stages",
-           "control_stages", "select_weight", "grid_configs_stage", "select_weight_stage",
-           "register_minival_sets", "train_with_minival"]
+           "control_stages", "select_weight", "grid_configs_stage", "select_weight_stage"]
 
 GRID_FACTORS = (0.25, 1.0, 4.0)  # times the calibrated weight
 VALIDATION_SPLIT = "minival"
 # the A/A run's SEED is its pair's + this, far from any seed a plan trains (0, 1, 2, ...)
 AA_SEED_OFFSET = 1000
-# toy VOC prefix -> (dirname under $DETECTRON2_DATASETS/toy, its generator arguments): the sets
-# nst_det.data.datasets registers without a minival split. Their minival is generated in a
-# folder of its own, so the registered sets' folders (and their spec files) stay as they are;
-# the generator draws every image from (seed, split, index), so trainval / test there are the
-# same pictures and minival is disjoint from both.
-TOY_MINIVAL = {
-    "toy_voc_tiny": ("VOC2007_tiny_minival", {"num_trainval": 16, "num_test": 8,
-                                              "num_minival": 8}),
-    "toy_voc_2007": ("VOC2007_minival", {"num_trainval": 300, "num_test": 150,
-                                         "num_minival": 150}),
-}
 
 
 def factor_label(factor: float) -> str:
@@ -54,48 +42,18 @@ def factor_label(factor: float) -> str:
 
 
 def minival_name(test_name: str) -> str:
-    """The validation set next to a toy test set: "toy_voc_tiny_test" -> "toy_voc_tiny_minival";
-    a ValueError for a set without one (the paper's VOC2007: its `val` is part of trainval)."""
-    prefix = test_name[:-len("_test")] if test_name.endswith("_test") else None
-    if prefix not in TOY_MINIVAL:
+    """The validation set next to a toy test set: "toy_voc_tiny_test" -> "toy_voc_tiny_minival"
+    (nst_det.data.datasets registers both); a ValueError for a set without one (the paper's
+    VOC2007: its `val` is part of trainval)."""
+    from detectron2.data import DatasetCatalog
+
+    prefix = test_name[:-len("_test")] if test_name.endswith("_test") else test_name
+    name = f"{prefix}_{VALIDATION_SPLIT}"
+    if name not in DatasetCatalog.list():
+        have = sorted(n for n in DatasetCatalog.list() if n.endswith(f"_{VALIDATION_SPLIT}"))
         raise ValueError(f"--weight-grid needs a validation split disjoint from trainval and "
-                         f"test; {test_name!r} has none (toy sets: {sorted(TOY_MINIVAL)})")
-    return f"{prefix}_{VALIDATION_SPLIT}"
-
-
-def register_minival_sets() -> list:
-    """Register `<prefix>_minival` for the toy sets of TOY_MINIVAL not registered yet."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    from ..data import make_toy_voc
-    from ..data.datasets import TOY_CLASSES, datasets_root, load_voc_checked
-
-    names = []
-    for prefix, (folder, sizes) in TOY_MINIVAL.items():
-        name = f"{prefix}_{VALIDATION_SPLIT}"
-        if name in DatasetCatalog.list():
-            continue
-        dirname = os.path.join(datasets_root(), "toy", folder)
-
-        def load(dirname=dirname, sizes=sizes):
-            make_toy_voc(dirname, seed=0, **sizes)  # the builtin sets' seed
-            return load_voc_checked(dirname, VALIDATION_SPLIT, TOY_CLASSES)
-
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(thing_classes=list(TOY_CLASSES), dirname=dirname,
-                                      year=2007, split=VALIDATION_SPLIT,
-                                      evaluator_type="pascal_voc")
-        names.append(name)
-    return names
-
-
-def train_with_minival(stage: Stage) -> dict:
-    """The "train" handler under --weight-grid: worker.train_stage once the minival sets are
-    registered (in the stage's own process: the builtin registration has no minival split)."""
-    from .worker import train_stage
-
-    register_minival_sets()
-    return train_stage(stage)
+                         f"test; {test_name!r} has none (registered: {have})")
+    return name
 
 
 def _without(opts: list, keys: tuple) -> list:
