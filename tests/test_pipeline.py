@@ -14,6 +14,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+# the methods benchmark's mechanics at CI scale: one method through the weight grid (weights
+# chosen on the toy minival split), and the two controls
+METHODS_ARGS = ["--methods", "pkd", "--weight-grid", "--controls"]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def pipeline_run(module_tmp_path):
     assert not (root / "datasets").exists()
     env = dict(os.environ, DETECTRON2_DATASETS=str(root / "datasets"))
     cmd = [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
-           "--jobs", "2", "--output", str(root / "out")]
+           "--jobs", "2", "--output", str(root / "out"), *METHODS_ARGS]
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, (first.stdout + first.stderr)[-5000:]
     # one finished copy of each set, no writer's leftovers beside it
@@ -96,11 +99,46 @@ def test_report_numbers_are_finite_and_traceable(pipeline_run):
     assert re.search(r"MMD² \(poly\).*: [0-9.]+ without .*, [0-9.]+ with it", report)
 
 
-def test_second_run_skips_finished_stages(pipeline_run):
+def _plan(out):
+    from nst_det.pipeline.methods import add_method_stages, parse_methods
     from nst_det.pipeline.plan import TOY_CONFIGS, TOY_SCALES, build_plan
 
+    return add_method_stages(build_plan(str(out), TOY_SCALES["ci"], TOY_CONFIGS),
+                             parse_methods("pkd"), weight_grid=True, controls=True)
+
+
+def test_weights_are_chosen_on_minival_and_the_seeds_train_at_the_choice(pipeline_run):
+    out, _, _ = pipeline_run
+    choice = _stage(out, "select_pkd")["metrics"]["weight_select"]
+    grid = {}
+    for label in ("x0.25", "x1", "x4"):
+        record = _stage(out, f"det_grid_pkd_{label}")
+        config = (out / f"det_grid_pkd_{label}" / "config.yaml").read_text()
+        assert "- toy_voc_tiny_minival" in config and "toy_voc_tiny_test" not in config, label
+        assert record["meta"]["split"] == "minival"
+        grid[record["meta"]["factor"]] = record["metrics"]["bbox"]["AP50"]
+    assert choice["split"] == "minival" and choice["dataset"] == "toy_voc_tiny_minival"
+    assert choice["points"] == [{"factor": f, "AP50": grid[f]} for f in sorted(grid)]
+    assert grid[choice["chosen"]] == max(grid.values())
+    # the seed trained from the chosen point's config, and was evaluated on test
+    chosen = (out / "grid_pkd" / f"x{choice['chosen']:g}.yaml").read_text()
+    assert (out / "select_pkd" / "method.yaml").read_text() == chosen
+    seed_config = (out / "det_method_pkd_s0" / "config.yaml").read_text()
+    weights = _stage(out, "grid_pkd")["metrics"]["weight_grid"]["weights"]
+    for label, point in weights.items():  # {"loss_pkd": weight} per grid point
+        (weight,) = point.values()
+        assert (f"- {weight!r}\n" in seed_config) == (label == f"x{choice['chosen']:g}"), label
+    assert "- toy_voc_tiny_test" in seed_config
+    report = (out / "report.md").read_text()
+    assert "toy_voc_tiny_minival" in report and "control: A/A, expect no difference" in report
+    assert "control: hand-set NST" in report
+    for name in ("det_control_plain_aa_s0", "det_control_nst_handset_s0"):
+        assert math.isfinite(_stage(out, name)["metrics"]["bbox"]["AP50"]), name
+
+
+def test_second_run_skips_finished_stages(pipeline_run):
     out, _, second = pipeline_run
-    stages = build_plan(str(out), TOY_SCALES["ci"], TOY_CONFIGS)
+    stages = _plan(out)
     assert second.count("done earlier: skipped") == len(stages)
     for stage in stages:  # each stage of the plan, by name
         assert f" {stage.name}] done earlier: skipped" in second, stage.name
