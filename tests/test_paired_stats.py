@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nst_det.pipeline.forest import ForestRow, forest_plot
+from nst_det.pipeline.figures import ForestRow, forest_plot
 from nst_det.pipeline.paired import (
     format_interval,
     mean_sd,

@@ -1,22 +1,26 @@
-"""What a pipeline run was, in words, read from each stage's own config (for report.md).
+"""What a pipeline run was, in words, read from each stage's own files (for report.md).
 
 Backbone, detector and classifier names, the transfer losses and feature pairs a config turns
 on, the data sets and their metric, and the training precision: nothing here is toy-specific,
-so the same report describes a toy run and a paper-scale one.
+so the same report describes a toy run and a paper-scale one. Also the two readers the report's
+sections share: a run's metrics.json rows and a markdown table.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 from detectron2.data import MetadataCatalog
+from tabulate import tabulate
 
 from ..config import load_config
 from .plan import Stage
 
 __all__ = ["stage_config", "classifier_name", "backbone_name", "detector_name",
-           "distillation_summary", "set_list", "evaluator_label", "training_precision"]
+           "distillation_summary", "set_list", "evaluator_label", "training_precision",
+           "metrics_rows", "markdown_table"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DETECTORS = {"GeneralizedRCNN": "Faster R-CNN", "DistillationRCNN": "Faster R-CNN",
@@ -110,3 +114,17 @@ def training_precision(stage: Stage) -> str:
     if cfg.MODEL.DEVICE.startswith("cuda"):
         return f"float16 autocast (SOLVER.AMP.ENABLED, detectron2's AMPTrainer){layout}"
     return f"bfloat16 autocast on the CPU (SOLVER.AMP.ENABLED){layout}; evaluation in float32"
+
+
+def metrics_rows(run_dir: str) -> list[dict]:
+    """detectron2's per-iteration scalars: the rows of a run's metrics.json ([] without one)."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def markdown_table(header: list, rows: list) -> str:
+    """A GitHub-markdown table of already formatted cells (no number parsing: "1.0" stays)."""
+    return tabulate(rows, header, tablefmt="github", disable_numparse=True)

@@ -7,16 +7,16 @@ the method's transfer loss, forward + backward, on the first batch's feature pai
 student is the plan's `det_plain_s<seed>` run (same pretrained student, schedule and seeds, no
 transfer loss). Each method is compared with it seed by seed (paired.py): the mean of
 method_s − plain_s over the seeds both have, its 95% t-interval, and "better" / "worse" only when
-that interval excludes 0; the forest plot (forest.py) draws the ΔAP50 intervals next to the table.
+that interval excludes 0; the forest plot (figures.py) draws the ΔAP50 intervals next to the table.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 
-from .forest import ForestRow, forest_plot
+from .describe import markdown_table, metrics_rows
+from .figures import ForestRow, forest_plot
 from .paired import format_interval, mean_sd, paired_difference
 from .run import stage_result
 from .weight_grid import factor_label
@@ -26,36 +26,33 @@ __all__ = ["methods_section", "method_numbers"]
 COCO_EXTRA = ("AP75", "APs", "APm", "APl")
 
 
-def _step_seconds(out_dir: str) -> list:
-    """detectron2's per-iteration `time` values (s) from a run's metrics.json."""
-    path = os.path.join(out_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r["time"] for r in rows if "time" in r]
-
-
-def _finished(stages, **meta):
-    return [s for s in stages if stage_result(s) is not None
+def _finished(stages, results, **meta):
+    return [s for s in stages if s.name in results
             and all(s.meta.get(k) == v for k, v in meta.items())]
 
 
-def method_numbers(stages: list) -> dict:
-    """{"plain": {...}, method: {...}} with per-seed bbox metrics, weights and costs."""
-    plain = [s for s in _finished(stages, stage="det", role="student", method="plain")
+def method_numbers(stages: list, results: dict | None = None) -> dict:
+    """{"plain": {...}, method: {...}} with per-seed bbox metrics, weights and costs; results:
+    stage name -> its stage.json (read here when not given)."""
+    if results is None:
+        results = {s.name: r for s in stages if (r := stage_result(s)) is not None}
+
+    def finished(**meta):
+        return _finished(stages, results, **meta)
+
+    plain = [s for s in finished(stage="det", role="student", method="plain")
              if s.kind == "train" and not s.meta.get("det_nst")]
     runs = {}
-    for s in _finished(stages, role="method"):
+    for s in finished(role="method"):
         runs.setdefault(s.meta["method"], []).append(s)
-    calib = {s.meta["method"]: stage_result(s)["metrics"]["calibration"]
-             for s in _finished(stages, role="calibration")}
+    calib = {s.meta["method"]: results[s.name]["metrics"]["calibration"]
+             for s in finished(role="calibration")}
 
     def entry(group):
         group = sorted(group, key=lambda s: s.meta.get("seed", 0))
-        bbox = [stage_result(s)["metrics"]["bbox"] for s in group]
+        bbox = [results[s.name]["metrics"]["bbox"] for s in group]
         keys = ("AP50", "AP", *[k for k in COCO_EXTRA if any(k in b for b in bbox)])
-        steps = [t for s in group for t in _step_seconds(s.out_dir)]
+        steps = [r["time"] for s in group for r in metrics_rows(s.out_dir) if "time" in r]
         seeds = [s.meta.get("seed") for s in group]
         return {"seeds": seeds,
                 **{k: [b[k] for b in bbox if k in b] for k in keys},
@@ -68,11 +65,11 @@ def method_numbers(stages: list) -> dict:
         numbers[method] = entry(group)
         c = calib.get(method, {})
         numbers[method].update(weights=c.get("weights", {}), loss_ms=c.get("loss_ms"))
-    for method, grid in _grids(stages).items():
+    for method, grid in _grids(finished, results).items():
         if method in numbers:  # the seeds ran at the chosen grid weight, not the calibrated one
             numbers[method].update(weights=grid["weights"], grid=grid)
     controls = {}
-    for s in _finished(stages, role="control"):
+    for s in finished(role="control"):
         controls.setdefault(s.meta["method"], []).append(s)
     for name, group in controls.items():
         numbers[name] = entry(group)
@@ -81,14 +78,14 @@ def method_numbers(stages: list) -> dict:
     return numbers
 
 
-def _grids(stages: list) -> dict:
+def _grids(finished, results: dict) -> dict:
     """method -> {"split", "dataset", "chosen", "weights" (at the chosen point), "points":
     [{"factor", "AP50" (validation), "weights"}]} from the select_<m> / grid_<m> records."""
-    configs = {s.meta["method"]: stage_result(s)["metrics"]["weight_grid"]["weights"]
-               for s in _finished(stages, role="weight_grid")}
+    configs = {s.meta["method"]: results[s.name]["metrics"]["weight_grid"]["weights"]
+               for s in finished(role="weight_grid")}
     grids = {}
-    for s in _finished(stages, role="weight_select"):
-        choice = stage_result(s)["metrics"]["weight_select"]
+    for s in finished(role="weight_select"):
+        choice = results[s.name]["metrics"]["weight_select"]
         weights = configs.get(s.meta["method"], {})
         points = [{**p, "weights": weights.get(factor_label(p["factor"]), {})}
                   for p in choice["points"]]
@@ -118,19 +115,19 @@ def _grid_lines(numbers: dict) -> list:
     grids = {m: n["grid"] for m, n in numbers.items() if "grid" in n}
     if not grids:
         return []
-    rows = ["| Method | validation set | grid point: weight(s) → validation AP50 | chosen |",
-            "|---|---|---|---|"]
-    for method, g in grids.items():
-        points = "; ".join(f"{factor_label(p['factor'])}: {_weights(p) or 'n/a'} → "
-                           f"{p['AP50']:.1f}" for p in g["points"])
-        rows.append(f"| {method} | {g['dataset'] or g['split']} | {points} | "
-                    f"{factor_label(g['chosen'])} ({_weights(g) or 'n/a'}) |")
+    rows = [[method, g["dataset"] or g["split"],
+             "; ".join(f"{factor_label(p['factor'])}: {_weights(p) or 'n/a'} → {p['AP50']:.1f}"
+                       for p in g["points"]),
+             f"{factor_label(g['chosen'])} ({_weights(g) or 'n/a'})"]
+            for method, g in grids.items()]
     return ["Loss weights chosen on the validation split: each method trained once (the "
             "calibration seed) at its calibrated weight × 1/4, × 1, × 4 and evaluated on the "
             "toy minival split only (disjoint from trainval and test); its seeds above ran at "
             "the point with the best validation AP50 (select_<method> stages, "
             "nst_det/pipeline/weight_grid.py). No test metric enters the choice.", "",
-            *rows, ""]
+            *markdown_table(["Method", "validation set",
+                             "grid point: weight(s) → validation AP50", "chosen"],
+                            rows).splitlines(), ""]
 
 
 def _control_lines(numbers: dict) -> list:
@@ -144,11 +141,12 @@ def _control_lines(numbers: dict) -> list:
             "MODEL.NST.LOSS_WEIGHT (no calibration), the main table's setting.", ""]
 
 
-def methods_section(stages: list, out_dir: str, fig_dir: str = "figures") -> tuple:
+def methods_section(stages: list, out_dir: str, fig_dir: str = "figures",
+                    results: dict | None = None) -> tuple:
     """(markdown lines, numbers) of the methods table and forest plot; ([], {}) without method
     runs. numbers[method]["paired"][metric] is the paired comparison with the plain student
-    (Paired.as_dict()) for AP50, AP and the COCO metrics present."""
-    numbers = method_numbers(stages)
+    (Paired.as_dict()) for AP50, AP and the COCO metrics present. results: as method_numbers'."""
+    numbers = method_numbers(stages, results)
     if not any(name != "plain" for name in numbers):
         return [], {}
     plain = numbers.get("plain", {}).get("by_seed", {})
@@ -157,8 +155,7 @@ def methods_section(stages: list, out_dir: str, fig_dir: str = "figures") -> tup
     header = ["Method", "loss weight(s)", "seeds", *metrics,
               *[c for m in metrics for c in (f"Δ{m} paired [95% CI]", f"{m} verdict")],
               "loss ms/step", "loss share of step"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    forest = []
+    rows, forest = [], []
     for name, n in numbers.items():
         if name != "plain":
             n["paired"] = {m: paired_difference(n["by_seed"].get(m, {}), plain.get(m, {}))
@@ -174,16 +171,15 @@ def methods_section(stages: list, out_dir: str, fig_dir: str = "figures") -> tup
         cost = f"{loss_ms:.1f}" if loss_ms is not None else ("0" if name == "plain" else "n/a")
         share = (f"{100 * loss_ms / step_ms:.1f}% of {step_ms:.0f} ms"
                  if loss_ms is not None and step_ms else "—")
-        cells = [_label(name, n), _weights(n) or "—", ",".join(map(str, n["seeds"])),
-                 *[mean_sd(n.get(m, [])) for m in metrics], *compared, cost, share]
-        rows.append("| " + " | ".join(cells) + " |")
+        rows.append([_label(name, n), _weights(n) or "—", ",".join(map(str, n["seeds"])),
+                     *[mean_sd(n.get(m, [])) for m in metrics], *compared, cost, share])
         if name != "plain":
             p = n["paired"]["AP50"]
             note = f"{_weights(n) or 'weight n/a'}; loss {cost} ms/step"
             forest.append(ForestRow(_label(name, n), p.mean, p.low, p.high, p.n, note))
             n["paired"] = {m: q.as_dict() for m, q in n["paired"].items()}
     os.makedirs(os.path.join(out_dir, fig_dir), exist_ok=True)
-    plot = os.path.join(fig_dir, "methods_forest_ap50.png")
+    plot = os.path.join(fig_dir, "methods_forest_ap50.png")  # relative to report.md
     forest_plot(forest, os.path.join(out_dir, plot), "AP50")
     lines = [
         "## Transfer methods at the detection stage", "",
@@ -192,7 +188,8 @@ def methods_section(stages: list, out_dir: str, fig_dir: str = "figures") -> tup
         "was calibrated so that the loss starts at a fixed fraction of the detection loss on the "
         "first training batches (nst_det/pipeline/methods.py; the calibrate_<method> stage "
         "folders hold the measurements), not chosen by test AP.", "",
-        *rows, "", *_grid_lines(numbers), *_control_lines(numbers),
+        *markdown_table(header, rows).splitlines(), "",
+        *_grid_lines(numbers), *_control_lines(numbers),
         f"![paired ΔAP50 per method, 95% intervals]({plot})", "",
         "AP columns: mean ± standard deviation over the seeds listed. ΔX paired: the mean over "
         "seeds of method_s − plain_s (the plain student of the same seed: same pretrained "

@@ -1,0 +1,162 @@
+"""The report's figures: each function draws one PNG from numbers it is given and returns its path.
+
+Every figure gets its own Agg canvas (a bare `Figure` on a `FigureCanvasAgg`) where it is drawn,
+so importing this module sets no matplotlib backend and touches no pyplot state (a notebook or
+an interactive session that imported nst_det keeps its own).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["ForestRow", "forest_plot", "curves", "per_class_ap", "detections", "selectivity"]
+
+
+def _canvas(**fig_kw):
+    """A matplotlib Figure on its own Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**fig_kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure(nrows: int = 1, ncols: int = 1, **fig_kw):
+    """A figure and its axes, as `pyplot.subplots` returns them."""
+    fig = _canvas(**fig_kw)
+    return fig, fig.subplots(nrows, ncols)
+
+
+def _save(fig, out_dir: str, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, path), dpi=90)
+    return path
+
+
+def curves(cls_runs: dict, det_runs: dict, out_dir: str, path: str) -> str:
+    """Loss curves of the classification runs and loss + AP50 curves of the detection runs;
+    each dict: run name -> its metrics.json rows (detectron2's per-iteration scalars)."""
+    fig, axes = _figure(1, 3, figsize=(15, 4))
+    for name, rows in cls_runs.items():
+        loss = [r for r in rows if "total_loss" in r]
+        axes[0].plot([r["iteration"] for r in loss], [r["total_loss"] for r in loss], ".-",
+                     label=name)
+    for name, rows in det_runs.items():
+        loss = [r for r in rows if "total_loss" in r]
+        axes[1].plot([r["iteration"] for r in loss], [r["total_loss"] for r in loss], ".-",
+                     label=name)
+        ap = [r for r in rows if "bbox/AP50" in r]
+        axes[2].plot([r["iteration"] for r in ap], [r["bbox/AP50"] for r in ap], "o-",
+                     label=name)
+    for ax, title in zip(axes, ("classification pretraining: loss",
+                                "detection: total loss", "detection: AP50")):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=6)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    return _save(fig, out_dir, path)
+
+
+def per_class_ap(bbox: dict, out_dir: str, path: str) -> str:
+    """Bars of each run's `AP50-<class>` values; bbox: run name -> its bbox metrics."""
+    classes = sorted({k[5:] for b in bbox.values() for k in b if k.startswith("AP50-")})
+    fig, ax = _figure(figsize=(12, 4))
+    if classes:
+        width = 0.8 / len(bbox)
+        for i, (name, b) in enumerate(bbox.items()):
+            ax.bar(np.arange(len(classes)) + i * width,
+                   [b.get(f"AP50-{c}", 0.0) for c in classes], width, label=name)
+        ax.set_xticks(np.arange(len(classes)) + 0.4, classes)
+    ax.set_ylabel("AP50 (%)")
+    ax.set_title("per-class AP50")
+    ax.legend(fontsize=6, ncol=3)
+    return _save(fig, out_dir, path)
+
+
+def detections(found: list, metadata, rgb: bool, title: str, out_dir: str, path: str) -> str:
+    """One panel per (image, Instances) in `found`, drawn by detectron2's Visualizer; `rgb`:
+    False when the images are BGR (cfg.INPUT.FORMAT)."""
+    from detectron2.utils.visualizer import Visualizer
+
+    fig, axes = _figure(1, len(found), figsize=(4 * len(found), 4))
+    for ax, (image, instances) in zip(np.atleast_1d(axes), found):
+        vis = Visualizer(image if rgb else image[:, :, ::-1], metadata)
+        ax.imshow(vis.draw_instance_predictions(instances).get_image())
+        ax.axis("off")
+    fig.suptitle(title)
+    return _save(fig, out_dir, path)
+
+
+def selectivity(feats: dict, title: str, out_dir: str, path: str, channels: int = 5) -> str:
+    """The paper's picture: the teacher's `channels` most varied channels (normalised
+    activation maps) and, for every other entry, the channel whose normalised map is closest
+    to each. feats: {"teacher": CxHxW tensor, row label: C'xH'xW' tensor, ...}."""
+    import torch
+
+    def normalised(f):
+        f = f.flatten(1)
+        return f / f.norm(dim=1, keepdim=True).clamp_min(1e-10)
+
+    t = normalised(feats["teacher"])
+    picked = torch.argsort(t.var(dim=1), descending=True)[:channels]
+    fig, axes = _figure(len(feats), channels, figsize=(2.2 * channels, 2.2 * len(feats)))
+    for row, (key, feat) in enumerate(feats.items()):
+        f = normalised(feat)
+        for col, ch in enumerate(picked):
+            match = int(ch) if key == "teacher" else int(torch.argmax(f @ t[ch]))
+            ax = axes[row, col]
+            ax.imshow(f[match].reshape(feat.shape[1:]).numpy(), cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"teacher ch {match}" if key == "teacher" else f"ch {match}", fontsize=8)
+        axes[row, 0].set_ylabel(key)
+    fig.suptitle(title)
+    return _save(fig, out_dir, path)
+
+
+@dataclass(frozen=True)
+class ForestRow:
+    name: str
+    mean: float | None  # mean Δ; None: the row is drawn empty ("not compared")
+    low: float | None  # interval; None with one seed (point only)
+    high: float | None
+    n: int  # paired seeds
+    note: str = ""  # text beside the row: chosen weight, loss cost per step
+
+
+def forest_plot(rows: list, path: str, metric: str = "AP50", level: float = 0.95) -> None:
+    """Write a PNG forest plot of `rows` (top to bottom in the given order) to `path`."""
+    height = 1.1 + 0.4 * max(1, len(rows))  # inches: 0.6 below the axes, 0.5 above
+    fig = _canvas(figsize=(9.0, height))
+    ax = fig.add_axes((0.16, 0.6 / height, 0.42, 1 - 1.1 / height))
+    ys = list(range(len(rows)))[::-1]
+    ends = [0.0]
+    for y, row in zip(ys, rows):
+        if row.mean is None:
+            ax.text(0, y, "not compared", va="center", ha="center", fontsize=7, color="grey")
+            continue
+        if row.low is not None:
+            ax.hlines(y, row.low, row.high, color="tab:blue", lw=2)
+            ends += [row.low, row.high]
+            marker, color = "o", "tab:blue"
+        else:
+            marker, color = "x", "tab:orange"  # one seed: no interval
+        ax.plot([row.mean], [y], marker=marker, color=color, ms=6, zorder=3)
+        ends.append(row.mean)
+    ax.axvline(0.0, color="black", lw=0.8, ls="--")
+    pad = 0.1 * (max(ends) - min(ends)) or 1.0
+    ax.set_xlim(min(ends) - pad, max(ends) + pad)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_yticks(ys, [r.name for r in rows], fontsize=8)
+    for y, row in zip(ys, rows):
+        seeds = f"n={row.n}" + ("" if row.low is not None or row.mean is None else ", no CI")
+        ax.annotate(f"{seeds}   {row.note}", (1.03, y), xycoords=("axes fraction", "data"),
+                    va="center", fontsize=7, annotation_clip=False)
+    ax.set_xlabel(f"Δ{metric} vs plain, same seed (mean, {100 * level:.0f}% t-interval)")
+    ax.set_title(f"paired Δ{metric} per method (× : one seed, no interval)", fontsize=9)
+    fig.savefig(path, dpi=90)
