@@ -155,6 +155,17 @@ def test_forest_plot_is_written_without_touching_pyplot(tmp_path):
     assert plt.get_fignums() == before  # drawn on its own Agg canvas, no pyplot figure left
 
 
+def test_forest_plot_row_names_fit_in_the_figure(tmp_path):
+    # the methods table's longest names are the controls'
+    long = "plain_aa (control: A/A, expect no difference)"
+    rows = [ForestRow(long, 2.4, -1.9, 6.6, 3, "weight n/a"),
+            ForestRow("pkd", 2.1, 0.9, 3.3, 3, "pkd 0.155; loss 26.8 ms/step")]
+    fig = forest_plot(rows, str(tmp_path / "forest.png"))
+    renderer = fig.canvas.get_renderer()
+    for label in fig.axes[0].get_yticklabels():
+        assert label.get_window_extent(renderer).x0 >= 0, label.get_text()
+
+
 def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_values():
     # 1, 2, 6: mean 3, sample variance ((-2)^2 + (-1)^2 + 3^2) / 2 = 7
     assert mean_sd([1.0, 2.0, None, 6.0, float("nan")]) == f"3.0 ± {7 ** 0.5:.1f}"
