@@ -36,7 +36,7 @@ from .describe import (
 from .paired import mean_sd
 from .plan import STUDENT_METHODS, Stage
 from .report_methods import methods_section
-from .run import stage_result
+from .worker import finished_results
 
 FIG_DIR = "figures"
 # preferred column order of the detection metrics, by evaluator type; others follow sorted
@@ -48,7 +48,7 @@ class Report:
     """The records of one pipeline run's finished stages, and what the report says of them."""
 
     def __init__(self, stages: list, out_dir: str):
-        self.results = {s.name: r for s in stages if (r := stage_result(s)) is not None}
+        self.results = finished_results(stages)
         self.stages = [s for s in stages if s.name in self.results]
         self.out_dir = out_dir
 

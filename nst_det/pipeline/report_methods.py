@@ -18,8 +18,8 @@ import statistics
 from .describe import markdown_table, metrics_rows
 from .figures import ForestRow, forest_plot
 from .paired import format_interval, mean_sd, paired_difference
-from .run import stage_result
 from .weight_grid import factor_label
+from .worker import finished_results
 
 __all__ = ["methods_section", "method_numbers"]
 
@@ -35,7 +35,7 @@ def method_numbers(stages: list, results: dict | None = None) -> dict:
     """{"plain": {...}, method: {...}} with per-seed bbox metrics, weights and costs; results:
     stage name -> its stage.json (read here when not given)."""
     if results is None:
-        results = {s.name: r for s in stages if (r := stage_result(s)) is not None}
+        results = finished_results(stages)
 
     def finished(**meta):
         return _finished(stages, results, **meta)

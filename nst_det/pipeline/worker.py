@@ -43,6 +43,11 @@ def stage_result(stage: Stage) -> dict | None:
         return json.load(f)
 
 
+def finished_results(stages) -> dict:
+    """name -> stage.json of each finished stage of `stages` (one read each)."""
+    return {s.name: r for s in stages if (r := stage_result(s)) is not None}
+
+
 def runs_of(stages) -> dict:
     """name -> run id (a fresh one each time a stage finishes) of each of `stages`; None for a
     stage that has not finished (or finished before run ids were recorded)."""
