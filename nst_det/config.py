@@ -24,6 +24,10 @@ def add_nst_config(cfg: CN) -> None:
     # The metric model_best.pth follows: a key of the first test set's "bbox" results ("AP",
     # "AP50", "AP75", ...); "" = AP50 for a VOC-style test set, AP for a COCO-style one.
     cfg.NST_DET.BEST_METRIC = ""
+    # The training stream's seed (image order and augmentation); -1 = SEED. Set alone, it changes
+    # the data order and keeps everything SEED draws (the new layers' initialisation): the
+    # methods benchmark's A/A control.
+    cfg.NST_DET.DATA_SEED = -1
 
     # Data sets registered by name from the config (nst_det/data/from_config.py), for
     # DATASETS.TRAIN/TEST. COCO format: [[name, json_file, image_root], ...].

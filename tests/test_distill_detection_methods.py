@@ -156,6 +156,25 @@ def test_resume_restores_learned_modules_and_export_drops_them(teachers, kind, t
 
 
 @pytest.mark.parametrize("kind", ["rcnn", "retina"])
+def test_a_distilling_student_starts_and_draws_as_the_plain_one_of_its_seed(teachers, kind):
+    # the methods table's pairing: method_s - plain_s is the method's own effect only if both
+    # runs start from the same weights and the teacher's and the losses' initialisation do not
+    # shift the student's random stream (RPN / ROI sampling, ...)
+    cfg = _cfg(teachers, kind, ["mgd", "reviewkd"])  # both with learned modules
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN" if kind == "rcnn" else "RetinaNet"
+    torch.manual_seed(0)
+    plain = build_model(plain_cfg).state_dict()
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(0)
+    student = student_state_dict(build_model(cfg))
+    assert torch.equal(torch.get_rng_state(), after_plain)
+    assert student.keys() == plain.keys()
+    for k, v in plain.items():
+        assert torch.equal(student[k], v), k
+
+
+@pytest.mark.parametrize("kind", ["rcnn", "retina"])
 def test_bf16_autocast_on_cpu(teachers, kind):
     names = ALL if kind == "rcnn" else FEATURE_METHODS
     torch.manual_seed(0)

@@ -145,8 +145,8 @@ def test_controls_aa_differs_only_by_seed_and_positive_has_the_handset_weight(tm
             plain.config, plain.after, plain.iters, plain.kind)
         differ = {k for k in set(aa.opts[::2]) | set(plain.opts[::2])
                   if _opt(aa.opts, k) != _opt(plain.opts, k)}
-        assert differ == {"SEED", "OUTPUT_DIR"}
-        assert _opt(aa.opts, "SEED") == str(seed + AA_SEED_OFFSET)
+        assert differ == {"NST_DET.DATA_SEED", "OUTPUT_DIR"}  # SEED (initialisation) kept
+        assert _opt(aa.opts, "NST_DET.DATA_SEED") == str(seed + AA_SEED_OFFSET)
         assert _opt(aa.opts, "MODEL.WEIGHTS") == _opt(plain.opts, "MODEL.WEIGHTS")
         assert aa.meta["seed"] == seed and aa.meta["control"] == "negative"
         pos = by_name[f"det_control_nst_handset_s{seed}"]

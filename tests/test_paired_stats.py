@@ -11,6 +11,7 @@ from nst_det.pipeline.figures import ForestRow, forest_plot
 from nst_det.pipeline.paired import (
     format_interval,
     mean_sd,
+    noise_split,
     paired_difference,
     t_quantile,
     verdict,
@@ -170,3 +171,29 @@ def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_values():
     # 1, 2, 6: mean 3, sample variance ((-2)^2 + (-1)^2 + 3^2) / 2 = 7
     assert mean_sd([1.0, 2.0, None, 6.0, float("nan")]) == f"3.0 ± {7 ** 0.5:.1f}"
     assert mean_sd([4.25]) == "4.2" and mean_sd([None]) == mean_sd([]) == "n/a"
+
+
+def test_noise_split_by_hand():
+    # halves differ by 2, 0, -2 -> mean square 8/3 -> eval variance 2/3 of the whole set;
+    # full 10, 12, 14 -> sample variance 4 -> training variance 4 - 2/3
+    out = noise_split([10.0, 12.0, 14.0], [11.0, 12.0, 13.0], [9.0, 12.0, 15.0])
+    assert out["n"] == 3
+    assert out["sd_eval"] == pytest.approx(math.sqrt(2 / 3))
+    assert out["sd_total"] == pytest.approx(2.0)
+    assert out["sd_train"] == pytest.approx(math.sqrt(4 - 2 / 3))
+    assert out["eval_share"] == pytest.approx((2 / 3) / 4)
+
+
+def test_noise_split_when_evaluation_explains_more_than_the_spread():
+    # halves far apart but the seeds agree: training variance is clipped at 0, not negative
+    out = noise_split([5.0, 5.0], [8.0, 2.0], [2.0, 8.0])
+    assert out["sd_eval"] == pytest.approx(3.0) and out["sd_train"] == 0.0
+    assert out["eval_share"] is None  # no spread to share
+
+
+def test_noise_split_with_one_seed_has_no_spread_and_unequal_lists_are_refused():
+    out = noise_split([5.0], [6.0], [4.0])
+    assert out["sd_eval"] == pytest.approx(1.0)
+    assert out["sd_total"] is None and out["sd_train"] is None and out["eval_share"] is None
+    with pytest.raises(ValueError, match="one value per seed"):
+        noise_split([1.0, 2.0], [1.0], [1.0, 2.0])

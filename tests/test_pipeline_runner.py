@@ -211,31 +211,15 @@ class _Instant:
         return True
 
 
-def test_the_stage_heading_the_longest_chain_starts_first(tmp_path):
-    lone, head = _stage(tmp_path, "lone"), _stage(tmp_path, "head")
-    tail = _stage(tmp_path, "tail", after=["head"])
-    runner, order = _runner([lone, head, tail], jobs=1), []
+def test_ready_stages_start_in_the_plan_order_within_the_slots(tmp_path):
+    # "late" is listed first but waits for "head"; "lone" is ready at once but listed after
+    # "head"'s dependent: once "head" has finished, its dependent goes before "lone"
+    head, late = _stage(tmp_path, "head"), _stage(tmp_path, "late", after=["head"])
+    lone = _stage(tmp_path, "lone")
+    runner, order = _runner([late, head, lone], jobs=1), []
     runner._submit = lambda stage, after=(): _Instant(stage, order)
     runner.run()
-    assert order == ["head", "lone", "tail"]  # plan order would have run lone first
-
-
-def test_start_order_uses_the_pace_of_stages_of_the_same_role(tmp_path):
-    # a slow classification teacher and a fast student have reported their paces; the teacher's
-    # pace must not be taken for the student's, which would put the student's chain ahead
-    student = _stage(tmp_path, "cls_student", stage="cls", role="student")
-    teacher_det = _stage(tmp_path, "det_teacher", role="teacher")
-    stages = [student, _stage(tmp_path, "det_of_student", after=["cls_student"], role="student"),
-              teacher_det, _stage(tmp_path, "det_distilled", after=["det_teacher"], role="student")]
-    for stage in stages:
-        stage.iters = 100
-    runner, order = _runner(stages, jobs=1), []
-    runner.clock.observe_pace(_stage(tmp_path, "s", stage="cls", role="student"), 0.2)
-    runner.clock.observe_pace(_stage(tmp_path, "t", stage="cls", role="teacher"), 2.0)
-    runner._submit = lambda stage, after=(): _Instant(stage, order)
-    runner.run()
-    # chains: cls_student 100 x 0.2 s + det_of_student < det_teacher + det_distilled (det prior)
-    assert order[0] == "det_teacher", order
+    assert order == ["head", "late", "lone"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,20 @@ from torch.nn.parallel import DistributedDataParallel
 from nst_det.engine import DetectionTrainer
 
 
+def test_data_seed_changes_the_data_order_alone(tmp_path, tiny_voc):
+    def first_files(*opts):
+        cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "DATASETS.TEST", "()", *opts],
+                       data=tiny_voc[:2], output_dir=tmp_path)
+        loader = DetectionTrainer.build_train_loader(cfg)
+        stream = iter(loader)
+        return loader.nst_data_seed, [d["file_name"] for _ in range(4) for d in next(stream)]
+
+    seed0, order0 = first_files("SEED", "0")
+    seed7, order7 = first_files("SEED", "0", "NST_DET.DATA_SEED", "7")
+    assert (seed0, seed7) == (0, 7)
+    assert order7 == first_files("SEED", "7")[1] != order0  # SEED's order, and not SEED 0's
+
+
 def test_checkpoint_restores_optimizer_and_scheduler_state(tmp_path, tiny_voc):
     cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "3",
                                  "SOLVER.STEPS", "(2,)", "SOLVER.CHECKPOINT_PERIOD", "100",

@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 
+from nst_det.pipeline.paired import format_interval, paired_difference
 from nst_det.pipeline.plan import PAPER_CONFIGS, TOY_SCALES, build_plan
 
 VOC_KEYS = {"AP": 40.0, "AP50": 70.0, "AP75": 45.0}
@@ -83,6 +84,13 @@ def test_paper_scale_report_names_what_ran_and_nothing_toy(tmp_path):
     assert "over seeds [0, 1, 2]" in report
     assert re.search(r"not measured: \S+det_teacher/model_final\.pth is not there", report)
     assert "detection metrics (AP50, AP, AP75) on `voc_2007_test`" in report
+    # judged seed by seed against the plain student, as the methods section is
+    plain = {s: records[f"det_plain_s{s}"]["metrics"]["bbox"]["AP50"] for s in (0, 1, 2)}
+    nst = {s: records[f"det_nst_detnst_s{s}"]["metrics"]["bbox"]["AP50"] for s in (0, 1, 2)}
+    p = paired_difference(nst, plain)
+    assert p.verdict == "better (3 seeds)"  # the fabricated records differ by a constant
+    assert f"- NST → NST: AP50 {format_interval(p)} against the plain student of the same " \
+        f"seed, 95% interval (better (3 seeds))." in report
 
 
 @pytest.mark.parametrize("keys", [COCO_KEYS, {"AP50": 60.0, "AP": 30.0}], ids=["coco", "ap50"])

@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 from nst_det.config import load_config
 from nst_det.engine import DetectionTrainer
 from nst_det.pipeline.plan import Stage
-from nst_det.pipeline.worker import evaluate_stage
+from nst_det.pipeline.worker import run_stage
 
 TOY = Path(__file__).resolve().parents[1] / "configs" / "quick_schedules"
 CONFIG = str(TOY / "faster_rcnn_R_18_FPN_toy.yaml")
@@ -18,7 +18,7 @@ def _checksum(model) -> float:
     return float(sum(p.double().sum() for p in model.state_dict().values()))
 
 
-def test_evaluate_stage_evaluates_the_model_of_its_weights(tmp_path, monkeypatch):
+def test_run_stage_evaluates_the_model_of_its_weights(tmp_path, monkeypatch):
     # the evaluation itself is the trainer's (tested elsewhere); here: which model it is given
     monkeypatch.setattr(DetectionTrainer, "test",
                         classmethod(lambda cls, cfg, model: {"checksum": _checksum(model)}))
@@ -28,7 +28,7 @@ def test_evaluate_stage_evaluates_the_model_of_its_weights(tmp_path, monkeypatch
     torch.save({"model": saved.state_dict()}, weights)
 
     def evaluate(name, weights_opt):
-        return evaluate_stage(Stage(name, "evaluate", str(tmp_path / name), CONFIG,
+        return run_stage(Stage(name, "evaluate", str(tmp_path / name), CONFIG,
                                     ["OUTPUT_DIR", str(tmp_path / name), "MODEL.DEVICE", "cpu",
                                      "MODEL.WEIGHTS", weights_opt]))
 

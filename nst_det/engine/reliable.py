@@ -248,7 +248,8 @@ class ReliableTrainer(TrainerBase):
                 "nst_det's resumable stream samples uniformly (TrainingSampler)"
             )
         if seed is None:
-            seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+            seed = cfg.NST_DET.DATA_SEED if cfg.NST_DET.DATA_SEED >= 0 else \
+                cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         loader = build_resumable_train_loader(
             cls.build_train_records(cfg), cls.build_train_mapper(cfg), cfg.SOLVER.IMS_PER_BATCH,
             seed=seed, start_iter=start_iter, num_workers=cfg.DATALOADER.NUM_WORKERS,

@@ -32,15 +32,20 @@ def build_detection_core(
     `supplies`: what the detector passes to the losses (`gt_boxes`, see `gt_boxes_of`; R-CNN
     also `target`, the gt classes of its sampled proposals).
     """
-    teacher = build_teacher(cfg)
-    return DistillationCore(
-        teacher=teacher,
-        student_shapes=student_backbone.output_shape(),
-        teacher_shapes=teacher.backbone.output_shape(),
-        supplies=supplies,
-        context=context,
-        **distill_config(cfg),
-    )
+    # Built on a fork of the random stream: the teacher's throw-away initialisation and the
+    # losses' own modules take no numbers from it, so the student draws (RPN / ROI sampling, ...)
+    # as the plain run of its SEED does and a method's paired difference is the method's own.
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        teacher = build_teacher(cfg)
+        return DistillationCore(
+            teacher=teacher,
+            student_shapes=student_backbone.output_shape(),
+            teacher_shapes=teacher.backbone.output_shape(),
+            supplies=supplies,
+            context=context,
+            **distill_config(cfg),
+        )
 
 
 def inherit_teacher_neck_head(cfg, modules: dict, heads: Sequence[str]) -> None:

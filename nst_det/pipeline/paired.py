@@ -17,7 +17,8 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 
-__all__ = ["Paired", "paired_difference", "t_quantile", "verdict", "format_interval", "mean_sd"]
+__all__ = ["Paired", "paired_difference", "t_quantile", "verdict", "format_interval", "mean_sd",
+           "noise_split"]
 
 LEVEL = 0.95
 
@@ -100,3 +101,30 @@ def mean_sd(values: list) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def noise_split(full: list, half0: list, half1: list) -> dict:
+    """How much of the seed-to-seed spread of a metric (or of a paired Δ) is evaluation noise.
+
+    full / half0 / half1: one value per seed, measured on the whole test set and on its two
+    disjoint halves. On a half, value = T_s + e (T_s: that seed's value on unlimited test data,
+    e: the test-sample error, variance v per half), so E[(half0 − half1)²] = 2v and the whole
+    set (about the mean of its halves) carries v / 2 of evaluation variance:
+        sd_eval  = sqrt(mean_s (half0_s − half1_s)² / 4)   (the whole test set's)
+        sd_total = sample sd of `full` over the seeds
+        sd_train = sqrt(max(0, sd_total² − sd_eval²))      (what more seeds average out)
+    Returns those three and eval_share = sd_eval² / sd_total² (None when sd_total is 0 or
+    there are fewer than 2 seeds, as are sd_total and sd_train then).
+    """
+    if not len(full) == len(half0) == len(half1) or not full:
+        raise ValueError(f"one value per seed in each of full, half0, half1: got {len(full)}, "
+                         f"{len(half0)}, {len(half1)}")
+    eval_var = statistics.fmean((a - b) ** 2 for a, b in zip(half0, half1)) / 4
+    out = {"n": len(full), "sd_eval": math.sqrt(eval_var), "sd_total": None, "sd_train": None,
+           "eval_share": None}
+    if len(full) >= 2:
+        total_var = statistics.variance(full)
+        out["sd_total"] = math.sqrt(total_var)
+        out["sd_train"] = math.sqrt(max(0.0, total_var - eval_var))
+        out["eval_share"] = eval_var / total_var if total_var > 0 else None
+    return out

@@ -188,6 +188,17 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
     teacher_d2 = os.path.join(teacher_dir, "backbone_d2.pth")
     stages[-1].d2_backbone = {"src": teacher_ckpt, "dst": teacher_d2}
 
+    extra = configs.det_extra_opts
+    # listed (so started) before the classification students: the teacher detector heads the
+    # longest chain (it and then every distilled student detector)
+    det_teacher = train("det_teacher", configs.det_teacher,
+                        [*extra, *configs.det_teacher_opts,
+                         *schedule(scale.det_teacher_iters, eval_twice=True),
+                         "MODEL.WEIGHTS", teacher_d2, "SEED", "0"],
+                        scale.det_teacher_iters, after=["cls_teacher"],
+                        role="teacher", stage="det")
+    stages.append(det_teacher)
+
     student_d2 = {}
     for seed in scale.seeds:
         for method, config in configs.cls_students.items():
@@ -203,14 +214,6 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
                                  "dst": student_d2[method, seed]}
             stages.append(stage)
 
-    extra = configs.det_extra_opts
-    det_teacher = train("det_teacher", configs.det_teacher,
-                        [*extra, *configs.det_teacher_opts,
-                         *schedule(scale.det_teacher_iters, eval_twice=True),
-                         "MODEL.WEIGHTS", teacher_d2, "SEED", "0"],
-                        scale.det_teacher_iters, after=["cls_teacher"],
-                        role="teacher", stage="det")
-    stages.append(det_teacher)
     # the distillation runs rebuild the teacher from the very config it was trained with
     teacher_cfg = os.path.join(det_teacher.out_dir, "config.yaml")
     teacher_weights = os.path.join(det_teacher.out_dir, "model_final.pth")

@@ -33,7 +33,7 @@ from .describe import (
     stage_config,
     training_precision,
 )
-from .paired import mean_sd
+from .paired import format_interval, mean_sd, paired_difference
 from .plan import STUDENT_METHODS, Stage
 from .report_methods import methods_section
 from .worker import finished_results
@@ -96,7 +96,8 @@ class Report:
                     continue
                 values = {k: [bbox[s.name][k] for s in runs] for k in self.metrics}
                 name = f"{label} → {'NST' if det_nst else 'fine-tune'}"
-                numbers[name] = {"top1": top1, **values}
+                numbers[name] = {"top1": top1, "seeds": [s.meta.get("seed") for s in runs],
+                                 **values}
                 rows.append([f"{self.student_name(method)} {name}", mean_sd(top1),
                              *[mean_sd(values[k]) for k in self.metrics], *cost("student")])
         header = ["Method (pretraining → detection)", "top-1 of pretrained backbone (%)",
@@ -200,18 +201,15 @@ def _verdict(numbers: dict, mmd: dict, main: str, student: str, pair) -> list[st
                          f"quarter of the teacher's {main}): the differences below say how much "
                          "faster each method learns in a short fine-tuning, not where longer "
                          "training would end.")
-    spread = statistics.stdev(base) if len(base) > 1 else None
+    plain = dict(zip(numbers.get("Student → fine-tune", {}).get("seeds", []), base))
     for name, values in numbers.items():
         if name in ("teacher", "Student → fine-tune") or not values[main] or not base:
             continue
-        diff = statistics.mean(values[main]) - statistics.mean(base)
-        if spread is None:
-            judged = "one seed only: no spread to judge it against"
-        elif abs(diff) <= 2 * spread:
-            judged = f"within twice the seed spread ({spread:.1f}): not a measurable effect here"
-        else:
-            judged = f"beyond twice the seed spread ({spread:.1f})"
-        lines.append(f"{name}: {main} {diff:+.1f} against the plain student ({judged}).")
+        # seed by seed, as the methods section judges (paired.py): a row and the plain student
+        # of the same seed start from the same initialisation and data order
+        p = paired_difference(dict(zip(values["seeds"], values[main])), plain)
+        lines.append(f"{name}: {main} {format_interval(p)} against the plain student of the "
+                     f"same seed, {int(100 * p.level)}% interval ({p.verdict}).")
     if mmd:
         lines.append(f"MMD² (poly) between student {pair[0]} and teacher {pair[1]} features on "
                      f"test images: {mmd['without NST']:.4f} without detection-stage NST, "

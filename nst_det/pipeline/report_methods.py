@@ -134,10 +134,10 @@ def _control_lines(numbers: dict) -> list:
     """What the control rows mean; [] without any."""
     if not any(n.get("control") for n in numbers.values()):
         return []
-    return ["Controls: plain_aa is the plain student trained again with only SEED changed "
-            "(same pretrained weights, config and data; SEED sets both the data order and the "
-            "new heads' initialisation here): its verdict should be no difference, else the "
-            "intervals are too optimistic. nst_handset is NST at the NST config's hand-set "
+    return ["Controls: plain_aa is the plain student trained again with only its data order "
+            "changed (NST_DET.DATA_SEED; the same SEED, initialisation, pretrained weights, "
+            "config and data): its verdict should be no difference, else the intervals are too "
+            "optimistic. nst_handset is NST at the NST config's hand-set "
             "MODEL.NST.LOSS_WEIGHT (no calibration), the main table's setting.", ""]
 
 

@@ -13,7 +13,10 @@ and a training stage resumes from its last checkpoint. The runner is the only pr
 one line per stage start and end, ~10 progress lines per training stage (read from the
 stage's `progress.json`), each with the one pipeline ETA. `status()` lists every stage as
 pending / queued / running / done / failed with its job id and log. Executors and job states
-of either cluster come from `cluster.py`, duration estimates and the ETA from `eta.py`.
+of either cluster come from `cluster.py`.
+
+Locally, ready stages start in the plan's order (the plan lists a long chain's head early, e.g.
+the teacher detector before the classification students): no priority of the runner's own.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from contextlib import contextmanager
 
 from ..utils.atomic import atomic_write, remove_stale_temps
 from .cluster import SLURM_ACTIVE, ClusterSettings, local_job_alive, squeue, stage_executor
-from .eta import HEAVY, TRAIN_TAIL_SEC, PlanClock
 from .plan import Stage
 from .worker import (
     PROGRESS_FILE,
@@ -43,6 +45,12 @@ from .worker import (
 __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
 
 JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
+HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
+# for the ETA only: seconds per iteration until a stage of the kind reports its pace (a 2-core
+# CPU), and seconds a stage takes besides its iterations
+PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
+FIXED_SEC = {"train": 15.0, "evaluate": 30.0, "export": 40.0, "report": 30.0, "calibrate": 60.0}
+OTHER_SEC = 5.0
 
 
 def _fmt(seconds: float) -> str:
@@ -78,7 +86,7 @@ class PipelineRunner:
         self.slurm = self.settings.cluster == "slurm"
         self.jobs = max(1, self.settings.jobs)
         self._by_name = {s.name: s for s in stages}
-        self.clock = PlanClock(stages, self.jobs, self.slurm)  # estimates, start order, ETA
+        self._pace = dict(PRIOR_SEC_PER_ITER)  # latest s/it reported per stage kind (cls, det)
         unknown = {s.name: [d for d in s.after if d not in self._by_name] for s in stages}
         unknown = {k: v for k, v in unknown.items() if v}
         if unknown:
@@ -290,46 +298,45 @@ class PipelineRunner:
         return ended
 
     def _start_ready(self, waiting: dict) -> None:
-        """Local: submit the stages whose inputs are done, longest chain first, up to `jobs`
+        """Local: submit the stages whose inputs are done, in plan order, up to `jobs`
         training stages at a time."""
-        memo = {}
         slots = self.jobs - sum(self._by_name[n].kind in HEAVY for n in self._started)
-        ready = [s for s in waiting.values() if set(s.after) <= self._finished]
-        for stage in sorted(ready, key=lambda s: -self.clock.critical_path(s, memo)):
+        for stage in [s for s in waiting.values() if set(s.after) <= self._finished]:
             if stage.kind in HEAVY:
                 if slots <= 0:
                     continue
                 slots -= 1
-            left = self._left(waiting)
             job = self._submit(stage)
             del waiting[stage.name]
             self._started[stage.name] = (job, time.time())
             print(f"{self._labels[stage.name]} starting ({stage.kind}); pipeline ETA "
-                  f"{_fmt(self.clock.eta(left, self._finished))}", flush=True)
+                  f"{_fmt(self._eta(waiting))}", flush=True)
 
     def _progress(self, stage: Stage) -> dict | None:
         return _read_json(os.path.join(stage.out_dir, PROGRESS_FILE)) \
             if stage.kind == "train" else None
 
-    def _left(self, waiting: dict) -> dict:
-        """name -> estimated seconds still needed, for the waiting and the started stages."""
-        left = {n: self.clock.estimate(self._by_name[n]) for n in waiting}
+    def _estimate(self, stage: Stage) -> float:
+        """Seconds a whole stage is expected to take (its kind's latest pace)."""
+        fixed = FIXED_SEC.get(stage.kind, OTHER_SEC)
+        if stage.kind != "train":
+            return fixed
+        return stage.iters * self._pace.get(stage.meta.get("stage"), 1.0) + fixed
+
+    def _eta(self, waiting: dict) -> float:
+        """The one pipeline ETA: the seconds the unfinished stages still need, shared among
+        the slots (`jobs` locally, the running stages on SLURM)."""
+        left = sum(self._estimate(s) for s in waiting.values())
         for name, (_, started) in self._started.items():
             stage = self._by_name[name]
             progress = self._progress(stage)
-            if progress:
-                # iterations still to run plus the stage's tail (final evaluation, saving),
-                # counted from the start so the estimate never jumps up when the last
-                # iteration ends and only the tail is left
-                iters_left = progress["max_iter"] - progress["iter"]
-                tail = TRAIN_TAIL_SEC
-                if iters_left <= 0:
-                    tail -= time.time() - os.path.getmtime(
-                        os.path.join(stage.out_dir, PROGRESS_FILE))
-                left[name] = max(1.0, progress["sec_per_iter"] * iters_left + tail)
+            if progress:  # iterations still to run, and about half the fixed part (evaluation)
+                left += progress["sec_per_iter"] * (progress["max_iter"] - progress["iter"]) \
+                    + FIXED_SEC["train"] / 2
             else:
-                left[name] = max(1.0, self.clock.estimate(stage) - (time.time() - started))
-        return left
+                left += max(1.0, self._estimate(stage) - (time.time() - started))
+        slots = max(1, len(self._started)) if self.slurm else self.jobs
+        return left / slots
 
     def _show_progress(self, shown: dict, waiting: dict) -> None:
         """One line per new ~10% of a running training stage, with the pipeline ETA."""
@@ -343,8 +350,8 @@ class PipelineRunner:
             if tenth <= shown.get(name, 0) or done < total and tenth == 0:
                 continue
             shown[name] = tenth
-            self.clock.observe_pace(stage, progress["sec_per_iter"])
-            eta = self.clock.eta(self._left(waiting), self._finished)
+            self._pace[stage.meta.get("stage")] = progress["sec_per_iter"]
+            eta = self._eta(waiting)
             print(f"    {self._labels[name]}: iter {done}/{total} ({100 * done // total}%) "
                   f"{progress['sec_per_iter']:.2f} s/it | stage ETA "
                   f"{_fmt(progress['sec_per_iter'] * (total - done))} | pipeline ETA "

@@ -11,7 +11,8 @@ config every reported seed of the method trains from. Test AP never enters the c
         -> det_method_<m>_s<seed>
 
 Controls (`--controls`), rows of the methods table compared with plain like every method:
-  plain_aa     negative (A/A) control: the plain student again, only SEED changed; a verdict
+  plain_aa     negative (A/A) control: the plain student again, only its data order changed
+               (NST_DET.DATA_SEED; the same SEED, so the same initialisation); a verdict
                other than "no difference" means the interval is too optimistic.
   nst_handset  positive control: NST at the main table's hand-set MODEL.NST.LOSS_WEIGHT (the
                NST config's own value), no calibration.
@@ -32,7 +33,7 @@ __all__ = ["GRID_FACTORS", "AA_SEED_OFFSET", "factor_label", "minival_name", "gr
 
 GRID_FACTORS = (0.25, 1.0, 4.0)  # times the calibrated weight
 VALIDATION_SPLIT = "minival"
-# the A/A run's SEED is its pair's + this, far from any seed a plan trains (0, 1, 2, ...)
+# the A/A run's data seed is its pair's SEED + this, far from any seed a plan trains (0, 1, ...)
 AA_SEED_OFFSET = 1000
 
 
@@ -109,12 +110,9 @@ def control_stages(by_name: dict, seeds: list, handset_weight: float, detector) 
         out_root = os.path.dirname(plain.out_dir)
         name = f"det_control_plain_aa_s{seed}"
         out_dir = os.path.join(out_root, name)
-        # Data order and the new heads' initialisation both come from SEED in this project
-        # (the trainer's stream is seeded by cfg.SEED, seed_all_rng(cfg.SEED) draws the RPN /
-        # ROI / FPN weights) and no key sets the data order alone. The closest faithful A/A
-        # run changes SEED only: the same pretrained weights file (MODEL.WEIGHTS), config,
-        # schedule and data; its spread is the seed noise a paired method row is judged by.
-        opts = [*_without(plain.opts, ("OUTPUT_DIR", "SEED")), "SEED",
+        # only the data order changes (NST_DET.DATA_SEED): the same SEED, so the same new
+        # layers' initialisation, pretrained weights, config, schedule and data
+        opts = [*_without(plain.opts, ("OUTPUT_DIR",)), "NST_DET.DATA_SEED",
                 str(seed + AA_SEED_OFFSET), "OUTPUT_DIR", out_dir]
         new.append(replace(plain, name=name, out_dir=out_dir, opts=opts, meta={
             "stage": "det", "role": "control", "control": "negative", "method": "plain_aa",

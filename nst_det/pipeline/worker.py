@@ -105,59 +105,37 @@ class _ProgressFile(HookBase):
                            "start_iter": self._first}, f)
 
 
-def _write_metrics(out_dir: str, results: dict) -> None:
-    if comm.is_main_process():
-        with atomic_write(os.path.join(out_dir, "final_metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-
-
-def train_stage(stage: Stage) -> dict:
-    """Train + evaluate one stage (every task of its job runs this); returns its metrics."""
-    from ..config import load_config
-    from ..utils.dist import release_process_group
-
-    cfg = load_config(stage.config, stage.opts)
-    cfg.freeze()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with _stage_log(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt")):
-        results = _train(stage, cfg)
-    release_process_group()
-    return results
-
-
-def _train(stage: Stage, cfg) -> dict:
-    """train_stage's work, with its logs routed to the stage's file."""
-    from ..engine.train_or_evaluate import train_or_evaluate
-
-    logging.getLogger("nst_det").info("stage %s: rank %d of world size %d", stage.name,
-                                      comm.get_rank(), comm.get_world_size())
-    if comm.is_main_process():
-        with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-    # a stage always resumes: its job may be a requeue, or a rerun after a stop
-    results = train_or_evaluate(cfg, resume=True, hooks=[
-        _ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))])
-    final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-    if comm.is_main_process() and not os.path.isfile(final):  # the stage's product: never done
-        raise RuntimeError(f"stage {stage.name}: training ended without {final}")  # without it
-    _write_metrics(cfg.OUTPUT_DIR, results)
-    return results
-
-
-def evaluate_stage(stage: Stage) -> dict:
-    """Evaluate one stage's model with its MODEL.WEIGHTS, as `train_net.py --eval-only` does;
-    returns its metrics."""
+def run_stage(stage: Stage) -> dict:
+    """Train + evaluate a "train" stage (every task of its job runs this), or evaluate an
+    "evaluate" stage's model with its MODEL.WEIGHTS as `train_net.py --eval-only` does; returns
+    the metrics, also written to the stage's final_metrics.json."""
     from ..config import load_config
     from ..engine.train_or_evaluate import train_or_evaluate
     from ..utils.dist import release_process_group
 
+    if stage.kind not in ("train", "evaluate"):
+        raise ValueError(f"stage {stage.name}: no handler for its kind {stage.kind!r}")
     cfg = load_config(stage.config, stage.opts)
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    train, main = stage.kind == "train", comm.is_main_process()
     with _stage_log(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt")):
-        results = train_or_evaluate(cfg, eval_only=True)
-        _write_metrics(cfg.OUTPUT_DIR, results)
+        logging.getLogger("nst_det").info("stage %s: rank %d of world size %d", stage.name,
+                                          comm.get_rank(), comm.get_world_size())
+        if train:
+            if main:
+                with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+                    f.write(cfg.dump())
+            seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
+        # a training stage always resumes: its job may be a requeue, or a rerun after a stop
+        hooks = [_ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))] if train else []
+        results = train_or_evaluate(cfg, eval_only=not train, resume=train, hooks=hooks)
+        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        if train and main and not os.path.isfile(final):  # the stage's product: never done
+            raise RuntimeError(f"stage {stage.name}: training ended without {final}")
+        if main:
+            with atomic_write(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
+                json.dump(results, f, indent=2)
     release_process_group()
     return results
 
@@ -201,16 +179,13 @@ def _local_process_group(per_node: int) -> None:
         comm.create_local_process_group(per_node)
 
 
-STAGE_FUNCTIONS = {"train": train_stage, "evaluate": evaluate_stage}
-
-
 class StageJob(submitit.helpers.Checkpointable):
     """One stage as a submitit job.
 
     Args:
         stage: the stage (plain data from the plan).
         handler: function(stage) -> metrics (export, report, ...); None for training and
-            evaluation stages, which run `train_stage` / `evaluate_stage`.
+            evaluation stages, which run `run_stage`.
         inputs: the stages it reads (`stage.after`); their run ids go into stage.json, so
             that the runner redoes this stage when one of them has run again since.
         threads: torch threads per task.
@@ -237,7 +212,7 @@ class StageJob(submitit.helpers.Checkpointable):
             # what a hard kill left (this job owns the folder, whoever wrote them)
             remove_stale_temps(stage.out_dir, below=True, exclude=self.others, any_writer=True)
         init_distributed(env)
-        run = self.handler or STAGE_FUNCTIONS[stage.kind]
+        run = self.handler or run_stage
         metrics = run(stage) or {}
         if env.global_rank == 0:
             record = {"name": stage.name, "kind": stage.kind,
