@@ -81,7 +81,8 @@ def test_selected_stages_are_the_named_ones_and_what_they_read(tmp_path):
 
     stages = build_plan(str(tmp_path), TOY_SCALES["ci"], TOY_CONFIGS)
     picked = select_stages(stages, ["det_nst_detnst_s0"])
-    assert [s.name for s in picked] == ["cls_teacher", "cls_nst_s0", "det_teacher",
+    # plan order: the teacher detector is listed right after the classification teacher
+    assert [s.name for s in picked] == ["cls_teacher", "det_teacher", "cls_nst_s0",
                                         "det_nst_detnst_s0"]
     names = {s.name for s in picked}
     assert all(set(s.after) <= names for s in picked)  # a runnable plan on its own
