@@ -216,3 +216,27 @@ def test_report_rows_for_controls_and_the_weight_grid(tmp_path):
     assert grid[3] == "x4 (nst 8)"
     assert numbers["nst_poly"]["grid"]["chosen"] == 4.0
     assert any("Controls:" in line for line in lines)
+
+
+def test_methods_only_keeps_the_benchmark_and_what_it_reads_and_a_report_over_it(tmp_path):
+    from nst_det.pipeline.methods import methods_benchmark_only
+
+    plan, _ = _plan(tmp_path)
+    full = add_method_stages(plan, ["nst_poly"], weight_grid=True, controls=True)
+    cut = methods_benchmark_only(full)
+    names = [s.name for s in cut]
+    by_name = {s.name: s for s in full}
+    assert names == [s.name for s in full if s.name in set(names)]  # the plan's order
+    for s in cut:  # everything a kept stage reads is kept, and comes before it
+        assert all(d in names[:names.index(s.name)] for d in s.after), s.name
+    benchmark = {f"det_method_nst_poly_s{k}" for k in (0, 1)} | {
+        f"det_control_{c}_s{k}" for c in ("plain_aa", "nst_handset") for k in (0, 1)}
+    assert benchmark | {"det_plain_s0", "det_plain_s1", "select_nst_poly"} <= set(names)
+    # the main table's distilled students (and only what they alone read) are left out
+    assert not {"det_nst_s0", "det_plain_detnst_s0", "det_kd_nst_s0", "cls_nst_s0",
+                "cls_kd_nst_s0", "export"} & set(names)
+    report = cut[-1]
+    assert report.kind == "report" and report.out_dir == by_name["report"].out_dir
+    assert sorted(report.after) == sorted(s.name for s in cut if s.kind == "train")
+    with pytest.raises(ValueError, match="--methods-only"):
+        methods_benchmark_only(plan)

@@ -39,7 +39,12 @@ from nst_det.pipeline import (  # noqa: E402
 )
 from nst_det.pipeline.calibrate import calibrate_stage  # noqa: E402
 from nst_det.pipeline.cluster import ClusterSettings  # noqa: E402
-from nst_det.pipeline.methods import METHODS, add_method_stages, parse_methods  # noqa: E402
+from nst_det.pipeline.methods import (  # noqa: E402
+    METHODS,
+    add_method_stages,
+    methods_benchmark_only,
+    parse_methods,
+)
 from nst_det.pipeline.plan import TOY_PLANS, select_stages  # noqa: E402
 from nst_det.pipeline.report import write_report  # noqa: E402
 from nst_det.pipeline.steps import export_stage  # noqa: E402
@@ -78,8 +83,12 @@ def parse_args(argv=None):
                              "weight_grid.py)")
     parser.add_argument("--controls", action="store_true",
                         help="add the methods table's controls: plain_aa (plain student, only "
-                             "SEED changed: negative) and nst_handset (NST at the config's "
-                             "hand-set weight: positive)")
+                             "its data order changed, NST_DET.DATA_SEED: negative) and "
+                             "nst_handset (NST at the config's hand-set weight: positive)")
+    parser.add_argument("--methods-only", action="store_true",
+                        help="the methods benchmark alone: the method and control students, the "
+                             "plain students they are compared with, what those read and the "
+                             "report (not the main table's distilled students, not the export)")
     parser.add_argument("--stages", default="",
                         help="comma-separated stage names: run only these and the stages they "
                              "read, e.g. det_teacher (names: --status)")
@@ -190,6 +199,11 @@ def main(argv=None):
                         train_opts=amp_opts(args.amp, args.paper))
     stages = add_method_stages(stages, parse_methods(args.methods),
                                weight_grid=args.weight_grid, controls=args.controls)
+    if args.methods_only:
+        try:
+            stages = methods_benchmark_only(stages)
+        except ValueError as e:
+            sys.exit(str(e))
     if args.stages:
         try:
             stages = select_stages(stages, [n.strip() for n in args.stages.split(",")])

@@ -25,10 +25,11 @@ import ast
 import os
 from dataclasses import replace
 
-from .plan import Stage
+from .plan import Stage, select_stages
 
 __all__ = ["METHODS", "CALIBRATION", "DETECTION", "loss_keys", "method_opts", "method_slug",
-           "add_method_stages", "parse_methods", "detector_of", "fgfi_warmup"]
+           "add_method_stages", "parse_methods", "detector_of", "fgfi_warmup",
+           "methods_benchmark_only"]
 
 # method -> the losses it switches on. "nst": MODEL.NST.KERNEL (loss_nst); "kd": Hinton KD on
 # the RoI class logits (loss_kd); "transfer": a name in nst_det.losses' registry under
@@ -269,3 +270,24 @@ def add_method_stages(stages: list, methods: list, seeds=None, weight_grid: bool
     trained = [s.name for s in new if s.kind == "train"]
     summary = [replace(s, after=[*s.after, *trained]) for s in summary]
     return rest + new + summary
+
+
+def methods_benchmark_only(stages: list) -> list:
+    """The plan cut to the methods benchmark: the method and control students, the plain
+    students they are compared with (`det_plain_s<seed>`), every stage those read, and the
+    report over them; the main table's distilled students and the export are left out.
+
+    `stages`: a plan with its method stages (`add_method_stages`). Raises ValueError when it
+    has none.
+    """
+    wanted = [s.name for s in stages if s.meta.get("role") in ("method", "control")]
+    if not wanted:
+        raise ValueError("--methods-only: the plan has no method or control stages (give "
+                         "--methods and/or --controls)")
+    wanted += [s.name for s in stages if s.kind == "train" and s.meta.get("stage") == "det"
+               and s.meta.get("role") == "student" and s.meta.get("method") == "plain"
+               and not s.meta.get("det_nst")]
+    kept = select_stages(stages, wanted)
+    report = next(s for s in stages if s.kind == "report")
+    trained = [s.name for s in kept if s.kind in ("train", "evaluate")]
+    return [*kept, replace(report, after=trained)]

@@ -1,0 +1,80 @@
+"""Lines of nst_det (wc -l) per package and for the runner and report groups, at one or more
+git revisions, for issue 24's before / after figures.
+
+    .venv/bin/python benchmarks/count_lines.py                 # the working tree
+    .venv/bin/python benchmarks/count_lines.py --rev 7e2bd0e --rev HEAD
+
+A revision is read with `git ls-tree` / `git show`, so nothing is checked out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from tabulate import tabulate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GROUPS = {
+    "runner (run, eta, cluster, worker, steps)":
+        ["run.py", "eta.py", "cluster.py", "worker.py", "steps.py"],
+    "report (report, report_methods, describe)":
+        ["report.py", "report_methods.py", "describe.py"],
+}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", REPO, *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def file_lines(rev: str | None) -> dict:
+    """path (relative to the repository) -> line count of every nst_det/*.py and README.md."""
+    if rev is None:
+        paths = [os.path.relpath(os.path.join(root, name), REPO)
+                 for root, _, names in os.walk(os.path.join(REPO, "nst_det"))
+                 for name in names if name.endswith(".py")] + ["README.md"]
+
+        def read(path):
+            with open(os.path.join(REPO, path), encoding="utf-8") as f:
+                return f.read()
+    else:
+        paths = [p for p in _git("ls-tree", "-r", "--name-only", rev, "nst_det").splitlines()
+                 if p.endswith(".py")] + ["README.md"]
+
+        def read(path):
+            return _git("show", f"{rev}:{path}")
+    return {p: read(p).count("\n") for p in paths}
+
+
+def summary(lines: dict) -> dict:
+    """row label -> lines: nst_det, each package, the two groups and the README."""
+    out = {"nst_det": sum(n for p, n in lines.items() if p.startswith("nst_det/"))}
+    packages = sorted({p.split("/")[1] for p in lines if p.count("/") >= 2})
+    for package in packages:
+        out[f"nst_det/{package}"] = sum(n for p, n in lines.items()
+                                        if p.startswith(f"nst_det/{package}/"))
+    for label, names in GROUPS.items():
+        out[label] = sum(lines.get(f"nst_det/pipeline/{n}", 0) for n in names)
+    out["README.md"] = lines.get("README.md", 0)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rev", action="append", default=[],
+                        help="git revision (repeatable); default: the working tree")
+    args = parser.parse_args(argv)
+    revs = args.rev or [None]
+    columns = [summary(file_lines(rev)) for rev in revs]
+    labels = list(dict.fromkeys(k for c in columns for k in c))
+    rows = [[label, *[c.get(label, 0) for c in columns]] for label in labels]
+    print(tabulate(rows, ["lines (wc -l)", *[r or "working tree" for r in revs]],
+                   tablefmt="github"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
