@@ -216,6 +216,8 @@ def test_report_rows_for_controls_and_the_weight_grid(tmp_path):
     assert grid[3] == "x4 (nst 8)"
     assert numbers["nst_poly"]["grid"]["chosen"] == 4.0
     assert any("Controls:" in line for line in lines)
+    assert any("scaled by the grid factor with the best validation AP50" in line
+               for line in lines)  # the intro says where the weights come from
 
 
 def test_methods_only_keeps_the_benchmark_and_what_it_reads_and_a_report_over_it(tmp_path):

@@ -187,7 +187,10 @@ def methods_section(stages: list, out_dir: str, fig_dir: str = "figures",
         "teacher detector, schedule and data; only the transfer loss differs. Each loss weight "
         "was calibrated so that the loss starts at a fixed fraction of the detection loss on the "
         "first training batches (nst_det/pipeline/methods.py; the calibrate_<method> stage "
-        "folders hold the measurements), not chosen by test AP.", "",
+        "folders hold the measurements)" + (
+            ", then scaled by the grid factor with the best validation AP50 (below)"
+            if any("grid" in n for n in numbers.values()) else "") +
+        "; never chosen by test AP.", "",
         *markdown_table(header, rows).splitlines(), "",
         *_grid_lines(numbers), *_control_lines(numbers),
         f"![paired ΔAP50 per method, 95% intervals]({plot})", "",
