@@ -25,7 +25,7 @@ import ast
 import os
 from dataclasses import replace
 
-from .plan import Stage, select_stages
+from .plan import Stage, is_plain_student, select_stages
 
 __all__ = ["METHODS", "CALIBRATION", "DETECTION", "loss_keys", "method_opts", "method_slug",
            "add_method_stages", "parse_methods", "detector_of", "fgfi_warmup",
@@ -284,9 +284,7 @@ def methods_benchmark_only(stages: list) -> list:
     if not wanted:
         raise ValueError("--methods-only: the plan has no method or control stages (give "
                          "--methods and/or --controls)")
-    wanted += [s.name for s in stages if s.kind == "train" and s.meta.get("stage") == "det"
-               and s.meta.get("role") == "student" and s.meta.get("method") == "plain"
-               and not s.meta.get("det_nst")]
+    wanted += [s.name for s in stages if is_plain_student(s)]
     kept = select_stages(stages, wanted)
     report = next(s for s in stages if s.kind == "report")
     trained = [s.name for s in kept if s.kind in ("train", "evaluate")]

@@ -238,6 +238,13 @@ def build_plan(out_root: str, scale: Scale, configs: PlanConfigs, train_opts=())
     return stages
 
 
+def is_plain_student(stage: Stage) -> bool:
+    """A `det_plain_s<seed>` stage: the plain student detector the methods are compared with."""
+    m = stage.meta
+    return (stage.kind == "train" and m.get("stage") == "det" and m.get("role") == "student"
+            and m.get("method") == "plain" and not m.get("det_nst"))
+
+
 def select_stages(stages: list, names) -> list:
     """The named stages and every stage they read, transitively, in the plan's order.
 

@@ -18,6 +18,7 @@ import statistics
 from .describe import markdown_table, metrics_rows
 from .figures import ForestRow, forest_plot
 from .paired import format_interval, mean_sd, paired_difference
+from .plan import is_plain_student
 from .weight_grid import factor_label
 from .worker import finished_results
 
@@ -40,8 +41,7 @@ def method_numbers(stages: list, results: dict | None = None) -> dict:
     def finished(**meta):
         return _finished(stages, results, **meta)
 
-    plain = [s for s in finished(stage="det", role="student", method="plain")
-             if s.kind == "train" and not s.meta.get("det_nst")]
+    plain = [s for s in stages if s.name in results and is_plain_student(s)]
     runs = {}
     for s in finished(role="method"):
         runs.setdefault(s.meta["method"], []).append(s)
