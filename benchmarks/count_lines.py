@@ -18,8 +18,9 @@ from tabulate import tabulate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUPS = {
-    "runner (run, eta, cluster, worker, steps)":
-        ["run.py", "eta.py", "cluster.py", "worker.py", "steps.py"],
+    # records.py holds the stage-record readers that were in worker.py
+    "runner (run, eta, cluster, worker, steps, records)":
+        ["run.py", "eta.py", "cluster.py", "worker.py", "steps.py", "records.py"],
     "report (report, report_methods, describe)":
         ["report.py", "report_methods.py", "describe.py"],
 }

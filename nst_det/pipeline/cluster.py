@@ -1,8 +1,7 @@
-"""Where a pipeline stage runs: submitit executors for this machine or SLURM, and job states.
+"""Where a stage runs: its submitit executor (this machine or SLURM), and the state of a job.
 
-`ClusterSettings` holds the choice (local / slurm) and the resources per stage kind;
-`stage_executor` builds the submitit executor of one stage from them; `squeue` and
-`local_job_alive` tell whether a submitted job is still queued or running.
+Job states come from `squeue` rather than submitit's `job.state`, which reads `sacct`: a SLURM
+without accounting storage (the CI's one-node cluster, many small ones) has no `sacct`.
 """
 
 from __future__ import annotations
@@ -15,24 +14,21 @@ import submitit
 
 from ..utils.process import process_running
 
-__all__ = ["ClusterSettings", "SLURM_ACTIVE", "squeue", "local_job_alive", "stage_executor"]
-
 # squeue states of a job that has not ended -> the pipeline's words for them
-SLURM_ACTIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued",
-                "REQUEUE_FED": "queued", "SUSPENDED": "queued", "RESV_DEL_HOLD": "queued",
-                "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
-                "RESIZING": "running", "STAGE_OUT": "running", "SIGNALING": "running"}
+SLURM_ACTIVE = {**dict.fromkeys(("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                                 "SUSPENDED", "RESV_DEL_HOLD"), "queued"),
+                **dict.fromkeys(("CONFIGURING", "RUNNING", "COMPLETING", "RESIZING",
+                                 "STAGE_OUT", "SIGNALING"), "running")}
 
 
 @dataclass
 class ClusterSettings:
-    """Where the stages run and with what, per stage kind ("cls", "det": training/evaluation
-    stages of that task; "other": conversion, export, report).
+    """Where the stages run and with what, per stage kind: "cls" / "det" (training and
+    evaluation stages of that task) or "other" (conversion, export, report).
 
-    cluster: "local" (submitit's local executor) or "slurm".
-    jobs: local only: training stages side by side.
-    tasks / gpus / nodes / time_min / cpus: per kind, `{"cls": 8, ...}`, a missing kind
-        falling back to "default". tasks: processes per node (one per GPU; default = gpus or 1).
+    cluster: "local" (submitit's local executor) or "slurm". jobs: local only, training stages
+    side by side. tasks / gpus / nodes / time_min / cpus: per kind, e.g. `{"cls": 8}`, a
+    missing kind falling back to "default"; tasks are processes per node (default: gpus or 1).
     partition, account: SLURM's; sbatch: extra `#SBATCH --key=value` options.
     """
 
@@ -54,23 +50,18 @@ class ClusterSettings:
 
 def stage_executor(settings: ClusterSettings, kind: str, folder: str, name: str,
                    after_ids=()) -> tuple:
-    """(submitit executor, torch threads per task or 0 for "as SLURM gives") of one stage.
-
-    kind: "cls" / "det" for training and evaluation stages, "other" for the rest (one task).
-    after_ids: SLURM job ids the stage waits for (`afterok`).
-    """
+    """(submitit executor, torch threads per task, 0 for "as SLURM gives") of one stage of
+    `kind` ("cls", "det" or "other"), waiting (`afterok`) for the SLURM jobs `after_ids`."""
     s = settings
     gpus = s.get("gpus", kind, 0)
     tasks = s.get("tasks", kind, gpus or 1) if kind != "other" else 1
     if s.cluster != "slurm":
         # the cores shared among the training stages side by side and their processes
-        cpus = max(1, (os.cpu_count() or 1) // (max(1, s.jobs) * tasks)) \
-            if kind != "other" else 1
+        cpus = max(1, (os.cpu_count() or 1) // (max(1, s.jobs) * tasks)) if kind != "other" else 1
         executor = submitit.LocalExecutor(folder)
-        # a long limit: submitit's local default (2 min) would signal a time-out
-        executor.update_parameters(
-            timeout_min=s.get("time_min", kind, 60 * 24 * 30), tasks_per_node=tasks,
-            gpus_per_node=gpus, name=name)
+        # a long limit: submitit's local default would signal a time-out
+        executor.update_parameters(timeout_min=s.get("time_min", kind, 60 * 24 * 30),
+                                   tasks_per_node=tasks, gpus_per_node=gpus, name=name)
         return executor, cpus
     cpus = s.get("cpus", kind, None)
     # a requeued job (time limit, preemption) appends to its logs instead of truncating them
@@ -87,16 +78,13 @@ def stage_executor(settings: ClusterSettings, kind: str, folder: str, name: str,
 
 
 def squeue(job_ids) -> dict:
-    """job id -> (state, reason) for the SLURM jobs slurmctld still knows."""
+    """job id -> (state, reason) of the SLURM jobs slurmctld still knows."""
     if not job_ids:
         return {}
     out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%r",
                           "-j", ",".join(sorted(job_ids))], capture_output=True, text=True)
-    states = {}
-    for line in out.stdout.splitlines():
-        job_id, state, reason = (line.split("|") + ["", ""])[:3]
-        states[job_id.strip()] = (state.strip(), reason.strip())
-    return states
+    rows = ((line.split("|") + ["", ""])[:3] for line in out.stdout.splitlines())
+    return {job_id.strip(): (state.strip(), reason.strip()) for job_id, state, reason in rows}
 
 
 def local_job_alive(job_id: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .plan import Stage
-from .run import stage_result
+from .records import stage_result
 
 
 def best_student(stages: list) -> Stage:

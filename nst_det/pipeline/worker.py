@@ -1,14 +1,11 @@
-"""What runs inside one stage's submitit job: `StageJob`, on a workstation or a SLURM node.
+"""What runs inside one stage's submitit job (`StageJob`), on a workstation or a SLURM node.
 
-A job trains + evaluates (or only evaluates, exports, reports) one stage and, on its
-global rank 0, writes the stage's `stage.json` atomically at its end: the file that marks the
-stage finished. Multi-task jobs (one task per GPU, possibly on several nodes) set up
-detectron2's distributed state from submitit's JobEnvironment, so nothing is spawned inside a
-job. A job asked to stop (SIGINT, SIGTERM: Ctrl-C, `scancel`, the runner) raises inside the
-stage, so atomic writes remove their temporary files; what a hard kill leaves is removed when
-the stage starts again (`remove_stale_temps`). On a time limit or preemption (SLURM's USR2
-signal), submitit calls `checkpoint()` and requeues the job, which resumes from the stage's
-last checkpoint (the trainers' exact resume).
+A job runs its stage and, on global rank 0, writes the stage's record (`records.STAGE_FILE`)
+atomically at the end. A multi-task job joins its process group from submitit's environment. A
+job asked to stop (SIGINT, SIGTERM) raises inside the stage, so atomic writes remove their
+temporaries; what a hard kill left is swept when the stage starts again. On a time limit or
+preemption submitit calls `checkpoint()` and requeues the job, which resumes from the stage's
+last checkpoint.
 """
 
 from __future__ import annotations
@@ -27,49 +24,24 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..utils.atomic import atomic_write, exit_on_sigterm, remove_stale_temps
+from ..utils.dist import init_from_submitit, release_process_group
 from .plan import Stage
+from .records import PROGRESS_FILE, STAGE_FILE, finished_results, runs_of, stage_result
 
-STAGE_FILE = "stage.json"
-PROGRESS_FILE = "progress.json"  # a training stage's iteration count and speed, for the runner
-SUMMARY_KINDS = ("export", "report")  # stages that summarise every training run
-
-
-def stage_result(stage: Stage) -> dict | None:
-    """The stage's stage.json, or None when it has not finished."""
-    path = os.path.join(stage.out_dir, STAGE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def finished_results(stages) -> dict:
-    """name -> stage.json of each finished stage of `stages` (one read each)."""
-    return {s.name: r for s in stages if (r := stage_result(s)) is not None}
-
-
-def runs_of(stages) -> dict:
-    """name -> run id (a fresh one each time a stage finishes) of each of `stages`; None for a
-    stage that has not finished (or finished before run ids were recorded)."""
-    return {s.name: (stage_result(s) or {}).get("run_id") for s in stages}
-
-
-_STAGE_LOGGERS = ("detectron2", "fvcore", "nst_det", "d2")
+__all__ = ["StageJob", "run_stage", "stage_paths", "finished_results", "stage_result"]
 
 
 @contextmanager
 def _stage_log(log_file: str):
-    """Within the block, detectron2/fvcore/nst_det logging (INFO and up) also goes to `log_file`.
+    """Within the block, detectron2/fvcore/nst_det INFO logs also go to `log_file`.
 
-    Only what this adds is changed, and it is undone on exit: handlers someone else installed
-    stay where they are. In particular detectron2's `setup_logger` is `lru_cache`d and never
-    adds its handlers a second time, so removing them (as this once did) would silence
-    detectron2 for the rest of a process that runs a stage in-process (tests, DebugExecutor).
-    A logger's level is lowered to INFO only where it would drop INFO records, and restored.
+    Only this handler (and a level lowered to INFO) is added and undone on exit: detectron2's
+    `setup_logger` is cached and never re-adds its handlers, so removing others' would silence
+    detectron2 for the rest of a process that runs stages in-process (tests).
     """
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s]: %(message)s"))
-    loggers = [logging.getLogger(name) for name in _STAGE_LOGGERS]
+    loggers = [logging.getLogger(n) for n in ("detectron2", "fvcore", "nst_det", "d2")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(handler)
@@ -85,10 +57,8 @@ def _stage_log(log_file: str):
 
 
 class _ProgressFile(HookBase):
-    """Write `progress.json` (iteration, max_iter, s/it) ~20 times per stage, for the runner.
-
-    The runner alone prints progress and the one pipeline ETA; a stage only reports its pace.
-    """
+    """Writes progress.json (iteration, max_iter, s/it) ~20 times a stage: the runner alone
+    prints progress and the pipeline ETA."""
 
     def __init__(self, path: str):
         self._path = path
@@ -106,12 +76,11 @@ class _ProgressFile(HookBase):
 
 
 def run_stage(stage: Stage) -> dict:
-    """Train + evaluate a "train" stage (every task of its job runs this), or evaluate an
-    "evaluate" stage's model with its MODEL.WEIGHTS as `train_net.py --eval-only` does; returns
-    the metrics, also written to the stage's final_metrics.json."""
+    """Train + evaluate a "train" stage (it always resumes: its job may be a requeue), or
+    evaluate an "evaluate" stage with its MODEL.WEIGHTS, through the function
+    `tools/train_net.py` runs; returns the metrics, also written to final_metrics.json."""
     from ..config import load_config
     from ..engine.train_or_evaluate import train_or_evaluate
-    from ..utils.dist import release_process_group
 
     if stage.kind not in ("train", "evaluate"):
         raise ValueError(f"stage {stage.name}: no handler for its kind {stage.kind!r}")
@@ -122,12 +91,11 @@ def run_stage(stage: Stage) -> dict:
     with _stage_log(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt")):
         logging.getLogger("nst_det").info("stage %s: rank %d of world size %d", stage.name,
                                           comm.get_rank(), comm.get_world_size())
+        if train and main:
+            with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+                f.write(cfg.dump())
         if train:
-            if main:
-                with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-                    f.write(cfg.dump())
             seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-        # a training stage always resumes: its job may be a requeue, or a rerun after a stop
         hooks = [_ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))] if train else []
         results = train_or_evaluate(cfg, eval_only=not train, resume=train, hooks=hooks)
         final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
@@ -140,56 +108,17 @@ def run_stage(stage: Stage) -> dict:
     return results
 
 
-def init_distributed(env) -> None:
-    """detectron2's distributed state for a job of several tasks, from submitit's environment.
-
-    One process per task (per GPU), all started by the scheduler (srun, or submitit's local
-    controller): the process group is joined at the first node's address on a port derived from
-    the job id, and the GPU is the task's local rank, as detectron2's launch() sets them up.
-    """
-    if env.num_tasks <= 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    master = "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0]
-    # one port per job, so jobs side by side on a node do not meet each other
-    port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}:{port}",
-                            world_size=env.num_tasks, rank=env.global_rank)
-    _local_process_group(env.num_tasks // env.num_nodes)
-    if cuda:
-        torch.cuda.set_device(env.local_rank)
-    comm.synchronize()
-
-
-def _local_process_group(per_node: int) -> None:
-    """detectron2's per-machine process group (`comm.get_local_rank()`), where it has a public
-    way to make one: `comm.create_local_process_group` (detectron2 after v0.6).
-
-    detectron2 v0.6 has none: only its launch() sets the group, by assigning a private module
-    global, which nst_det does not do. Nothing nst_det runs needs the group on v0.6: the only
-    caller of get_local_rank() there is detectron2's create_ddp_model, and nst_det wraps models
-    with build_ddp_model, which takes the GPU set from submitit's local rank (init_distributed).
-    Code that calls `comm.get_local_rank()` in a multi-task job on v0.6 gets detectron2's own
-    "Local process group is not created" assertion.
-    """
-    if hasattr(comm, "create_local_process_group"):
-        comm.create_local_process_group(per_node)
-
-
 class StageJob(submitit.helpers.Checkpointable):
     """One stage as a submitit job.
 
     Args:
         stage: the stage (plain data from the plan).
-        handler: function(stage) -> metrics (export, report, ...); None for training and
-            evaluation stages, which run `run_stage`.
-        inputs: the stages it reads (`stage.after`); their run ids go into stage.json, so
-            that the runner redoes this stage when one of them has run again since.
-        threads: torch threads per task.
-        others: the other stages' folders (never swept by this job).
+        handler: function(stage) -> metrics for the other kinds (export, report, ...); None
+            runs `run_stage`.
+        inputs: the stages it reads: their run ids go into its record, so that the runner
+            redoes it when one of them has run again since.
+        threads: torch threads per task (0: as given).
+        others: the other stages' folders, never swept by this job.
     """
 
     def __init__(self, stage: Stage, handler=None, inputs=(), threads: int = 0, others=()):
@@ -197,29 +126,23 @@ class StageJob(submitit.helpers.Checkpointable):
         self.threads, self.others = threads, list(others)
 
     def __call__(self) -> dict:
-        # submitit logs and ignores SIGTERM (SLURM sends it before USR2 on some preemptions);
-        # here it must stop the stage so that its temporary files are removed
-        exit_on_sigterm()
-        start = time.perf_counter()
-        env = submitit.JobEnvironment()
+        exit_on_sigterm()  # submitit ignores SIGTERM; a stage must unwind on it
+        start, env, stage = time.perf_counter(), submitit.JobEnvironment(), self.stage
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
-        stage = self.stage
-        if env.global_rank == 0:
+        if env.global_rank == 0:  # this job owns the folder: what a hard kill left goes
             os.makedirs(stage.out_dir, exist_ok=True)
-            # what a hard kill left (this job owns the folder, whoever wrote them)
             remove_stale_temps(stage.out_dir, below=True, exclude=self.others, any_writer=True)
-        init_distributed(env)
-        run = self.handler or run_stage
-        metrics = run(stage) or {}
+        init_from_submitit(env)
+        metrics = (self.handler or run_stage)(stage) or {}
         if env.global_rank == 0:
             record = {"name": stage.name, "kind": stage.kind,
                       "seconds": time.perf_counter() - start, "meta": stage.meta,
                       "metrics": metrics, "job_id": env.job_id, "run_id": uuid.uuid4().hex,
                       "inputs": runs_of(self.inputs)}
-            if stage.d2_backbone:  # before stage.json: a stage recorded done has its backbone
+            if stage.d2_backbone:  # before the record: a stage recorded done has its backbone
                 from ..modeling.convert import classifier_file_to_d2
 
                 record["d2_backbone"] = classifier_file_to_d2(**stage.d2_backbone)
@@ -228,17 +151,13 @@ class StageJob(submitit.helpers.Checkpointable):
         return metrics
 
     def checkpoint(self, *args, **kwargs):
-        """Requeue as is: the stage resumes from its own last checkpoint (trainer resume)."""
+        """Requeue as is: the stage resumes from its own last checkpoint."""
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
 def stage_paths(folder: str | Path, job_id: str) -> dict:
-    """submitit's log files of a job (its first task) in a stage's job folder.
-
-    The names are submitit's folder convention, `<job id>_<task>_log.out` / `.err`, the paths a
-    submitted job's public `job.paths` gives (tests/test_public_api_only.py checks they agree);
-    the runner often has only the job id, read back from job.json, not the Job object.
-    """
+    """submitit's log files of a job's first task (`<job id>_0_log.out/.err`, as a submitted
+    job's `job.paths` gives them; the runner often has only the job id from job.json)."""
     folder = Path(folder).expanduser().absolute()
     return {kind: str(folder / f"{job_id}_0_log.{ext}")
             for kind, ext in (("stdout", "out"), ("stderr", "err"))}

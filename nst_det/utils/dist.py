@@ -45,3 +45,28 @@ def release_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         comm.synchronize()
         dist.destroy_process_group()
+
+
+def init_from_submitit(env) -> None:
+    """Join the process group of a submitit job of several tasks (`submitit.JobEnvironment`).
+
+    Every task is a process the scheduler started (srun, or submitit's local controller), so
+    nothing is spawned here, unlike detectron2's launch(): the group meets at the first node on
+    a port derived from the job id (jobs side by side on a node do not meet), and the GPU is the
+    task's local rank. detectron2's per-machine group is created where its public API can
+    (`comm.create_local_process_group`, after v0.6); on v0.6 nothing nst_det runs needs it.
+    """
+    if env.num_tasks <= 1:
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    master = "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0]
+    port = 20000 + int("".join(c for c in str(env.job_id) if c.isdigit()) or 0) % 20000
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}:{port}",
+                            world_size=env.num_tasks, rank=env.global_rank)
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(env.num_tasks // env.num_nodes)
+    if cuda:
+        torch.cuda.set_device(env.local_rank)
+    comm.synchronize()

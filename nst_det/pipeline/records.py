@@ -1,0 +1,36 @@
+"""A stage's record, `stage.json`: the file whose presence marks the stage finished.
+
+Written atomically by the stage's job at its end (`worker.StageJob`) with its metrics, seconds,
+a fresh run id and the run ids of the stages it read; read by the runner (what is done) and by
+the report (what to say). Nothing here starts or follows a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .plan import Stage
+
+STAGE_FILE = "stage.json"
+PROGRESS_FILE = "progress.json"  # a training stage's iteration count and speed, for the runner
+SUMMARY_KINDS = ("export", "report")  # stages that summarise every training run
+
+
+def stage_result(stage: Stage) -> dict | None:
+    """The stage's stage.json, or None when it has not finished."""
+    path = os.path.join(stage.out_dir, STAGE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished_results(stages) -> dict:
+    """name -> stage.json of each finished stage of `stages` (one read each)."""
+    return {s.name: r for s in stages if (r := stage_result(s)) is not None}
+
+
+def runs_of(stages) -> dict:
+    """name -> run id of each of `stages` (None: not finished, or finished before run ids)."""
+    return {s.name: (stage_result(s) or {}).get("run_id") for s in stages}
