@@ -46,7 +46,7 @@ def quick(stage):
 
 def paced(stage):
     """A stand-in training stage that reports its pace like the real one (progress.json)."""
-    from nst_det.pipeline.worker import PROGRESS_FILE
+    from nst_det.pipeline.records import PROGRESS_FILE
     from nst_det.utils.atomic import atomic_write
 
     os.makedirs(stage.out_dir, exist_ok=True)

@@ -26,9 +26,9 @@ from detectron2.utils.env import seed_all_rng
 from ..utils.atomic import atomic_write, exit_on_sigterm, remove_stale_temps
 from ..utils.dist import init_from_submitit, release_process_group
 from .plan import Stage
-from .records import PROGRESS_FILE, STAGE_FILE, finished_results, runs_of, stage_result
+from .records import PROGRESS_FILE, STAGE_FILE, runs_of
 
-__all__ = ["StageJob", "run_stage", "stage_paths", "finished_results", "stage_result"]
+__all__ = ["StageJob", "run_stage", "stage_paths"]
 
 
 @contextmanager
