@@ -218,9 +218,12 @@ def check_config_files(config_file: str) -> None:
         path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
 
 
-def load_config(config_file: str, opts=(), *, opts_name: str = "command-line overrides") -> CN:
+def load_config(config_file: str, opts=(), *, opts_name: str = "command-line overrides",
+                more_datasets: dict | None = None) -> CN:
     """get_cfg() + add_nst_config + the file + `opts` (KEY VALUE ...), with errors that name them:
-    the one loader of student, teacher (opts_name "MODEL.TEACHER.OPTS") and saved configs.
+    the one loader of student, teacher (opts_name "MODEL.TEACHER.OPTS") and saved configs. Then
+    the data sets of DATASETS.COCO / VOC are registered, after appending `more_datasets`
+    ({"COCO": [[name, json, image_root], ...], "VOC": [...]}, e.g. from the command line).
 
     yacs reports an unknown key as a bare KeyError or AssertionError; here the message also names
     the file (or `opts_name`) and the usual causes.
@@ -247,5 +250,7 @@ def load_config(config_file: str, opts=(), *, opts_name: str = "command-line ove
             ) from None
     from .data.from_config import register_datasets_from_config
 
+    for key, entries in (more_datasets or {}).items():
+        cfg.DATASETS[key] = [*cfg.DATASETS[key], *entries]
     register_datasets_from_config(cfg)  # DATASETS.COCO / DATASETS.VOC, in every entry point
     return cfg

@@ -16,7 +16,6 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from nst_det.config import load_config
-from nst_det.data.from_config import register_datasets_from_config
 from nst_det.engine.train_or_evaluate import train_or_evaluate
 from nst_det.utils.atomic import exit_on_sigterm
 from nst_det.utils.dist import release_process_group
@@ -24,11 +23,10 @@ from nst_det.utils.dist import release_process_group
 
 def setup(args):
     """Build the frozen config from the file and command-line overrides."""
-    cfg = load_config(args.config_file, args.opts)
     # --coco-dataset / --voc-dataset: appended to DATASETS.COCO / VOC (and so to config.yaml)
-    cfg.DATASETS.COCO = [*cfg.DATASETS.COCO, *(getattr(args, "coco_dataset", None) or [])]
-    cfg.DATASETS.VOC = [*cfg.DATASETS.VOC, *(getattr(args, "voc_dataset", None) or [])]
-    register_datasets_from_config(cfg)
+    cfg = load_config(args.config_file, args.opts, more_datasets={
+        "COCO": getattr(args, "coco_dataset", None) or [],
+        "VOC": getattr(args, "voc_dataset", None) or []})
     cfg.freeze()
     default_setup(cfg, args)
     # nst_det's own INFO logs (teacher loading and evaluation, ...) next to detectron2's
