@@ -293,16 +293,6 @@ def test_importing_nst_det_leaves_matplotlib_alone(import_effects):
     assert not import_effects["pyplot"]
 
 
-def test_stage_paths_are_the_ones_a_submitted_job_reports(tmp_path):
-    import submitit
-
-    from nst_det.pipeline.worker import stage_paths
-
-    job = submitit.DebugExecutor(tmp_path).submit(print)  # runs only when its result is asked
-    assert stage_paths(tmp_path, job.job_id) == {"stdout": str(job.paths.stdout),
-                                                 "stderr": str(job.paths.stderr)}
-
-
 def test_a_stage_log_leaves_detectron2_logging_as_it_found_it(tmp_path):
     import logging
 

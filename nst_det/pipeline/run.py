@@ -19,13 +19,14 @@ import subprocess
 import time
 from unittest import mock
 
+import submitit
 from tabulate import tabulate
 
 from ..utils.atomic import atomic_write, remove_stale_temps
 from .cluster import SLURM_ACTIVE, ClusterSettings, local_job_alive, squeue, stage_executor
 from .plan import Stage
 from .records import PROGRESS_FILE, STAGE_FILE, SUMMARY_KINDS, stage_result
-from .worker import StageJob, stage_paths
+from .worker import StageJob
 
 __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
 
@@ -119,7 +120,7 @@ class PipelineRunner:
         return _read_json(os.path.join(self._job_folder(stage), JOB_FILE))
 
     def _logs(self, stage: Stage, job_id: str) -> str:
-        return (f"{stage_paths(self._job_folder(stage), job_id)['stderr']} and "
+        return (f"{submitit.Job(self._job_folder(stage), job_id).paths.stderr} and "
                 f"{os.path.join(stage.out_dir, 'log.rank0.txt')}")
 
     def _submit(self, stage: Stage, after_ids=()):

@@ -16,7 +16,6 @@ import os
 import time
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
 
 import submitit
 from detectron2.engine import HookBase
@@ -28,7 +27,7 @@ from ..utils.dist import init_from_submitit, release_process_group
 from .plan import Stage
 from .records import PROGRESS_FILE, STAGE_FILE, runs_of
 
-__all__ = ["StageJob", "run_stage", "stage_paths"]
+__all__ = ["StageJob", "run_stage"]
 
 
 @contextmanager
@@ -153,11 +152,3 @@ class StageJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs):
         """Requeue as is: the stage resumes from its own last checkpoint."""
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-def stage_paths(folder: str | Path, job_id: str) -> dict:
-    """submitit's log files of a job's first task (`<job id>_0_log.out/.err`, as a submitted
-    job's `job.paths` gives them; the runner often has only the job id from job.json)."""
-    folder = Path(folder).expanduser().absolute()
-    return {kind: str(folder / f"{job_id}_0_log.{ext}")
-            for kind, ext in (("stdout", "out"), ("stderr", "err"))}
