@@ -7,6 +7,7 @@ without accounting storage (the CI's one-node cluster, many small ones) has no `
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 
@@ -78,8 +79,9 @@ def stage_executor(settings: ClusterSettings, kind: str, folder: str, name: str,
 
 
 def squeue(job_ids) -> dict:
-    """job id -> (state, reason) of the SLURM jobs slurmctld still knows."""
-    if not job_ids:
+    """job id -> (state, reason) of the SLURM jobs slurmctld still knows (none without SLURM's
+    client, e.g. `--status` on a machine that did not submit them)."""
+    if not job_ids or shutil.which("squeue") is None:
         return {}
     out = subprocess.run(["squeue", "--states=all", "-h", "-o", "%i|%T|%r",
                           "-j", ",".join(sorted(job_ids))], capture_output=True, text=True)
