@@ -202,12 +202,12 @@ class PipelineRunner:
 
     def _submit_all(self, sorter: graphlib.TopologicalSorter) -> None:
         """SLURM: every unfinished stage at once, `afterok` on the unfinished ones it reads."""
-        job_ids = {}
-        active = squeue([r["job_id"] for r in map(self._record, self._waiting.values()) if r])
+        job_ids, records = {}, {n: self._record(s) for n, s in self._waiting.items()}
+        active = squeue([r["job_id"] for r in records.values() if r])
         while sorter.is_active():
             for name in sorter.get_ready():
                 sorter.done(name)
-                stage, record = self._by_name[name], self._record(self._by_name[name])
+                stage, record = self._by_name[name], records[name]
                 if record and active.get(record["job_id"], ("",))[0] in SLURM_ACTIVE:
                     job_id, what = record["job_id"], "already submitted (job {})"
                 else:  # not submitted yet, or its job ended without finishing the stage
