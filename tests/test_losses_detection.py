@@ -522,6 +522,21 @@ def test_fgfi_gradients_reach_student_and_adapter_not_teacher():
     assert float(module.conv.weight.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("loss, adapter", [(defeat_loss, DeFeatAdapter),
+                                           (fgfi_loss, FGFIAdapter)])
+def test_an_adapter_to_the_wrong_width_is_refused_naming_the_loss(loss, adapter):
+    s, t = _rand(1, 3, 8, 8, seed=36), _rand(1, 4, 8, 8, seed=37)
+    with pytest.raises(ValueError, match=rf"{loss.__name__}: adapted student \(1, 5, 8, 8\)"):
+        loss(s, t, [torch.zeros(0, 4)], 4, module=adapter(3, 5).double())
+
+
+def test_fgd_and_mgd_align_channels_only_when_the_widths_differ():
+    for module in (FGDGlobal, MGDGenerator):
+        assert isinstance(module(4, 4).align, torch.nn.Identity)
+        conv = module(3, 4).align
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 4, (1, 1))
+
+
 # ---------------------------------------------------------------- ReviewKD
 def _block_mean(f, size):
     b, c, h, w = f.shape

@@ -5,6 +5,8 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from ._utils import check_maps
+
 
 def run_module(module: nn.Module, x):
     """``module(x)`` in the module's parameter dtype, the result cast back to x's dtype.
@@ -21,6 +23,25 @@ def run_module(module: nn.Module, x):
     if isinstance(x, (list, tuple)):
         return [y.to(src) for y in module([t.to(p.dtype) for t in xs])]
     return module(x.to(p.dtype)).to(src)
+
+
+def channel_align(student_channels: int, teacher_channels: int) -> nn.Module:
+    """[B, Cs, H, W] -> [B, Ct, H, W]: a 1x1 convolution, or the identity when Cs == Ct."""
+    if student_channels == teacher_channels:
+        return nn.Identity()
+    return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+
+
+def adapted_pair(f_s: torch.Tensor, f_t: torch.Tensor, module: nn.Module, name: str):
+    """(adapted student, detached teacher) maps, both [B, Ct, H, W]: the student map [B, Cs, H, W]
+    through the loss's adapter ``module``; a ValueError naming the loss unless the shapes agree."""
+    check_maps(f_s, f_t, name)
+    f_s = run_module(module, f_s)
+    if f_s.shape != f_t.shape:
+        raise ValueError(
+            f"{name}: adapted student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}"
+        )
+    return f_s, f_t.detach()
 
 
 def box_list(gt_boxes: Sequence, batch: int, device, name: str) -> List[torch.Tensor]:

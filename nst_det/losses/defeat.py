@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._det_utils import box_list, run_module
-from ._utils import check_maps, full_precision
+from ._det_utils import adapted_pair, box_list
+from ._utils import full_precision
 from .gt_masks import DEFAULT_LEVEL_STRIDES, defeat_fg_mask
 from .registry import TRANSFER_LOSS_REGISTRY
 
@@ -76,13 +76,7 @@ def defeat_loss(
     Returns:
         Scalar loss.
     """
-    check_maps(f_s, f_t, "defeat_loss")
-    f_t = f_t.detach()
-    f_s = run_module(module, f_s)
-    if f_s.shape != f_t.shape:
-        raise ValueError(
-            f"defeat_loss: adapted student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}"
-        )
+    f_s, f_t = adapted_pair(f_s, f_t, module, "defeat_loss")
     boxes = box_list(gt_boxes, f_s.shape[0], f_s.device, "defeat_loss")
     fg = defeat_fg_mask(boxes, stride, f_s.shape[-2:], level_strides, device=f_s.device)
     fg = fg.to(f_s.dtype)[:, None]  # [B, 1, H, W]

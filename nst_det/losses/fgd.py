@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._det_utils import box_list, run_module
+from ._det_utils import box_list, channel_align, run_module
 from ._utils import check_maps, full_precision
 from .gt_masks import fgd_masks
 from .registry import TRANSFER_LOSS_REGISTRY
@@ -61,10 +61,7 @@ class FGDGlobal(nn.Module):
 
     def __init__(self, student_channels: int, teacher_channels: int):
         super().__init__()
-        if student_channels != teacher_channels:
-            self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-        else:
-            self.align = nn.Identity()
+        self.align = channel_align(student_channels, teacher_channels)
         self.student = _ContextBlock(teacher_channels)
         self.teacher = _ContextBlock(teacher_channels)
 

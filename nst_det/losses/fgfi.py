@@ -5,8 +5,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ._det_utils import box_list, run_module
-from ._utils import check_maps, full_precision
+from ._det_utils import adapted_pair, box_list
+from ._utils import full_precision
 from .gt_masks import DEFAULT_LEVEL_STRIDES, fgfi_mask
 from .registry import TRANSFER_LOSS_REGISTRY
 
@@ -79,13 +79,7 @@ def fgfi_loss(
     Returns:
         Scalar loss.
     """
-    check_maps(f_s, f_t, "fgfi_loss")
-    f_t = f_t.detach()
-    f_s = run_module(module, f_s)
-    if f_s.shape != f_t.shape:
-        raise ValueError(
-            f"fgfi_loss: adapted student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}"
-        )
+    f_s, f_t = adapted_pair(f_s, f_t, module, "fgfi_loss")
     boxes = box_list(gt_boxes, f_s.shape[0], f_s.device, "fgfi_loss")
     mask = fgfi_mask(
         boxes,

@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._det_utils import channel_align
 from ._utils import check_maps, full_precision
 from .registry import TRANSFER_LOSS_REGISTRY
 
@@ -27,10 +28,7 @@ class MGDGenerator(nn.Module):
 
     def __init__(self, student_channels: int, teacher_channels: int):
         super().__init__()
-        if student_channels != teacher_channels:
-            self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-        else:
-            self.align = nn.Identity()
+        self.align = channel_align(student_channels, teacher_channels)
         self.generation = nn.Sequential(
             nn.Conv2d(teacher_channels, teacher_channels, kernel_size=3, padding=1),
             nn.ReLU(),
