@@ -76,20 +76,23 @@ class PipelineRunner:
         if any(unknown.values()):
             raise ValueError("stages wait for stages that are not in the plan: "
                              f"{ {k: v for k, v in unknown.items() if v} }")
+        self._graph = {s.name: s.after for s in stages}
+        try:
+            graphlib.TopologicalSorter(self._graph).prepare()
+        except graphlib.CycleError as e:
+            raise ValueError(f"the plan's stages wait for each other: {e.args[1]}") from None
         self._labels = {s.name: f"[{i + 1}/{len(stages)} {s.name}]" for i, s in enumerate(stages)}
         self._pace = dict(PRIOR_SEC_PER_ITER)  # latest s/it reported per stage kind
         self._started, self._waiting = {}, {}  # name -> (job or SLURM id, start time) / Stage
 
     # ---- what a stage is ------------------------------------------------------------------
-    def _sorter(self, stages: list) -> graphlib.TopologicalSorter:
-        """`stages` as a prepared graph of the ones of them each reads; a cycle is refused."""
+    @staticmethod
+    def _sorter(stages: list) -> graphlib.TopologicalSorter:
+        """`stages` as a prepared graph of the ones of them each reads."""
         names = {s.name for s in stages}
         sorter = graphlib.TopologicalSorter({s.name: [d for d in s.after if d in names]
                                              for s in stages})
-        try:
-            sorter.prepare()
-        except graphlib.CycleError as e:
-            raise RuntimeError(f"the plan's stages wait for each other: {e.args[1]}") from None
+        sorter.prepare()
         return sorter
 
     def _done_stages(self) -> set:
@@ -97,20 +100,17 @@ class PipelineRunner:
         done, and the inputs' run ids the ones it recorded (a stage run again, or a plan grown
         by more seeds, redoes what reads it)."""
         done, results = set(), {s.name: stage_result(s) for s in self.stages}
-        sorter = self._sorter(self.stages)
-        while sorter.is_active():
-            for name in sorter.get_ready():
-                sorter.done(name)
-                stage, result = self._by_name[name], results[name]
-                if result is None or not set(stage.after) <= done:
-                    continue
-                recorded = result.get("inputs")
-                if recorded is None:  # written before inputs were recorded: summaries redone
-                    fresh = stage.kind not in SUMMARY_KINDS
-                else:
-                    fresh = recorded == {n: results[n].get("run_id") for n in stage.after}
-                if fresh:
-                    done.add(name)
+        for name in graphlib.TopologicalSorter(self._graph).static_order():
+            stage, result = self._by_name[name], results[name]
+            if result is None or not set(stage.after) <= done:
+                continue
+            recorded = result.get("inputs")
+            if recorded is None:  # written before inputs were recorded: summaries redone
+                fresh = stage.kind not in SUMMARY_KINDS
+            else:
+                fresh = recorded == {n: results[n].get("run_id") for n in stage.after}
+            if fresh:
+                done.add(name)
         return done
 
     def _job_folder(self, stage: Stage) -> str:
