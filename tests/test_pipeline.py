@@ -93,9 +93,6 @@ def test_report_numbers_are_finite_and_traceable(pipeline_run):
     nst_row = next(r for r in rows if "R-18 NST → NST" in r)
     ap50 = _stage(out, "det_nst_detnst_s0")["metrics"]["bbox"]["AP50"]
     assert f"{ap50:.1f}" in [c.strip() for c in nst_row.strip("|").split("|")]
-    # the final metrics file detectron2's evaluation wrote is what stage.json carries
-    final = json.loads((out / "det_nst_detnst_s0" / "final_metrics.json").read_text())
-    assert final["bbox"]["AP50"] == ap50
     assert re.search(r"MMD² \(poly\).*: [0-9.]+ without .*, [0-9.]+ with it", report)
 
 

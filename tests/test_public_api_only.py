@@ -291,22 +291,3 @@ def test_importing_nst_det_keeps_detectron2_datasets(import_effects):
 def test_importing_nst_det_leaves_matplotlib_alone(import_effects):
     assert import_effects["backend"].lower() == "pdf"
     assert not import_effects["pyplot"]
-
-
-def test_a_stage_log_leaves_detectron2_logging_as_it_found_it(tmp_path):
-    import logging
-
-    from nst_det.pipeline.worker import _stage_log
-
-    logger = logging.getLogger("detectron2")
-    mine = logging.NullHandler()  # as detectron2's setup_logger would have added one
-    logger.addHandler(mine)
-    before = (list(logger.handlers), logger.level, logger.propagate)
-    try:
-        with _stage_log(str(tmp_path / "log.rank0.txt")):
-            assert mine in logger.handlers  # others' handlers stay while the stage logs
-            logging.getLogger("detectron2.engine").info("inside the stage")
-        assert (list(logger.handlers), logger.level, logger.propagate) == before
-        assert "inside the stage" in (tmp_path / "log.rank0.txt").read_text()
-    finally:
-        logger.removeHandler(mine)

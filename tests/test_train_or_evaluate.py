@@ -33,5 +33,8 @@ def test_run_stage_evaluates_the_model_of_its_weights(tmp_path, monkeypatch):
                                      "MODEL.WEIGHTS", weights_opt]))
 
     assert evaluate("loaded", str(weights)) == {"checksum": _checksum(saved)}
+    # set up as tools/train_net.py sets a run up: detectron2's log file and the config it ran
+    assert "Full config saved" in (tmp_path / "loaded" / "log.txt").read_text()
+    assert load_config(str(tmp_path / "loaded" / "config.yaml")).MODEL.WEIGHTS == str(weights)
     # empty MODEL.WEIGHTS: the model as its config builds it, not the saved one
     assert evaluate("as_built", "")["checksum"] != _checksum(saved)

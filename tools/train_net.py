@@ -11,31 +11,11 @@ detectron2's CLI and launch semantics, e.g.
 The trainer class is the config's `NST_DET.TRAINER` (a name in nst_det.engine.TRAINER_REGISTRY).
 """
 
-from detectron2.engine import default_argument_parser, default_setup, launch
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+from detectron2.engine import default_argument_parser, launch
 
-from nst_det.config import load_config
-from nst_det.engine.train_or_evaluate import train_or_evaluate
+from nst_det.engine.train_or_evaluate import main, setup  # noqa: F401 (setup: for tests)
 from nst_det.utils.atomic import exit_on_sigterm
 from nst_det.utils.dist import release_process_group
-
-
-def setup(args):
-    """Build the frozen config from the file and command-line overrides."""
-    # --coco-dataset / --voc-dataset: appended to DATASETS.COCO / VOC (and so to config.yaml)
-    cfg = load_config(args.config_file, args.opts, more_datasets={
-        "COCO": getattr(args, "coco_dataset", None) or [],
-        "VOC": getattr(args, "voc_dataset", None) or []})
-    cfg.freeze()
-    default_setup(cfg, args)
-    # nst_det's own INFO logs (teacher loading and evaluation, ...) next to detectron2's
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nst_det")
-    return cfg
-
-
-def main(args):
-    return train_or_evaluate(setup(args), eval_only=args.eval_only, resume=args.resume)
 
 
 def argument_parser():

@@ -5,10 +5,36 @@ from __future__ import annotations
 import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..checkpoint.remote import resolve_weights
 from ..checkpoint.weights_file import check_weights_file
+from ..config import load_config
 from .registry import TRAINER_REGISTRY
+
+
+def setup(args):
+    """The frozen config of detectron2's command-line `args` (config_file, opts; nst_det's
+    coco_dataset / voc_dataset when present), set up by detectron2's `default_setup`: logs to
+    OUTPUT_DIR/log.txt (log.txt.rank<N> on other ranks), config.yaml written, the seed set."""
+    # --coco-dataset / --voc-dataset: appended to DATASETS.COCO / VOC (and so to config.yaml)
+    cfg = load_config(args.config_file, args.opts, more_datasets={
+        "COCO": getattr(args, "coco_dataset", None) or [],
+        "VOC": getattr(args, "voc_dataset", None) or []})
+    cfg.freeze()
+    default_setup(cfg, args)
+    # nst_det's own INFO logs (teacher loading and evaluation, ...) next to detectron2's
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nst_det")
+    return cfg
+
+
+def main(args, hooks=()) -> dict:
+    """tools/train_net.py's main, and a pipeline stage's: `setup(args)`, then train (resuming
+    with `args.resume`) or, with `args.eval_only`, evaluate `MODEL.WEIGHTS`."""
+    return train_or_evaluate(setup(args), eval_only=args.eval_only, resume=args.resume,
+                             hooks=hooks)
 
 
 def train_or_evaluate(cfg, *, eval_only: bool = False, resume: bool = False,

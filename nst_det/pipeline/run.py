@@ -32,10 +32,10 @@ __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
 
 JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
 HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
-# for the ETA: seconds per iteration until a stage of the kind reports its pace (2-core CPU),
-# and the seconds a stage takes besides its iterations
+# for the ETA (2-core CPU): seconds per iteration until a stage of the kind reports its pace,
+# and a stage's seconds besides its iterations (start-up, evaluation, writing)
 PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
-FIXED_SEC = {"train": 15.0, "evaluate": 30.0, "export": 40.0, "report": 30.0, "calibrate": 60.0}
+SEC_PER_STAGE = 30.0
 
 
 def _fmt(seconds: float) -> str:
@@ -51,10 +51,10 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _wait(jobs, seconds: float) -> None:
+def _wait_until(ended, seconds: float) -> None:
     deadline = time.time() + seconds
-    while time.time() < deadline and not all(j.done() for j in jobs):
-        time.sleep(0.1)
+    while time.time() < deadline and not ended():
+        time.sleep(0.2)
 
 
 class PipelineRunner:
@@ -76,9 +76,9 @@ class PipelineRunner:
         if any(unknown.values()):
             raise ValueError("stages wait for stages that are not in the plan: "
                              f"{ {k: v for k, v in unknown.items() if v} }")
-        self._graph = {s.name: s.after for s in stages}
         try:
-            graphlib.TopologicalSorter(self._graph).prepare()
+            self._order = list(graphlib.TopologicalSorter(
+                {s.name: s.after for s in stages}).static_order())
         except graphlib.CycleError as e:
             raise ValueError(f"the plan's stages wait for each other: {e.args[1]}") from None
         self._labels = {s.name: f"[{i + 1}/{len(stages)} {s.name}]" for i, s in enumerate(stages)}
@@ -86,29 +86,20 @@ class PipelineRunner:
         self._started, self._waiting = {}, {}  # name -> (job or SLURM id, start time) / Stage
 
     # ---- what a stage is ------------------------------------------------------------------
-    @staticmethod
-    def _sorter(stages: list) -> graphlib.TopologicalSorter:
-        """`stages` as a prepared graph of the ones of them each reads."""
-        names = {s.name for s in stages}
-        sorter = graphlib.TopologicalSorter({s.name: [d for d in s.after if d in names]
-                                             for s in stages})
-        sorter.prepare()
-        return sorter
-
     def _done_stages(self) -> set:
         """The stages finished from the inputs they would read now: a record, every input
         done, and the inputs' run ids the ones it recorded (a stage run again, or a plan grown
         by more seeds, redoes what reads it)."""
         done, results = set(), {s.name: stage_result(s) for s in self.stages}
-        for name in graphlib.TopologicalSorter(self._graph).static_order():
-            stage, result = self._by_name[name], results[name]
-            if result is None or not set(stage.after) <= done:
+        for name in self._order:
+            after, result = self._by_name[name].after, results[name]
+            if result is None or not set(after) <= done:
                 continue
             recorded = result.get("inputs")
             if recorded is None:  # written before inputs were recorded: summaries redone
-                fresh = stage.kind not in SUMMARY_KINDS
+                fresh = self._by_name[name].kind not in SUMMARY_KINDS
             else:
-                fresh = recorded == {n: results[n].get("run_id") for n in stage.after}
+                fresh = recorded == {n: results[n].get("run_id") for n in after}
             if fresh:
                 done.add(name)
         return done
@@ -121,7 +112,7 @@ class PipelineRunner:
 
     def _logs(self, stage: Stage, job_id: str) -> str:
         return (f"{submitit.Job(self._job_folder(stage), job_id).paths.stderr} and "
-                f"{os.path.join(stage.out_dir, 'log.rank0.txt')}")
+                f"{os.path.join(stage.out_dir, 'log.txt')}")
 
     def _submit(self, stage: Stage, after_ids=()):
         kind = stage.meta.get("stage", "other") if stage.kind in HEAVY else "other"
@@ -178,20 +169,17 @@ class PipelineRunner:
         because of it. Any exception, Ctrl-C or SIGTERM cancels the jobs this call started.
         """
         t0, done = time.perf_counter(), self._done_stages()
-        for stage in self.stages:
-            if stage.name in done:
-                print(f"{self._labels[stage.name]} done earlier: skipped", flush=True)
-        pending = [s for s in self.stages if s.name not in done]
-        sorter = self._sorter(pending)
-        self._started, self._waiting = {}, {s.name: s for s in pending}
+        for name in [s.name for s in self.stages if s.name in done]:
+            print(f"{self._labels[name]} done earlier: skipped", flush=True)
+        self._started = {}
+        self._waiting = {s.name: s for s in self.stages if s.name not in done}
         try:
             if self.slurm:
-                self._submit_all(sorter)
+                self._submit_all()
                 if not wait:
                     print("submitted; follow it with --status", flush=True)
-                    self._started = {}
                     return
-            failed = self._follow(None if self.slurm else sorter)
+            failed = self._follow()
         except BaseException:  # incl. Ctrl-C/SIGTERM: no job of this run may outlive it
             self._stop_started()
             raise
@@ -200,29 +188,31 @@ class PipelineRunner:
                                "command again to resume.")
         print(f"pipeline finished in {_fmt(time.perf_counter() - t0)}", flush=True)
 
-    def _submit_all(self, sorter: graphlib.TopologicalSorter) -> None:
-        """SLURM: every unfinished stage at once, `afterok` on the unfinished ones it reads."""
+    def _submit_all(self) -> None:
+        """SLURM: every unfinished stage at once, `afterok` on the unfinished ones it reads; a
+        stage whose job is still queued or running (an earlier call's) keeps that job."""
         job_ids, records = {}, {n: self._record(s) for n, s in self._waiting.items()}
         active = squeue([r["job_id"] for r in records.values() if r])
-        while sorter.is_active():
-            for name in sorter.get_ready():
-                sorter.done(name)
-                stage, record = self._by_name[name], records[name]
-                if record and active.get(record["job_id"], ("",))[0] in SLURM_ACTIVE:
-                    job_id, what = record["job_id"], "already submitted (job {})"
-                else:  # not submitted yet, or its job ended without finishing the stage
-                    after = [job_ids[d] for d in stage.after if d in job_ids]
-                    job_id = str(self._submit(stage, after).job_id)
-                    what = "submitted (job {}" + (f", after {','.join(after)})" if after else ")")
-                job_ids[name] = job_id
-                self._started[name] = (job_id, time.time())
-                self._waiting.pop(name)
-                print(f"{self._labels[name]} {what.format(job_id)}", flush=True)
+        for name in [n for n in self._order if n in self._waiting]:  # inputs first
+            stage, record = self._waiting.pop(name), records[name]
+            if record and active.get(record["job_id"], ("",))[0] in SLURM_ACTIVE:
+                job_id, what = record["job_id"], "already submitted (job {})"
+            else:  # not submitted yet, or its job ended without finishing the stage
+                after = [job_ids[d] for d in stage.after if d in job_ids]
+                job_id = str(self._submit(stage, after).job_id)
+                what = "submitted (job {}" + (f", after {','.join(after)})" if after else ")")
+            job_ids[name] = job_id
+            self._started[name] = (job_id, time.time())
+            print(f"{self._labels[name]} {what.format(job_id)}", flush=True)
 
-    def _follow(self, sorter: graphlib.TopologicalSorter | None) -> list:
-        """Watch the started stages (and, locally, start those `sorter` makes ready) until
-        none is left; returns the failure messages."""
-        order = {s.name: i for i, s in enumerate(self.stages)}
+    def _follow(self) -> list:
+        """Watch the started stages (and, locally, start each waiting one once the waiting
+        ones it reads have finished) until none is left; returns the failure messages."""
+        order, sorter = {s.name: i for i, s in enumerate(self.stages)}, None
+        if not self.slurm:
+            sorter = graphlib.TopologicalSorter({n: [d for d in s.after if d in self._waiting]
+                                                 for n, s in self._waiting.items()})
+            sorter.prepare()
         ready, failed, blocked, shown = [], [], set(), {}
         while True:
             # in plan (= dependency) order, so a failure is seen before its dependents end
@@ -287,29 +277,21 @@ class PipelineRunner:
         return left
 
     # ---- the one pipeline ETA ----------------------------------------------------------------
-    def _estimate(self, stage: Stage) -> float:
-        """Seconds a whole stage is expected to take (at its kind's latest pace)."""
-        fixed = FIXED_SEC.get(stage.kind, 5.0)
-        if stage.kind != "train":
-            return fixed
-        return stage.iters * self._pace.get(stage.meta.get("stage"), 1.0) + fixed
-
     def _progress(self, stage: Stage) -> dict | None:
         return _read_json(os.path.join(stage.out_dir, PROGRESS_FILE)) \
             if stage.kind == "train" else None
 
     def _eta(self) -> float:
-        """Seconds the unfinished stages still need, shared among the slots (`jobs` locally,
-        the running stages on SLURM)."""
-        left = sum(self._estimate(s) for s in self._waiting.values())
-        for name, (_, started) in self._started.items():
+        """Seconds the unfinished stages still need: the training iterations left (at the
+        stage's own pace once it reports one, else its kind's latest) and SEC_PER_STAGE each,
+        shared among the slots (`jobs` locally, the running stages on SLURM)."""
+        left = 0.0
+        for name in [*self._waiting, *self._started]:
             stage = self._by_name[name]
-            progress = self._progress(stage)
-            if progress:  # iterations still to run, and about half the fixed part (evaluation)
-                left += progress["sec_per_iter"] * (progress["max_iter"] - progress["iter"]) \
-                    + FIXED_SEC["train"] / 2
-            else:
-                left += max(1.0, self._estimate(stage) - (time.time() - started))
+            progress = self._progress(stage) or {"iter": 0, "max_iter": stage.iters * (
+                stage.kind == "train"), "sec_per_iter": self._pace.get(stage.meta.get("stage"))}
+            left += SEC_PER_STAGE + (progress["max_iter"] - progress["iter"]) * (
+                progress["sec_per_iter"] or 1.0)
         return left / (max(1, len(self._started)) if self.slurm else self.jobs)
 
     def _show_progress(self, shown: dict) -> None:
@@ -335,31 +317,28 @@ class PipelineRunner:
         if self.slurm and started:
             ids = [job_id for job_id, _ in started.values()]
             subprocess.run(["scancel", *ids], capture_output=True)
-            deadline = time.time() + 60
-            while time.time() < deadline and any(
-                    state in SLURM_ACTIVE for state, _ in squeue(ids).values()):
-                time.sleep(1.0)
+            _wait_until(lambda: not any(s in SLURM_ACTIVE for s, _ in squeue(ids).values()), 60)
         elif started:
             jobs = [job for job, _ in started.values()]
-            # Ctrl-C in a terminal reached the jobs too: they stop by themselves, unless a
-            # second signal interrupts their clean-up
-            _wait(jobs, 2.0)
-            # SIGTERM to submitit's controller, which forwards it to the tasks: they unwind as
-            # on Ctrl-C, even when started with SIGINT ignored (nohup, `&` in a script)
-            for job in jobs:
-                if not job.done():
-                    try:
-                        os.kill(int(job.job_id), signal.SIGTERM)
-                    except (OSError, ValueError):
-                        pass
-            _wait(jobs, 20.0)
-            for job in jobs:  # last resort: submitit's cancel (SIGINT, then SIGKILL, to tasks)
-                if not job.done():
-                    job.cancel()
-            _wait(jobs, 5.0)
+            # 1. Ctrl-C in a terminal reached the jobs too: they stop by themselves, unless a
+            # second signal interrupts their clean-up. 2. SIGTERM to submitit's controller, which
+            # forwards it to the tasks: they unwind as on Ctrl-C, even when started with SIGINT
+            # ignored (nohup, `&` in a script). 3. submitit's cancel (SIGINT, then SIGKILL).
+            for stop, grace in ((None, 2.0), (_sigterm, 20.0), (lambda j: j.cancel(), 5.0)):
+                for job in jobs:
+                    if stop and not job.done():
+                        stop(job)
+                _wait_until(lambda: all(j.done() for j in jobs), grace)
         for name in started:
             remove_stale_temps(self._by_name[name].out_dir, below=True, any_writer=True,
                                exclude=[s.out_dir for s in self.stages if s.name != name])
+
+
+def _sigterm(job) -> None:
+    try:
+        os.kill(int(job.job_id), signal.SIGTERM)
+    except (OSError, ValueError):  # ended meanwhile
+        pass
 
 
 def _summary(metrics: dict) -> str:

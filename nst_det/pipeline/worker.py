@@ -10,17 +10,15 @@ last checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import json
-import logging
 import os
 import time
 import uuid
-from contextlib import contextmanager
 
 import submitit
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-from detectron2.utils.env import seed_all_rng
 
 from ..utils.atomic import atomic_write, exit_on_sigterm, remove_stale_temps
 from ..utils.dist import init_from_submitit, release_process_group
@@ -28,31 +26,6 @@ from .plan import Stage
 from .records import PROGRESS_FILE, STAGE_FILE, runs_of
 
 __all__ = ["StageJob", "run_stage"]
-
-
-@contextmanager
-def _stage_log(log_file: str):
-    """Within the block, detectron2/fvcore/nst_det INFO logs also go to `log_file`.
-
-    Only this handler (and a level lowered to INFO) is added and undone on exit: detectron2's
-    `setup_logger` is cached and never re-adds its handlers, so removing others' would silence
-    detectron2 for the rest of a process that runs stages in-process (tests).
-    """
-    handler = logging.FileHandler(log_file)
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s]: %(message)s"))
-    loggers = [logging.getLogger(n) for n in ("detectron2", "fvcore", "nst_det", "d2")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        if not logger.isEnabledFor(logging.INFO):
-            logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.removeHandler(handler)
-            logger.setLevel(level)
-        handler.close()
 
 
 class _ProgressFile(HookBase):
@@ -76,33 +49,20 @@ class _ProgressFile(HookBase):
 
 def run_stage(stage: Stage) -> dict:
     """Train + evaluate a "train" stage (it always resumes: its job may be a requeue), or
-    evaluate an "evaluate" stage with its MODEL.WEIGHTS, through the function
-    `tools/train_net.py` runs; returns the metrics, also written to final_metrics.json."""
-    from ..config import load_config
-    from ..engine.train_or_evaluate import train_or_evaluate
+    evaluate an "evaluate" stage with its MODEL.WEIGHTS, through tools/train_net.py's `main`
+    (logs, config.yaml and seed as detectron2 sets them up); returns the metrics. The stage's
+    OUTPUT_DIR is its `out_dir` (the plan's)."""
+    from ..engine.train_or_evaluate import main
 
     if stage.kind not in ("train", "evaluate"):
         raise ValueError(f"stage {stage.name}: no handler for its kind {stage.kind!r}")
-    cfg = load_config(stage.config, stage.opts)
-    cfg.freeze()
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    train, main = stage.kind == "train", comm.is_main_process()
-    with _stage_log(os.path.join(cfg.OUTPUT_DIR, f"log.rank{comm.get_rank()}.txt")):
-        logging.getLogger("nst_det").info("stage %s: rank %d of world size %d", stage.name,
-                                          comm.get_rank(), comm.get_world_size())
-        if train and main:
-            with atomic_write(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-                f.write(cfg.dump())
-        if train:
-            seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
-        hooks = [_ProgressFile(os.path.join(cfg.OUTPUT_DIR, PROGRESS_FILE))] if train else []
-        results = train_or_evaluate(cfg, eval_only=not train, resume=train, hooks=hooks)
-        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
-        if train and main and not os.path.isfile(final):  # the stage's product: never done
-            raise RuntimeError(f"stage {stage.name}: training ended without {final}")
-        if main:
-            with atomic_write(os.path.join(cfg.OUTPUT_DIR, "final_metrics.json"), "w") as f:
-                json.dump(results, f, indent=2)
+    train = stage.kind == "train"
+    hooks = [_ProgressFile(os.path.join(stage.out_dir, PROGRESS_FILE))] if train else []
+    results = main(argparse.Namespace(config_file=stage.config, opts=list(stage.opts),
+                                      eval_only=not train, resume=train), hooks)
+    final = os.path.join(stage.out_dir, "model_final.pth")
+    if train and comm.is_main_process() and not os.path.isfile(final):  # never recorded done
+        raise RuntimeError(f"stage {stage.name}: training ended without {final}")
     release_process_group()
     return results
 
