@@ -83,7 +83,7 @@ class PipelineRunner:
             raise ValueError(f"the plan's stages wait for each other: {e.args[1]}") from None
         self._labels = {s.name: f"[{i + 1}/{len(stages)} {s.name}]" for i, s in enumerate(stages)}
         self._pace = dict(PRIOR_SEC_PER_ITER)  # latest s/it reported per stage kind
-        self._started, self._waiting = {}, {}  # name -> (job or SLURM id, start time) / Stage
+        self._started, self._waiting = {}, {}  # name -> submitit job (SLURM: its id) / Stage
 
     # ---- what a stage is ------------------------------------------------------------------
     def _done_stages(self) -> set:
@@ -202,7 +202,7 @@ class PipelineRunner:
                 job_id = str(self._submit(stage, after).job_id)
                 what = "submitted (job {}" + (f", after {','.join(after)})" if after else ")")
             job_ids[name] = job_id
-            self._started[name] = (job_id, time.time())
+            self._started[name] = job_id
             print(f"{self._labels[name]} {what.format(job_id)}", flush=True)
 
     def _follow(self) -> list:
@@ -251,11 +251,11 @@ class PipelineRunner:
     def _poll_ended(self) -> list:
         """(name, job id) of the started jobs that have ended since the last call."""
         if self.slurm:
-            states = squeue([job_id for job_id, _ in self._started.values()])
-            ended = [(n, j) for n, (j, _) in self._started.items()
+            states = squeue(list(self._started.values()))
+            ended = [(n, j) for n, j in self._started.items()
                      if states.get(j, ("",))[0] not in SLURM_ACTIVE]
         else:
-            ended = [(n, str(j.job_id)) for n, (j, _) in self._started.items() if j.done()]
+            ended = [(n, str(j.job_id)) for n, j in self._started.items() if j.done()]
         for name, _ in ended:
             del self._started[name]
         return ended
@@ -270,7 +270,7 @@ class PipelineRunner:
                 left.append(stage)
                 continue
             slots -= stage.kind in HEAVY
-            self._started[stage.name] = (self._submit(stage), time.time())
+            self._started[stage.name] = self._submit(stage)
             del self._waiting[stage.name]
             print(f"{self._labels[stage.name]} starting ({stage.kind}); pipeline ETA "
                   f"{_fmt(self._eta())}", flush=True)
@@ -314,12 +314,11 @@ class PipelineRunner:
     def _stop_started(self) -> None:
         """Ask this run's jobs to stop (so they clean up), wait for them, sweep what is left."""
         started, self._started = self._started, {}
-        if self.slurm and started:
-            ids = [job_id for job_id, _ in started.values()]
-            subprocess.run(["scancel", *ids], capture_output=True)
-            _wait_until(lambda: not any(s in SLURM_ACTIVE for s, _ in squeue(ids).values()), 60)
-        elif started:
-            jobs = [job for job, _ in started.values()]
+        jobs = list(started.values())
+        if self.slurm and jobs:
+            subprocess.run(["scancel", *jobs], capture_output=True)
+            _wait_until(lambda: not any(s in SLURM_ACTIVE for s, _ in squeue(jobs).values()), 60)
+        elif jobs:
             # 1. Ctrl-C in a terminal reached the jobs too: they stop by themselves, unless a
             # second signal interrupts their clean-up. 2. SIGTERM to submitit's controller, which
             # forwards it to the tasks: they unwind as on Ctrl-C, even when started with SIGINT
