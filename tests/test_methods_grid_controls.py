@@ -215,9 +215,17 @@ def test_report_rows_for_controls_and_the_weight_grid(tmp_path):
     assert grid[2] == "x0.25: nst 0.5 → 20.0; x1: nst 2 → 21.0; x4: nst 8 → 33.0"
     assert grid[3] == "x4 (nst 8)"
     assert numbers["nst_poly"]["grid"]["chosen"] == 4.0
-    assert any("Controls:" in line for line in lines)
     assert any("scaled by the grid factor with the best validation AP50" in line
-               for line in lines)  # the intro says where the weights come from
+               for line in lines)  # the section says where the weights come from
+    assert "### Loss weights chosen on the validation split" in lines
+    # how to read the grid and the controls is on the page the section points to
+    assert lines[2] == "How to read this section: `docs/reading_the_report.md#transfer-methods` " \
+        "in the nst_det repository."
+    reading = (REPO / "docs" / "reading_the_report.md").read_text()
+    for part in ("## Transfer methods", "### Loss weights chosen on the validation split",
+                 "### Controls"):
+        assert f"\n{part}\n" in reading, part
+    assert "plain_aa" in reading and "nst_handset" in reading
 
 
 def test_methods_only_keeps_the_benchmark_and_what_it_reads_and_a_report_over_it(tmp_path):

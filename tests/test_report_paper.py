@@ -4,6 +4,7 @@ paper-scale plan's stage records (fabricated stage.json files: no ImageNet, VOC 
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +15,15 @@ VOC_KEYS = {"AP": 40.0, "AP50": 70.0, "AP75": 45.0}
 COCO_KEYS = {"AP": 30.0, "AP50": 50.0, "AP75": 32.0, "APs": 15.0, "APm": 33.0, "APl": 41.0}
 
 
-def _fabricate(root, det_keys):
-    """A paper plan whose training/evaluation stages all hold a stage.json (numbers made up,
-    distinct per stage); returns (stages, records by stage name)."""
+def _fabricate(root, det_keys, methods=()):
+    """A paper plan (+ the given methods and the controls, when any) whose training/evaluation
+    stages all hold a stage.json (numbers made up, distinct per stage); returns (stages, records
+    by stage name)."""
     stages = build_plan(str(root), TOY_SCALES["paper"], PAPER_CONFIGS)
+    if methods:
+        from nst_det.pipeline.methods import add_method_stages
+
+        stages = add_method_stages(stages, list(methods), controls=True)
     records = {}
     for i, stage in enumerate(s for s in stages if s.kind in ("train", "evaluate")):
         if stage.meta["stage"] == "cls":
@@ -103,3 +109,49 @@ def test_table_has_a_column_for_each_metric_the_records_hold(tmp_path, keys):
     # the paper's VOC order first, then the rest; never a per-class key
     order = ["AP50", "AP", "AP75", *sorted(set(keys) - {"AP50", "AP", "AP75"})]
     assert header[2:] == [k for k in order if k in keys]
+
+
+def _reading_anchors() -> set:
+    """The GitHub anchors of docs/reading_the_report.md's headings."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "reading_the_report.md").read_text()
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+            for heading in re.findall(r"^#{1,6} +(.+?) *$", text, flags=re.MULTILINE)}
+
+
+def test_each_section_points_to_a_part_of_reading_the_report_that_exists(tmp_path, monkeypatch):
+    # every section the report can have: the methods (and controls), and the figures measured
+    # from the weights (their measurements faked here: no weights, no test images)
+    from nst_det.pipeline import figures, measure
+    from nst_det.pipeline.describe import stage_config
+    from nst_det.pipeline.report import write_report
+
+    stages, _ = _fabricate(tmp_path, VOC_KEYS, methods=["nst_poly"])
+    monkeypatch.setattr(measure, "params_and_speed", lambda teacher, student: {
+        "params": {"teacher": 41.4, "student": 28.3}, "speed": {"teacher": 90, "student": 60}})
+    monkeypatch.setattr(measure, "detections", lambda stage: (stage_config(stage), []))
+    monkeypatch.setattr(measure, "features_and_mmd", lambda teacher, students, s, t: (
+        {}, {name: 0.25 for name in students}))
+    monkeypatch.setattr(figures, "detections", lambda *args: "figures/detections.png")
+    monkeypatch.setattr(figures, "selectivity", lambda *args: "figures/selectivity.png")
+    write_report(stages, str(tmp_path))
+    lines = (tmp_path / "report.md").read_text().splitlines()
+
+    headings = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    assert [lines[i] for i in headings] == [
+        "## What was run", "## Results (the paper's detection-table layout)",
+        "## What the numbers show", "## Transfer methods at the detection stage",
+        "## Loss and AP curves", "## Per-class AP50",
+        "## Detections of the best student (det_kd_nst_detnst_s2)",
+        "## Neuron selectivity: teacher vs student channels, before and after NST", "## Runs"]
+    anchors = _reading_anchors()
+    for i in headings:
+        link = re.fullmatch(r"How to read this section: `docs/reading_the_report\.md#([\w-]+)` "
+                            r"in the nst_det repository\.", lines[i + 2])
+        assert link and link[1] in anchors, lines[i:i + 3]
+    # the numbers stay in the report; the fixed explanations are on that page only
+    report = "\n".join(lines)
+    assert "| plain_aa (control: A/A, expect no difference) |" in report
+    assert "MMD² (poly) between student p2 and teacher p2 features on test images: 0.2500 " \
+        "without detection-stage NST, 0.2500 with it." in report
+    assert "Student-t" not in report and "Student-t" in \
+        (Path(__file__).resolve().parents[1] / "docs" / "reading_the_report.md").read_text()

@@ -1,5 +1,5 @@
 """What a pipeline run was, in words, from each stage's own config (nothing toy-specific), and
-the readers report.md's sections share: stages by meta, metrics.json rows, markdown tables."""
+the readers report.md's sections share: stages by meta, metrics.json rows, tables, headings."""
 
 from __future__ import annotations
 
@@ -14,10 +14,18 @@ from ..config import load_config
 from .plan import Stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+READING = "docs/reading_the_report.md"  # how to read each report section, in the repository
 _CLASSIFIERS = {"inception_bn": "Inception-BN", "mobilenet_v3_large": "MobileNetV3-Large",
                 "mobilenet_v3_small": "MobileNetV3-Small"}
 # a GitHub-markdown table of already formatted cells (no number parsing: "1.0" stays)
 markdown_table = functools.partial(tabulate, tablefmt="github", disable_numparse=True)
+
+
+def section(title: str, anchor: str, *body: str) -> list[str]:
+    """A report section's lines: its heading, a line pointing to where READING explains it
+    (`anchor`: the GitHub anchor of that part's heading), then `body`."""
+    return [f"## {title}", "", f"How to read this section: `{READING}#{anchor}` in the nst_det "
+            "repository.", "", *body]
 
 
 def select(stages: list, **meta) -> list:
@@ -53,11 +61,9 @@ def backbone_name(cfg) -> str:
     name = cfg.MODEL.BACKBONE.NAME
     if "resnet" in name:
         return f"R-{cfg.MODEL.RESNETS.DEPTH}"
-    if "inception" in name.lower():
-        return "Inception-BN"
     if "torchvision" in name:  # nst_det's torchvision backbones
         return classifier_name(cfg.MODEL.TORCHVISION.ARCH)
-    return name
+    return "Inception-BN" if "inception" in name.lower() else name
 
 
 def detector_name(cfg) -> str:
@@ -70,18 +76,14 @@ def detector_name(cfg) -> str:
 
 def distillation_summary(cfg) -> str:
     """The transfer losses a config turns on, with their feature pairs, or ''."""
-    parts = []
-    pairs = ", ".join(f"{s}→{t}" for s, t in zip(cfg.MODEL.DISTILL.STUDENT_FEATURES,
-                                                  cfg.MODEL.DISTILL.TEACHER_FEATURES))
-    if cfg.MODEL.NST.LOSS_WEIGHT > 0:
-        parts.append(f"NST ({cfg.MODEL.NST.KERNEL} kernel, MODEL.NST.LOSS_WEIGHT "
-                     f"{cfg.MODEL.NST.LOSS_WEIGHT:g}) on student→teacher features {pairs}")
-    if cfg.MODEL.KD.LOSS_WEIGHT > 0:
-        parts.append(f"KD (weight {cfg.MODEL.KD.LOSS_WEIGHT:g}, T = "
-                     f"{cfg.MODEL.KD.TEMPERATURE:g})")
+    nst, kd, transfer, d = cfg.MODEL.NST, cfg.MODEL.KD, cfg.MODEL.TRANSFER, cfg.MODEL.DISTILL
+    pairs = ", ".join(f"{s}→{t}" for s, t in zip(d.STUDENT_FEATURES, d.TEACHER_FEATURES))
+    parts = [f"NST ({nst.KERNEL} kernel, MODEL.NST.LOSS_WEIGHT {nst.LOSS_WEIGHT:g}) on "
+             f"student→teacher features {pairs}"] if nst.LOSS_WEIGHT > 0 else []
+    if kd.LOSS_WEIGHT > 0:
+        parts.append(f"KD (weight {kd.LOSS_WEIGHT:g}, T = {kd.TEMPERATURE:g})")
     parts += [f"{name} (weight {weight:g}) on {pairs}"
-              for name, weight in zip(cfg.MODEL.TRANSFER.NAMES, cfg.MODEL.TRANSFER.WEIGHTS)
-              if weight > 0]
+              for name, weight in zip(transfer.NAMES, transfer.WEIGHTS) if weight > 0]
     return "; ".join(parts)
 
 

@@ -13,7 +13,7 @@ from detectron2.data import MetadataCatalog
 
 from ..utils.atomic import atomic_write
 from . import describe, figures, measure
-from .describe import select, set_list, stage_config
+from .describe import section, select, set_list, stage_config
 from .paired import format_interval, mean_sd, paired_difference
 from .plan import STUDENT_METHODS
 from .records import finished_results
@@ -62,10 +62,10 @@ class Report:
         cost = {who: [f"{measured['params'][who]:.1f}", f"{measured['speed'][who]:.0f}"]
                 if isinstance(measured, dict) else [] for who in ("teacher", "student")}
         top1 = self.metrics[self.cls_teacher.name]["classification"]["top1"]
-        t_det = bbox[self.teacher.name]
-        rows = [[f"Teacher {describe.backbone_name(t_cfg)}", f"{top1:.1f}",
-                 *[f"{t_det[k]:.1f}" for k in self.columns], *cost["teacher"]]]
-        numbers = {"teacher": {"top1": top1, **{k: t_det[k] for k in self.columns}}}
+        numbers = {"teacher": {"top1": top1, **{k: bbox[self.teacher.name][k]
+                                                for k in self.columns}}}
+        rows = [[f"Teacher {describe.backbone_name(t_cfg)}",
+                 *[f"{v:.1f}" for v in numbers["teacher"].values()], *cost["teacher"]]]
         for method, label in STUDENT_METHODS.items():
             top1 = [self.metrics[s.name]["classification"]["top1"]
                     for s in self.find(stage="cls", role="student", method=method)]
@@ -111,30 +111,34 @@ class Report:
             for cfg in map(stage_config, runs[:1])]
 
     def figures(self, best, with_weights: bool) -> tuple[list, dict]:
-        """[(title, path)] of the figures, and the MMD² measured for the selectivity maps;
-        without the runs' weights only those drawn from the records."""
+        """[(title, its anchor in docs/reading_the_report.md, path)] of the figures, and the MMD²
+        measured for the selectivity maps; without the runs' weights only those drawn from the
+        records."""
         out = self.out_dir
+        # the method runs are left out: they have their own plot
         dets = [s for s in self.find(stage="det") if s.meta.get("role") != "method"]
-        drawn = [("Loss and AP curves", figures.curves(  # the methods have their own plot
+        drawn = [("Loss and AP curves", "loss-and-ap-curves", figures.curves(
             {s.name: describe.metrics_rows(s.out_dir) for s in self.find(stage="cls")},
             {s.name: describe.metrics_rows(s.out_dir) for s in dets}, out,
             f"{FIG_DIR}/curves.png")),
-            ("Per-class AP50", figures.per_class_ap(
+            ("Per-class AP50", "per-class-ap50", figures.per_class_ap(
                 {s.name: self.metrics[s.name]["bbox"] for s in dets}, out,
                 f"{FIG_DIR}/per_class_ap50.png"))]
         if not with_weights:
             return drawn, {}
         cfg, found = measure.detections(best)
         meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
-        drawn.append((f"Detections of the best student ({best.name})", figures.detections(
-            found, meta, cfg.INPUT.FORMAT != "BGR", f"{best.name}: detections with score >= 0.5 "
-            f"({', '.join(meta.thing_classes)})", out, f"{FIG_DIR}/detections.png")))
+        drawn.append((f"Detections of the best student ({best.name})", "detections",
+                      figures.detections(found, meta, cfg.INPUT.FORMAT != "BGR",
+                                         f"{best.name}: detections with score >= 0.5 "
+                                         f"({', '.join(meta.thing_classes)})",
+                                         out, f"{FIG_DIR}/detections.png")))
         if not self.plain or not self.pair:
             return drawn, {}
         first, mmd = measure.features_and_mmd(
             self.teacher, {"without NST": self.plain[0], "with NST": self.nst[0]}, *self.pair)
         drawn.append(("Neuron selectivity: teacher vs student channels, before and after NST",
-                      figures.selectivity(
+                      "neuron-selectivity", figures.selectivity(
                           {("student " + k if k != "teacher" else k): f for k, f in first.items()},
                           f"neuron selectivity maps: student {self.pair[0]}, teacher "
                           f"{self.pair[1]} (normalised channel activations)",
@@ -154,9 +158,8 @@ class Report:
                             "the task is too easy for a teacher to help at this scale."))
             if mean < 0.25 * teacher:
                 lines.append(f"The plain student is far from converged at this schedule (under "
-                             f"a quarter of the teacher's {main}): the differences below say "
-                             "how much faster each method learns in a short fine-tuning, not "
-                             "where longer training would end.")
+                             f"a quarter of the teacher's {main}): the differences below measure "
+                             "how fast each method learns, not where longer training would end.")
         plain = dict(zip(numbers.get(PLAIN, {}).get("seeds", []), base))
         for name, values in numbers.items():
             if name not in ("teacher", PLAIN) and values[main] and base:
@@ -166,8 +169,7 @@ class Report:
         if mmd:
             lines.append(f"MMD² (poly) between student {self.pair[0]} and teacher {self.pair[1]} "
                          f"features on test images: {mmd['without NST']:.4f} without "
-                         f"detection-stage NST, {mmd['with NST']:.4f} with it (NST minimises "
-                         "exactly this).")
+                         f"detection-stage NST, {mmd['with NST']:.4f} with it.")
         return lines
 
 
@@ -196,23 +198,22 @@ def write_report(stages: list, out_dir: str) -> dict:
             for s in report.stages]
     lines = [
         "# nst_det reproduction report", "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the runs in `{out_dir}`. Every number "
-        "below was read from those runs' `stage.json` / `metrics.json` files or measured while "
-        "writing this report (parameters, CPU time per image, MMD).", "",
-        "## What was run", "", *[f"- {line}" for line in report.what_was_run()], "",
-        "## Results (the paper's detection-table layout)", "", table,
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the runs in `{out_dir}`.", "",
+        *section("What was run", "what-was-run", *[f"- {x}" for x in report.what_was_run()], ""),
+        *section("Results (the paper's detection-table layout)", "results", table),
         f"Training precision: {precision}. Student rows: mean ± "
         f"standard deviation over seeds {sorted({s.meta.get('seed') for s in report.students})}. "
         f"Top-1 is the pretrained classification backbone's, on {set_list(cls_test)}; "
-        f"detection metrics ({', '.join(report.columns)}) on {set_list(cfg.DATASETS.TEST)}."
-        + (" CPU ms/img: median eager inference at the test size, teacher and student timed in "
-           "the same run." if with_weights else ""), "",
+        f"detection metrics ({', '.join(report.columns)}) on {set_list(cfg.DATASETS.TEST)}.", "",
         *([] if with_weights else [f"Parameters, speed, detections and selectivity maps were "
                                    f"not measured: {measured}.", ""]),
-        "## What the numbers show", "", *[f"- {line}" for line in report.verdict(numbers, mmd)],
-        "", *method_lines,
-        *[line for title, path in drawn for line in (f"## {title}", "", f"![{title}]({path})", "")],
-        "## Runs", "", describe.markdown_table(runs, ["stage", "wall-clock (s)", "result file"])]
+        *section("What the numbers show", "what-the-numbers-show",
+                 *[f"- {line}" for line in report.verdict(numbers, mmd)], ""),
+        *method_lines,
+        *[x for title, anchor, path in drawn
+          for x in section(title, anchor, f"![{title}]({path})", "")],
+        *section("Runs", "runs", describe.markdown_table(
+            runs, ["stage", "wall-clock (s)", "result file"]))]
     with atomic_write(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return {"table": numbers, "mmd": mmd, "methods": method_numbers}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from .describe import markdown_table, metrics_rows, select
+from .describe import markdown_table, metrics_rows, section, select
 from .figures import ForestRow, forest_plot
 from .paired import format_interval, mean_sd, paired_difference
 from .plan import is_plain_student
@@ -75,9 +75,9 @@ def _weights(n: dict) -> str:
 
 def methods_section(stages: list, out_dir: str, fig_dir: str = "figures",
                     results: dict | None = None) -> tuple:
-    """(markdown lines, numbers) of the methods table, weight grid, controls and forest plot;
-    ([], {}) without method runs. numbers[method]["paired"][metric]: the paired comparison with
-    the plain student (Paired.as_dict()) of each metric. results: as method_numbers'."""
+    """(markdown lines, numbers) of the methods table, forest plot and weight grid; ([], {})
+    without method runs. numbers[method]["paired"][metric]: the paired comparison with the
+    plain student (Paired.as_dict()) of each metric. results: as method_numbers'."""
     numbers = method_numbers(stages, results)
     if not any(name != "plain" for name in numbers):
         return [], {}
@@ -102,54 +102,25 @@ def methods_section(stages: list, out_dir: str, fig_dir: str = "figures",
                      *[mean_sd(n.get(m, [])) for m in metrics], *compared, cost,
                      f"{100 * loss_ms / step_ms:.1f}% of {step_ms:.0f} ms"
                      if loss_ms is not None and step_ms else "—"])
+    plot = os.path.join(fig_dir, "methods_forest_ap50.png")  # relative to report.md
+    os.makedirs(os.path.join(out_dir, fig_dir), exist_ok=True)
+    forest_plot(forest, os.path.join(out_dir, plot), "AP50")
     grids = {m: n["grid"] for m, n in numbers.items() if "grid" in n}
+    header = ["Method", "loss weight(s)", "seeds", *metrics,
+              *[c for m in metrics for c in (f"Δ{m} paired [95% CI]", f"{m} verdict")],
+              "loss ms/step", "loss share of step"]
+    lines = [*section("Transfer methods at the detection stage", "transfer-methods"),
+             "The methods' loss weights: " + ("calibrated, then scaled by the grid factor with "
+                                              "the best validation AP50 (table below)"
+                                              if grids else "as calibrated") + ".", "",
+             *markdown_table(rows, header).splitlines(), "",
+             f"![paired ΔAP50 per method, 95% intervals]({plot})", ""]
+    if not grids:
+        return lines, numbers
     grid_rows = [[m, g["dataset"] or g["split"], "; ".join(
         f"{factor_label(p['factor'])}: {_weights(p) or 'n/a'} → {p['AP50']:.1f}"
         for p in g["points"]), f"{factor_label(g['chosen'])} ({_weights(g) or 'n/a'})"]
         for m, g in grids.items()]
-    os.makedirs(os.path.join(out_dir, fig_dir), exist_ok=True)
-    plot = os.path.join(fig_dir, "methods_forest_ap50.png")  # relative to report.md
-    forest_plot(forest, os.path.join(out_dir, plot), "AP50")
-    header = ["Method", "loss weight(s)", "seeds", *metrics,
-              *[c for m in metrics for c in (f"Δ{m} paired [95% CI]", f"{m} verdict")],
-              "loss ms/step", "loss share of step"]
-    lines = [
-        "## Transfer methods at the detection stage", "",
-        "One student per method and seed, all from the plain pretrained student and the same "
-        "teacher detector, schedule and data; only the transfer loss differs. Each loss weight "
-        "was calibrated so that the loss starts at a fixed fraction of the detection loss on the "
-        "first training batches (nst_det/pipeline/methods.py; the calibrate_<method> stage "
-        "folders hold the measurements)" + (
-            ", then scaled by the grid factor with the best validation AP50 (below)"
-            if grids else "") + "; never chosen by test AP.", "",
-        *markdown_table(rows, header).splitlines(), ""]
-    if grids:
-        lines += [
-            "Loss weights chosen on the validation split: each method trained once (the "
-            "calibration seed) at its calibrated weight × 1/4, × 1, × 4 and evaluated on the "
-            "toy minival split only (disjoint from trainval and test); its seeds above ran at "
-            "the point with the best validation AP50 (select_<method> stages, "
-            "nst_det/pipeline/weight_grid.py). No test metric enters the choice.", "",
-            *markdown_table(grid_rows, ["Method", "validation set",
-                                    "grid point: weight(s) → validation AP50", "chosen"]
-                            ).splitlines(), ""]
-    if any(n.get("control") for n in numbers.values()):
-        lines += [
-            "Controls: plain_aa is the plain student trained again with only its data order "
-            "changed (NST_DET.DATA_SEED; the same SEED, initialisation, pretrained weights, "
-            "config and data): its verdict should be no difference, else the intervals are too "
-            "optimistic. nst_handset is NST at the NST config's hand-set "
-            "MODEL.NST.LOSS_WEIGHT (no calibration), the main table's setting.", ""]
-    return lines + [
-        f"![paired ΔAP50 per method, 95% intervals]({plot})", "",
-        "AP columns: mean ± standard deviation over the seeds listed. ΔX paired: the mean over "
-        "seeds of method_s − plain_s (the plain student of the same seed: same pretrained "
-        "student, initialisation and data order), with its 95% Student-t interval over the "
-        "seeds both have (n − 1 degrees of freedom). Verdict: better / worse only when the "
-        "interval excludes 0, else no difference detected at this number of seeds; one seed "
-        "gives no interval and no verdict. Loss ms/step: the method's transfer losses alone, "
-        "forward + backward, on the first training batch's feature pairs (calibration stage, "
-        "float32); share: of the median training step (detectron2's `time` in the method runs' "
-        "metrics.json, all seeds). Forest plot: one row per method, mean ΔAP50 and its "
-        "interval against the zero line, with the loss weight and the loss's ms per step.", "",
-    ], numbers
+    return lines + ["### Loss weights chosen on the validation split", "", *markdown_table(
+        grid_rows, ["Method", "validation set", "grid point: weight(s) → validation AP50",
+                    "chosen"]).splitlines(), ""], numbers

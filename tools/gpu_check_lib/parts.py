@@ -259,12 +259,6 @@ def _iterations_from_log(text: str) -> list:
     return [int(ln.split(marker)[1].split()[0]) for ln in text.splitlines() if marker in ln]
 
 
-def _metrics_rows(path: Path) -> list:
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def train_net(ctx) -> dict:
     """`tools/train_net.py --num-gpus 1` on the toy NST student (AMP, random R-50 FPN teacher)
     for a few iterations, then `--resume` to twice as many through detectron2's
@@ -274,6 +268,7 @@ def train_net(ctx) -> dict:
     from detectron2.modeling import build_model
 
     from nst_det.config import load_config
+    from nst_det.pipeline.describe import metrics_rows
 
     repo, device = _repo(ctx), ctx["device"]
     work = _fresh(Path(ctx["work_dir"]) / "train_net")
@@ -322,7 +317,7 @@ def train_net(ctx) -> dict:
         if final["iteration"] != max_iter - 1:
             raise RuntimeError(f"{name}: model_final.pth at iteration {final['iteration']}, "
                                f"expected {max_iter - 1}")
-        steps = [r for r in _metrics_rows(out / "metrics.json")
+        steps = [r for r in metrics_rows(str(out))
                  if first <= r.get("iteration", -1) < max_iter and "total_loss" in r]
         if not steps or not all(math.isfinite(r["total_loss"]) for r in steps):
             raise RuntimeError(f"{name}: no finite total_loss in metrics.json: {steps}")
@@ -337,7 +332,7 @@ def train_net(ctx) -> dict:
     expected = "nccl" if device.startswith("cuda") else "gloo"
     if m["backend"] != expected:
         raise RuntimeError(f"the distributed worker ran with {m['backend']}, expected {expected}")
-    evals = [r for r in _metrics_rows(out / "metrics.json") if "bbox/AP50" in r]
+    evals = [r for r in metrics_rows(str(out)) if "bbox/AP50" in r]
     m["final_ap50"] = evals[-1]["bbox/AP50"] if evals else None
     rows[-1][1] += f", {m['backend']} process group"
     return {"summary": f"{iters} iterations (AMP) via tools/train_net.py --num-gpus 1, resumed "
