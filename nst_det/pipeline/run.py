@@ -287,11 +287,12 @@ class PipelineRunner:
         shared among the slots (`jobs` locally, the running stages on SLURM)."""
         left = 0.0
         for name in [*self._waiting, *self._started]:
-            stage = self._by_name[name]
-            progress = self._progress(stage) or {"iter": 0, "max_iter": stage.iters * (
-                stage.kind == "train"), "sec_per_iter": self._pace.get(stage.meta.get("stage"))}
-            left += SEC_PER_STAGE + (progress["max_iter"] - progress["iter"]) * (
-                progress["sec_per_iter"] or 1.0)
+            stage, left = self._by_name[name], left + SEC_PER_STAGE
+            progress = self._progress(stage)  # None: not a training stage, or not started
+            if progress:
+                left += (progress["max_iter"] - progress["iter"]) * progress["sec_per_iter"]
+            elif stage.kind == "train":
+                left += stage.iters * self._pace.get(stage.meta.get("stage"), 1.0)
         return left / (max(1, len(self._started)) if self.slurm else self.jobs)
 
     def _show_progress(self, shown: dict) -> None:
