@@ -3,6 +3,7 @@ git revisions, for issue 24's before / after figures.
 
     .venv/bin/python benchmarks/count_lines.py                 # the working tree
     .venv/bin/python benchmarks/count_lines.py --rev 7e2bd0e --rev HEAD
+    .venv/bin/python benchmarks/count_lines.py --spans nst_det/pipeline/run.py   # per function
 
 A revision is read with `git ls-tree` / `git show`, so nothing is checked out.
 """
@@ -10,6 +11,7 @@ A revision is read with `git ls-tree` / `git show`, so nothing is checked out.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import subprocess
 import sys
@@ -63,11 +65,33 @@ def summary(lines: dict) -> dict:
     return out
 
 
+def spans(path: str) -> list:
+    """[(name, lines)] of a file's functions, classes' methods and the rest (docstring, imports,
+    constants, class headers), in file order; the lines add up to `wc -l`."""
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        text = f.read()
+    out = []
+    for node in ast.parse(text).body:
+        members = node.body if isinstance(node, ast.ClassDef) else [node]
+        for member in members:
+            if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = min([member.lineno, *(d.lineno for d in member.decorator_list)])
+                prefix = f"{node.name}." if member is not node else ""
+                out.append((prefix + member.name, member.end_lineno - first + 1))
+    return out + [("rest: docstring, imports, constants, class headers, blank lines",
+                   text.count("\n") - sum(n for _, n in out))]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rev", action="append", default=[],
                         help="git revision (repeatable); default: the working tree")
+    parser.add_argument("--spans", default=None, metavar="FILE",
+                        help="instead: the lines of each function of FILE (working tree)")
     args = parser.parse_args(argv)
+    if args.spans:
+        print(tabulate(spans(args.spans), ["function", "lines"], tablefmt="github"))
+        return 0
     revs = args.rev or [None]
     columns = [summary(file_lines(rev)) for rev in revs]
     labels = list(dict.fromkeys(k for c in columns for k in c))

@@ -4,7 +4,23 @@ import pytest
 import torch
 
 import nst_det.losses as L
-from nst_det.losses import TRANSFER_LOSS_REGISTRY, build_transfer_loss, get_transfer_loss
+from nst_det.losses import (
+    TRANSFER_LOSS_REGISTRY,
+    DeFeatAdapter,
+    FGDGlobal,
+    FGFIAdapter,
+    MGDGenerator,
+    build_transfer_loss,
+    cwd_loss,
+    defeat_loss,
+    dkd_loss,
+    fgd_loss,
+    fgfi_loss,
+    get_transfer_loss,
+    mgd_loss,
+    pkd_loss,
+    reviewkd_loss,
+)
 
 EXPECTED = {
     "nst": L.nst_loss,
@@ -54,3 +70,29 @@ def test_build_binds_keywords_and_checks_them():
     )
     with pytest.raises(TypeError, match="kd"):
         build_transfer_loss("kd", temperature=4.0)
+
+
+def test_registry_names_build_modules_and_binding():
+    table = {
+        "cwd": cwd_loss,
+        "pkd": pkd_loss,
+        "mgd": mgd_loss,
+        "fgd": fgd_loss,
+        "defeat": defeat_loss,
+        "fgfi": fgfi_loss,
+        "reviewkd": reviewkd_loss,
+        "dkd": dkd_loss,
+    }
+    for name, fn in table.items():
+        assert get_transfer_loss(name) is fn
+        assert name in L.__doc__
+    builders = {"mgd": MGDGenerator, "fgd": FGDGlobal, "defeat": DeFeatAdapter, "fgfi": FGFIAdapter}
+    for name, cls in builders.items():
+        m = table[name].build_module(3, 4)
+        assert isinstance(m, cls)
+    for name in ("cwd", "pkd", "dkd"):
+        assert not hasattr(table[name], "build_module")
+    fn = build_transfer_loss("fgd", alpha=1e-3, temperature=0.5)
+    assert fn.keywords == {"alpha": 1e-3, "temperature": 0.5}
+    with pytest.raises(TypeError):
+        build_transfer_loss("mgd", mask_ration=0.5)

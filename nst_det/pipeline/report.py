@@ -17,7 +17,7 @@ from .describe import section, select, set_list, stage_config
 from .paired import format_interval, mean_sd, paired_difference
 from .plan import STUDENT_METHODS
 from .records import finished_results
-from .report_methods import METRICS, methods_section
+from .report_methods import METRICS, group_numbers, methods_section
 
 FIG_DIR = "figures"
 PLAIN = "Student → fine-tune"
@@ -73,8 +73,7 @@ class Report:
                 runs = self.find(stage="det", role="student", method=method, det_nst=det_nst)
                 if runs:
                     name = f"{label} → {'NST' if det_nst else 'fine-tune'}"
-                    numbers[name] = {"top1": top1, "seeds": [s.meta.get("seed") for s in runs],
-                                     **{k: [bbox[s.name][k] for s in runs] for k in self.columns}}
+                    numbers[name] = {"top1": top1, **group_numbers(runs, self.results)}
                     rows.append([f"{self.student_name(method)} {name}", mean_sd(top1),
                                  *[mean_sd(numbers[name][k]) for k in self.columns],
                                  *cost["student"]])
@@ -149,7 +148,8 @@ class Report:
         """Plain statements, computed, about what the numbers show: the capacity gap, each row
         against the plain student of the same seed (as the methods section judges), the MMD²."""
         main, lines = self.columns[0], []
-        base, teacher = numbers.get(PLAIN, {}).get(main, []), numbers["teacher"][main]
+        plain, teacher = numbers.get(PLAIN, {}), numbers["teacher"][main]
+        base = plain.get(main, [])
         if base:
             mean = statistics.mean(base)
             lines.append(f"Capacity gap: the teacher detector's {main} is {teacher:.1f}, the plain "
@@ -160,10 +160,9 @@ class Report:
                 lines.append(f"The plain student is far from converged at this schedule (under "
                              f"a quarter of the teacher's {main}): the differences below measure "
                              "how fast each method learns, not where longer training would end.")
-        plain = dict(zip(numbers.get(PLAIN, {}).get("seeds", []), base))
         for name, values in numbers.items():
             if name not in ("teacher", PLAIN) and values[main] and base:
-                p = paired_difference(dict(zip(values["seeds"], values[main])), plain)
+                p = paired_difference(values["by_seed"][main], plain["by_seed"][main])
                 lines.append(f"{name}: {main} {format_interval(p)} against the plain student of "
                              f"the same seed, {int(100 * p.level)}% interval ({p.verdict}).")
         if mmd:

@@ -16,31 +16,38 @@ from .plan import is_plain_student
 from .records import finished_results
 from .weight_grid import factor_label
 
-__all__ = ["methods_section", "method_numbers"]
+__all__ = ["group_numbers", "methods_section", "method_numbers"]
 
 METRICS = ("AP50", "AP", "AP75", "APs", "APm", "APl")  # AP50, AP, then those present
 CONTROL_LABELS = {"negative": "control: A/A, expect no difference",
                   "positive": "control: hand-set NST"}
 
 
+def group_numbers(group: list, results: dict, **extra) -> dict:
+    """The numbers of one recipe's runs (its seeds): {"seeds": [...], metric: [value per seed],
+    "by_seed": {metric: {seed: value}}, "step_ms": median training step (metrics.json), **extra}
+    for AP50, AP and every other summary bbox metric the records hold (METRICS first).
+    results: stage name -> its stage.json."""
+    group = sorted(group, key=lambda s: s.meta.get("seed", 0))
+    bbox = [results[s.name]["metrics"]["bbox"] for s in group]
+    seeds = [s.meta.get("seed") for s in group]
+    keys = sorted({k for b in bbox for k in b if "-" not in k} | set(METRICS[:2]),
+                  key=lambda k: (METRICS.index(k) if k in METRICS else len(METRICS), k))
+    steps = [r["time"] for s in group for r in metrics_rows(s.out_dir) if "time" in r]
+    return {"seeds": seeds, **{k: [b[k] for b in bbox if k in b] for k in keys},
+            "by_seed": {k: {s: b[k] for s, b in zip(seeds, bbox) if k in b} for k in keys},
+            "step_ms": 1e3 * statistics.median(steps) if steps else None, **extra}
+
+
 def method_numbers(stages: list, results: dict | None = None) -> dict:
-    """{"plain": {...}, method: {...}}: per-seed bbox metrics, loss weights and costs of the
-    plain student, each method and each control; results: stage name -> its stage.json (read
-    here when not given)."""
+    """{"plain": {...}, method: {...}}: `group_numbers` of the plain student, each method and
+    each control, with their loss weights and loss time; results: stage name -> its stage.json
+    (read here when not given)."""
     results = finished_results(stages) if results is None else results
     stages = [s for s in stages if s.name in results]
 
     def record(stage, key):
         return results[stage.name]["metrics"][key]
-
-    def entry(group, **extra):
-        group = sorted(group, key=lambda s: s.meta.get("seed", 0))
-        bbox, seeds = [record(s, "bbox") for s in group], [s.meta.get("seed") for s in group]
-        keys = [k for k in METRICS if k in METRICS[:2] or any(k in b for b in bbox)]
-        steps = [r["time"] for s in group for r in metrics_rows(s.out_dir) if "time" in r]
-        return {"seeds": seeds, **{k: [b[k] for b in bbox if k in b] for k in keys},
-                "by_seed": {k: {s: b[k] for s, b in zip(seeds, bbox) if k in b} for k in keys},
-                "step_ms": 1e3 * statistics.median(steps) if steps else None, **extra}
 
     def grid_weights(method, factor):  # a grid point's loss weights, from grid_<method>
         return next((record(g, "weight_grid")["weights"].get(factor_label(factor), {})
@@ -48,14 +55,14 @@ def method_numbers(stages: list, results: dict | None = None) -> dict:
 
     calib = {s.meta["method"]: record(s, "calibration") for s in select(stages, role="calibration")}
     plain = [s for s in stages if is_plain_student(s)]
-    numbers = {"plain": entry(plain)} if plain else {}
+    numbers = {"plain": group_numbers(plain, results)} if plain else {}
     groups = {}  # the methods', then the controls' runs
     for s in select(stages, role="method") + select(stages, role="control"):
         groups.setdefault(s.meta["method"], []).append(s)
     for name, group in groups.items():
         meta, c = group[0].meta, calib.get(name, {})
-        numbers[name] = entry(group, weights=meta.get("weights", c.get("weights", {})),
-                              loss_ms=c.get("loss_ms"))
+        numbers[name] = group_numbers(group, results, loss_ms=c.get("loss_ms"),
+                                      weights=meta.get("weights", c.get("weights", {})))
         if meta["role"] == "control":  # its weights are in its meta (not calibrated)
             numbers[name]["control"] = meta["control"]
     for s in select(stages, role="weight_select"):
