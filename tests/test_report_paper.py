@@ -155,3 +155,28 @@ def test_each_section_points_to_a_part_of_reading_the_report_that_exists(tmp_pat
         "without detection-stage NST, 0.2500 with it." in report
     assert "Student-t" not in report and "Student-t" in \
         (Path(__file__).resolve().parents[1] / "docs" / "reading_the_report.md").read_text()
+
+
+def test_the_report_draws_the_detections_of_the_student_the_export_picks(tmp_path, monkeypatch):
+    # a COCO-evaluated test set (its table leads with AP) where AP and AP50 disagree: the
+    # export's rule (AP50 on the first test set) picks the student, not the table's first column
+    from nst_det.pipeline import describe, figures, measure
+    from nst_det.pipeline.describe import stage_config
+    from nst_det.pipeline.report import write_report
+    from nst_det.pipeline.steps import best_student
+
+    stages, records = _fabricate(tmp_path, COCO_KEYS)
+    top_ap = "det_plain_s0"  # the best AP, the worst AP50
+    records[top_ap]["metrics"]["bbox"].update(AP=99.0, AP50=1.0)
+    (tmp_path / top_ap / "stage.json").write_text(json.dumps(records[top_ap]))
+    monkeypatch.setattr(describe, "evaluator_label", lambda test_set: ("coco", "COCO metric"))
+    monkeypatch.setattr(measure, "params_and_speed", lambda teacher, student: {
+        "params": {"teacher": 41.4, "student": 28.3}, "speed": {"teacher": 90, "student": 60}})
+    monkeypatch.setattr(measure, "detections", lambda stage: (stage_config(stage), []))
+    monkeypatch.setattr(measure, "features_and_mmd", lambda teacher, students, s, t: ({}, {}))
+    monkeypatch.setattr(figures, "detections", lambda *args: "figures/detections.png")
+    monkeypatch.setattr(figures, "selectivity", lambda *args: "figures/selectivity.png")
+    write_report(stages, str(tmp_path))
+    best, report = best_student(stages).name, (tmp_path / "report.md").read_text()
+    assert best != top_ap and _table(report)[0][2:4] == ["AP", "AP50"]
+    assert f"## Detections of the best student ({best})" in report

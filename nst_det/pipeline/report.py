@@ -18,6 +18,7 @@ from .paired import format_interval, mean_sd, paired_difference
 from .plan import STUDENT_METHODS
 from .records import finished_results
 from .report_methods import METRICS, group_numbers, methods_section
+from .steps import best_student
 
 FIG_DIR = "figures"
 PLAIN = "Student → fine-tune"
@@ -181,7 +182,7 @@ def write_report(stages: list, out_dir: str) -> dict:
     measured = measure.params_and_speed(report.teacher, report.students[0])
     with_weights = isinstance(measured, dict)
     table, numbers = report.table(measured)
-    best = max(report.students, key=lambda s: report.metrics[s.name]["bbox"][report.columns[0]])
+    best = best_student(report.stages, report.results)
     drawn, mmd = report.figures(best, with_weights)
     cls_test = stage_config(report.cls_teacher).DATASETS.TEST
     cfg = stage_config(report.students[0])  # how the students trained, and their test set

@@ -5,16 +5,18 @@ from __future__ import annotations
 import os
 
 from .plan import Stage
-from .records import stage_result
+from .records import finished_results
 
 
-def best_student(stages: list) -> Stage:
-    """The finished student detector with the highest AP50."""
+def best_student(stages: list, results: dict | None = None) -> Stage:
+    """The finished student detector with the highest AP50 (the one exported, and the one whose
+    detections the report draws); results: stage name -> its stage.json (read when not given)."""
+    results = finished_results(stages) if results is None else results
     students = [s for s in stages if s.kind == "train" and s.meta.get("stage") == "det"
-                and s.meta.get("role") == "student" and stage_result(s)]
+                and s.meta.get("role") == "student" and s.name in results]
     if not students:
         raise RuntimeError("no finished student detector to export")
-    return max(students, key=lambda s: _first_test_set_ap50(stage_result(s)["metrics"]))
+    return max(students, key=lambda s: _first_test_set_ap50(results[s.name]["metrics"]))
 
 
 def _first_test_set_ap50(metrics: dict) -> float:
