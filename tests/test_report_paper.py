@@ -180,3 +180,24 @@ def test_the_report_draws_the_detections_of_the_student_the_export_picks(tmp_pat
     best, report = best_student(stages).name, (tmp_path / "report.md").read_text()
     assert best != top_ap and _table(report)[0][2:4] == ["AP", "AP50"]
     assert f"## Detections of the best student ({best})" in report
+
+
+def test_metrics_rows_parses_a_file_once_per_version(tmp_path, monkeypatch):
+    import os
+
+    from nst_det.pipeline.describe import metrics_rows
+
+    path = tmp_path / "metrics.json"
+    path.write_text('{"iteration": 0, "time": 0.5}\n')
+    parsed = []
+    loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda text: parsed.append(text) or loads(text))
+    assert metrics_rows(str(tmp_path)) == metrics_rows(str(tmp_path)) == [
+        {"iteration": 0, "time": 0.5}]
+    assert len(parsed) == 1  # the second call came from the cache
+    with open(path, "a") as f:  # the run went on: a new version of the file is read again
+        f.write('{"iteration": 20, "time": 0.4}\n')
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # coarse clocks: surely newer
+    assert [r["iteration"] for r in metrics_rows(str(tmp_path))] == [0, 20]
+    assert metrics_rows(str(tmp_path / "none")) == []

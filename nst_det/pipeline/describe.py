@@ -102,9 +102,15 @@ def evaluator_label(test_set: str) -> tuple[str, str]:
 
 
 def metrics_rows(run_dir: str) -> list[dict]:
-    """detectron2's per-iteration scalars: the rows of a run's metrics.json ([] without one)."""
+    """detectron2's per-iteration scalars: the rows of a run's metrics.json ([] without one),
+    parsed once per file version (the table, the methods section and the curves read it)."""
     path = os.path.join(run_dir, "metrics.json")
     if not os.path.isfile(path):
         return []
+    return list(_metrics_file(path, os.stat(path).st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _metrics_file(path: str, mtime_ns: int) -> tuple:  # mtime_ns: a grown file is read again
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return tuple(json.loads(line) for line in f if line.strip())
