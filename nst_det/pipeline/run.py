@@ -303,7 +303,7 @@ class PipelineRunner:
                 continue
             done, total, pace = progress["iter"], progress["max_iter"], progress["sec_per_iter"]
             tenth = done * 10 // max(1, total)
-            if tenth <= shown.get(name, 0) or done < total and tenth == 0:
+            if tenth <= shown.get(name, 0):  # (0 until the first tenth is done)
                 continue
             shown[name] = tenth
             self._pace[self._by_name[name].meta.get("stage")] = pace
