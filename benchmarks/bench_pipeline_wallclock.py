@@ -6,11 +6,14 @@
 
 Each run starts from an empty data root and output folder of its own (as `rm -rf datasets output
 && make demo` does) and runs `tools/run_pipeline.py` of its revision with the venv's python; the
-earlier revision is checked out in a git worktree under --work. Printed per run: the wall-clock,
+earlier revision is checked out in a git worktree under --work. A run's data and outputs (GBs of
+checkpoints) are removed once measured, and the worktree at the end; each run's log stays in
+--work. Printed per run: the wall-clock,
 the training stages' own seconds summed, and the packing (wall-clock / (those seconds / jobs)):
 1.0 would mean both job slots busy with training all the time, so the packing compares how two
 schedulers start and overlap the same stages apart from how fast the machine happened to be.
-Run the two revisions back to back, and again in the other order, to see the machine's drift.
+Run the two revisions back to back, and again in the other order, to see the machine's drift;
+the mean of each revision's runs and their ratio close the output.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +66,8 @@ def run_once(name: str, src: str, work: str, scale: str, jobs: int) -> dict:
         subprocess.run(cmd, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
     wall = time.perf_counter() - start
     train = sum(r["seconds"] for r in _stage_records(out) if r["kind"] == "train")
+    shutil.rmtree(data)
+    shutil.rmtree(out)
     return {"run": name, "wall_s": wall, "train_stage_s": train,
             "packing": wall / (train / jobs) if train else float("nan")}
 
@@ -76,11 +82,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.makedirs(args.work, exist_ok=True)
     rows = []
-    for name in args.order.split(","):
-        row = run_once(name, _source(name, args.rev, args.work), args.work, args.scale, args.jobs)
-        rows.append(row)
-        print(f"{row['run']:>4}: wall {row['wall_s'] / 60:5.2f} min | training stages "
-              f"{row['train_stage_s'] / 60:5.2f} min | packing {row['packing']:.3f}", flush=True)
+    try:
+        for name in args.order.split(","):
+            src = _source(name, args.rev, args.work)
+            row = run_once(name, src, args.work, args.scale, args.jobs)
+            rows.append(row)
+            print(f"{row['run']:>4}: wall {row['wall_s'] / 60:5.2f} min | training stages "
+                  f"{row['train_stage_s'] / 60:5.2f} min | packing {row['packing']:.3f}",
+                  flush=True)
+    finally:
+        src = os.path.join(args.work, f"src_{args.rev}")
+        if os.path.isdir(src):
+            subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", src],
+                           check=False, capture_output=True)
+    means = {n: statistics.mean(r["wall_s"] for r in rows if r["run"] == n)
+             for n in ("new", "old") if any(r["run"] == n for r in rows)}
+    for name, wall in means.items():
+        print(f"mean {name}: wall {wall / 60:5.2f} min", flush=True)
+    if len(means) == 2:
+        print(f"new / old: {means['new'] / means['old']:.3f}", flush=True)
     return 0
 
 
