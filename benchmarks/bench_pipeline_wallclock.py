@@ -8,10 +8,10 @@ Each run starts from an empty data root and output folder of its own (as `rm -rf
 && make demo` does) and runs `tools/run_pipeline.py` of its revision with the venv's python; the
 earlier revision is checked out in a git worktree under --work. A run's data and outputs (GBs of
 checkpoints) are removed once measured, and the worktree at the end; each run's log stays in
---work. Printed per run: the wall-clock,
-the training stages' own seconds summed, and the packing (wall-clock / (those seconds / jobs)):
-1.0 would mean both job slots busy with training all the time, so the packing compares how two
-schedulers start and overlap the same stages apart from how fast the machine happened to be.
+--work. Printed per run: the wall-clock, the training stages' own seconds summed, and the
+packing (wall-clock / (those seconds / jobs)): 1.0 would mean both job slots busy with training
+all the time, so the packing compares how two schedulers start and overlap the same stages apart
+from how fast the machine happened to be.
 Run the two revisions back to back, and again in the other order, to see the machine's drift;
 the mean of each revision's runs and their ratio close the output.
 """
@@ -33,10 +33,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_REV = "7e2bd0e"
 
 
+def _worktree(rev: str, work: str) -> str:
+    return os.path.join(work, f"src_{rev}")
+
+
 def _source(name: str, rev: str, work: str) -> str:
     if name == "new":
         return REPO
-    src = os.path.join(work, f"src_{rev}")
+    src = _worktree(rev, work)
     if not os.path.isdir(src):
         subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", src, rev], check=True,
                        capture_output=True)
@@ -91,7 +95,7 @@ def main(argv=None) -> int:
                   f"{row['train_stage_s'] / 60:5.2f} min | packing {row['packing']:.3f}",
                   flush=True)
     finally:
-        src = os.path.join(args.work, f"src_{args.rev}")
+        src = _worktree(args.rev, args.work)
         if os.path.isdir(src):
             subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", src],
                            check=False, capture_output=True)
