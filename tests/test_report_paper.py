@@ -201,3 +201,21 @@ def test_metrics_rows_parses_a_file_once_per_version(tmp_path, monkeypatch):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # coarse clocks: surely newer
     assert [r["iteration"] for r in metrics_rows(str(tmp_path))] == [0, 20]
     assert metrics_rows(str(tmp_path / "none")) == []
+
+
+def test_a_row_of_one_seed_claims_no_interval(tmp_path):
+    from nst_det.pipeline.report import write_report
+
+    stages, records = _fabricate(tmp_path, VOC_KEYS)
+    for stage in stages:  # the runs of seeds 1 and 2 never finished
+        if stage.meta.get("seed", 0) != 0:
+            (tmp_path / stage.name / "stage.json").unlink(missing_ok=True)
+    write_report(stages, str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    p = paired_difference(*({0: records[f"det_{m}_s0"]["metrics"]["bbox"]["AP50"]}
+                            for m in ("nst_detnst", "plain")))
+    assert p.low is None and p.verdict == "1 seed only: no interval, no verdict"
+    # the mean alone: no "95% interval" named beside it
+    assert f"- NST → NST: AP50 {format_interval(p)} against the plain student of the same " \
+        "seed (1 seed only: no interval, no verdict)." in report
+    assert "% interval (1 seed only" not in report

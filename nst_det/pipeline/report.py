@@ -164,8 +164,9 @@ class Report:
         for name, values in numbers.items():
             if name not in ("teacher", PLAIN) and values[main] and base:
                 p = paired_difference(values["by_seed"][main], plain["by_seed"][main])
+                level = f", {int(100 * p.level)}% interval" if p.low is not None else ""
                 lines.append(f"{name}: {main} {format_interval(p)} against the plain student of "
-                             f"the same seed, {int(100 * p.level)}% interval ({p.verdict}).")
+                             f"the same seed{level} ({p.verdict}).")
         if mmd:
             lines.append(f"MMD² (poly) between student {self.pair[0]} and teacher {self.pair[1]} "
                          f"features on test images: {mmd['without NST']:.4f} without "
