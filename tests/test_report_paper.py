@@ -203,7 +203,7 @@ def test_metrics_rows_parses_a_file_once_per_version(tmp_path, monkeypatch):
     assert metrics_rows(str(tmp_path / "none")) == []
 
 
-def test_a_row_of_one_seed_claims_no_interval(tmp_path):
+def test_a_report_of_one_seed_claims_no_interval_and_no_spread(tmp_path):
     from nst_det.pipeline.report import write_report
 
     stages, records = _fabricate(tmp_path, VOC_KEYS)
@@ -219,3 +219,4 @@ def test_a_row_of_one_seed_claims_no_interval(tmp_path):
     assert f"- NST → NST: AP50 {format_interval(p)} against the plain student of the same " \
         "seed (1 seed only: no interval, no verdict)." in report
     assert "% interval (1 seed only" not in report
+    assert "Student rows: one seed (0), so no spread." in report

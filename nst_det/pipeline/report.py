@@ -194,6 +194,9 @@ def write_report(stages: list, out_dir: str) -> dict:
         + ("; evaluation in float32" if amp and not cuda else "")
     method_lines, method_numbers = methods_section(report.stages, out_dir, FIG_DIR,
                                                    results=report.results)
+    seeds = sorted({s.meta.get("seed") for s in report.students})
+    spread = f"mean ± standard deviation over seeds {seeds}" if len(seeds) > 1 else \
+        f"one seed ({seeds[0]}), so no spread"
     runs = [[s.name, f"{report.results[s.name]['seconds']:.0f}",
              f"`{os.path.relpath(os.path.join(s.out_dir, 'stage.json'), out_dir)}`"]
             for s in report.stages]
@@ -202,8 +205,7 @@ def write_report(stages: list, out_dir: str) -> dict:
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the runs in `{out_dir}`.", "",
         *section("What was run", "what-was-run", *[f"- {x}" for x in report.what_was_run()], ""),
         *section("Results (the paper's detection-table layout)", "results", table),
-        f"Training precision: {precision}. Student rows: mean ± "
-        f"standard deviation over seeds {sorted({s.meta.get('seed') for s in report.students})}. "
+        f"Training precision: {precision}. Student rows: {spread}. "
         f"Top-1 is the pretrained classification backbone's, on {set_list(cls_test)}; "
         f"detection metrics ({', '.join(report.columns)}) on {set_list(cfg.DATASETS.TEST)}.", "",
         *([] if with_weights else [f"Parameters, speed, detections and selectivity maps were "
