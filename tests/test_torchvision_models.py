@@ -123,7 +123,7 @@ def test_fpn_and_c4_style_backbones_from_config():
     torch.manual_seed(0)
     image = torch.randn(2, 3, 128, 128) * 3
     levels = fpn(image)
-    assert [round(float(levels[k].std()), 1) for k in ("p2", "p3")] == [1.0, 1.0]
+    assert [round(levels[k].std().item(), 1) for k in ("p2", "p3")] == [1.0, 1.0]
     cfg.MODEL.TORCHVISION.OUT_FEATURES = ["features.12"]
     c4 = BACKBONE_REGISTRY.get("build_torchvision_backbone")(cfg, ShapeSpec(channels=3))
     out = c4(torch.randn(1, 3, 64, 64))
