@@ -2,7 +2,8 @@
 
 Finished stages are skipped and summaries follow the plan; independent stages overlap and
 dependencies hold; a failure stops only its dependents and names stage, job and log; --status;
-one pipeline ETA; and stopping the pipeline while a stage writes leaves no temporary file.
+one pipeline ETA; stopping the pipeline while a stage writes leaves no temporary file; and a
+second run on the same folders is refused while the first, or a job it left, works there.
 """
 
 from __future__ import annotations
@@ -301,7 +302,8 @@ def _wait_inside_write(out: Path, run: subprocess.Popen) -> None:
     deadline = time.time() + 300  # only a hung start-up gets here
     while not marker.exists() and run.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    assert marker.exists(), run.communicate()[0][-3000:] if run.poll() is not None else "hung"
+    assert marker.exists(), (run.communicate()[0] or "see the run's log")[-3000:] \
+        if run.poll() is not None else "hung"
 
 
 def _no_jobs_left(out: Path) -> list:
@@ -340,6 +342,54 @@ def test_stopping_the_pipeline_while_a_stage_writes_leaves_no_temporary_file(tmp
     assert temps == [], f"{how}: {temps}\n{log[-3000:]}"
     final = subprocess.run([sys.executable, str(script), str(out), "finish"], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+    assert all((out / n / STAGE_FILE).is_file() for n in "abc")
+    assert [p for p in out.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_folders_is_refused_while_the_first_or_its_jobs_work(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(_INTERRUPTED_RUN.format())
+    out, env = tmp_path / "out", dict(os.environ, PYTHONPATH=str(REPO))
+
+    def second_run():
+        return subprocess.run([sys.executable, str(script), str(out), "finish"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    log = open(tmp_path / "first.log", "w")  # (a pipe would stay open while an orphan lives)
+    first = subprocess.Popen([sys.executable, str(script), str(out), "block"], cwd=REPO,
+                             env=env, start_new_session=True, stdout=log, stderr=log)
+    try:
+        _wait_inside_write(out, first)  # stage a's job is inside a write; b may have finished
+        job_a = json.loads((out / "a" / "submitit" / "job.json").read_text())["job_id"]
+        temps = sorted(p for p in (out / "a").iterdir() if p.name.endswith(".tmp"))
+        assert temps, "stage a should be inside a write"
+
+        refused = second_run()  # the first run is going
+        assert refused.returncode != 0
+        assert f"another pipeline run is using {out}" in refused.stderr, refused.stderr[-3000:]
+
+        first.kill()  # the runner alone, killed hard: its job for stage a goes on, orphaned
+        first.wait(timeout=60)
+        refused = second_run()
+        assert refused.returncode != 0
+        assert f"still have a job of an earlier run: a (job {job_a})" in refused.stderr, \
+            refused.stderr[-3000:]
+        # neither refused run started a job or touched the files of the job at work
+        assert json.loads((out / "a" / "submitit" / "job.json").read_text())["job_id"] == job_a
+        assert sorted(p for p in (out / "a").iterdir() if p.name.endswith(".tmp")) == temps
+        assert not (out / "c").exists()
+    finally:
+        first.kill()
+        log.close()
+        for pid in _job_processes(out):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    assert _no_jobs_left(out) == []
+    final = second_run()  # the orphan gone: the run resumes and sweeps what it left
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert all((out / n / STAGE_FILE).is_file() for n in "abc")
     assert [p for p in out.rglob("*") if p.name.endswith(".tmp")] == []

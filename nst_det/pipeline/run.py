@@ -6,11 +6,13 @@ the unfinished stages it reads, and SLURM cancels the dependents of a failed one
 `graphlib.TopologicalSorter` releases a stage once the stages it reads have finished; ready
 stages start in plan order, at most `jobs` training stages at a time. A stage is finished when
 its record (`stage.json`) exists and the stages it reads are the runs it recorded, so a rerun
-redoes only what is unfinished or stale, and training resumes from its last checkpoint.
+redoes only what is unfinished or stale, and training resumes from its last checkpoint. One
+local run at a time works in a plan's folders (a file lock, and no job of an earlier run alive).
 """
 
 from __future__ import annotations
 
+import contextlib
 import graphlib
 import json
 import os
@@ -20,6 +22,7 @@ import time
 from unittest import mock
 
 import submitit
+from filelock import FileLock, Timeout
 from tabulate import tabulate
 
 from ..utils.atomic import atomic_write, remove_stale_temps
@@ -31,6 +34,7 @@ from .worker import StageJob
 __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
 
 JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
+LOCK_FILE = ".pipeline.lock"  # in the plan's root folder: held by the local run using it
 HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
 # for the ETA (2-core CPU): seconds per iteration until a stage of the kind reports its pace,
 # and a stage's seconds besides its iterations (start-up, evaluation, writing)
@@ -168,25 +172,50 @@ class PipelineRunner:
         Raises RuntimeError naming each failed stage (job id, logs) and the stages not run
         because of it. Any exception, Ctrl-C or SIGTERM cancels the jobs this call started.
         """
-        t0, done = time.perf_counter(), self._done_stages()
-        for name in [s.name for s in self.stages if s.name in done]:
-            print(f"{self._labels[name]} done earlier: skipped", flush=True)
-        self._started = {}
-        self._waiting = {s.name: s for s in self.stages if s.name not in done}
-        try:
-            if self.slurm:
-                self._submit_all()
-                if not wait:
-                    print("submitted; follow it with --status", flush=True)
-                    return
-            failed = self._follow()
-        except BaseException:  # incl. Ctrl-C/SIGTERM: no job of this run may outlive it
-            self._stop_started()
-            raise
+        with contextlib.nullcontext() if self.slurm else self._claim_folders():
+            t0, done = time.perf_counter(), self._done_stages()
+            for name in [s.name for s in self.stages if s.name in done]:
+                print(f"{self._labels[name]} done earlier: skipped", flush=True)
+            self._started = {}
+            self._waiting = {s.name: s for s in self.stages if s.name not in done}
+            try:
+                if self.slurm:
+                    self._submit_all()
+                    if not wait:
+                        print("submitted; follow it with --status", flush=True)
+                        return
+                failed = self._follow()
+            except BaseException:  # incl. Ctrl-C/SIGTERM: no job of this run may outlive it
+                self._stop_started()
+                raise
         if failed:
             raise RuntimeError("\n".join(failed) + "\nFinished stages are kept: run the same "
                                "command again to resume.")
         print(f"pipeline finished in {_fmt(time.perf_counter() - t0)}", flush=True)
+
+    @contextlib.contextmanager
+    def _claim_folders(self):
+        """Local: hold the plan's folders for this run. Refused while another run holds them, or
+        while a job of an earlier run (its runner killed) or of a SLURM run still works there:
+        the same stage would run twice into one folder, each job sweeping the other's files."""
+        root = os.path.commonpath([os.path.abspath(s.out_dir) for s in self.stages])
+        os.makedirs(root, exist_ok=True)
+        lock = FileLock(os.path.join(root, LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RuntimeError(f"another pipeline run is using {root} (it holds {lock.lock_file}):"
+                               " follow it with --status, or wait for it to end") from None
+        try:
+            busy = [f"{name} (job {job})" for name, (state, job, _) in self.states().items()
+                    if state in ("queued", "running")]
+            if busy:
+                raise RuntimeError(f"stages of {root} still have a job of an earlier run: "
+                                   f"{', '.join(busy)}; wait for them (--status) or stop them "
+                                   "(kill or scancel the job), then run again")
+            yield
+        finally:
+            lock.release()
 
     def _submit_all(self) -> None:
         """SLURM: every unfinished stage at once, `afterok` on the unfinished ones it reads; a
