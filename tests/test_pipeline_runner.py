@@ -393,3 +393,26 @@ def test_a_second_run_on_the_same_folders_is_refused_while_the_first_or_its_jobs
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert all((out / n / STAGE_FILE).is_file() for n in "abc")
     assert [p for p in out.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_an_empty_plan_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no stages"):
+        _runner([])
+
+
+@pytest.mark.slow
+def test_a_run_of_part_of_the_plan_is_refused_while_a_run_holds_the_whole_output(tmp_path):
+    from filelock import FileLock
+
+    from nst_det.pipeline.run import LOCK_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with FileLock(str(out / LOCK_FILE)):  # as a run of the whole plan on `out` holds it
+        part = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "run_pipeline.py"), "--scale", "ci",
+             "--output", str(out), "--stages", "cls_teacher"],
+            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert part.returncode != 0
+    assert f"another pipeline run is using {out}" in part.stderr, part.stderr[-3000:]
+    assert not (out / "cls_teacher").exists()  # no job started

@@ -216,7 +216,7 @@ def main(argv=None):
     }
     if args.weight_grid:  # the grid's own stages
         handlers.update({"weight_grid": grid_configs_stage, "select_weight": select_weight_stage})
-    runner = PipelineRunner(stages, handlers, cluster_settings(args))
+    runner = PipelineRunner(stages, handlers, cluster_settings(args), root=args.output)
     if args.status:
         print(runner.status())
         return 0

@@ -69,10 +69,16 @@ class PipelineRunner:
         handlers: stage kind -> function(stage) -> metrics for the kinds other than train and
             evaluate (pickled into the job: module-level functions or closures over data).
         settings: `ClusterSettings`.
+        root: the folder a local run holds (`LOCK_FILE`), the whole plan's output root even when
+            running part of it (default: the stages' common folder).
     """
 
-    def __init__(self, stages: list, handlers: dict, settings: ClusterSettings | None = None):
+    def __init__(self, stages: list, handlers: dict, settings: ClusterSettings | None = None,
+                 root: str | None = None):
+        if not stages:
+            raise ValueError("the plan has no stages: nothing to run")
         self.stages, self.handlers = stages, handlers
+        self.root = root or os.path.commonpath([os.path.abspath(s.out_dir) for s in stages])
         self.settings = settings or ClusterSettings()
         self.slurm, self.jobs = self.settings.cluster == "slurm", max(1, self.settings.jobs)
         self._by_name = {s.name: s for s in stages}
@@ -198,7 +204,7 @@ class PipelineRunner:
         """Local: hold the plan's folders for this run. Refused while another run holds them, or
         while a job of an earlier run (its runner killed) or of a SLURM run still works there:
         the same stage would run twice into one folder, each job sweeping the other's files."""
-        root = os.path.commonpath([os.path.abspath(s.out_dir) for s in self.stages])
+        root = self.root
         os.makedirs(root, exist_ok=True)
         lock = FileLock(os.path.join(root, LOCK_FILE))
         try:
