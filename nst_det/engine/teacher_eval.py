@@ -16,9 +16,10 @@ import os
 from detectron2.engine import HookBase
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
-from detectron2.utils.file_io import PathManager
 from tabulate import tabulate
 from torch import nn
+
+from ..utils.atomic import atomic_write
 
 __all__ = ["ChannelFlipped", "TeacherEvalHook", "TEACHER_METRICS_FILE"]
 
@@ -58,16 +59,15 @@ class TeacherEvalHook(HookBase):
         self.results = None
 
     def before_train(self):
-        if self.trainer.start_iter > 0 and PathManager.isfile(self._path):
-            with PathManager.open(self._path) as f:
+        if self.trainer.start_iter > 0 and os.path.isfile(self._path):
+            with open(self._path) as f:
                 self.results = json.load(f)
             logger.info("Teacher metrics (from %s): %s", self._path, self.results)
         else:
             logger.info("Evaluating the teacher before training ...")
             self.results = flatten_results_dict(self._func(self._teacher) or {})
             if comm.is_main_process():
-                PathManager.mkdirs(os.path.dirname(self._path))
-                with PathManager.open(self._path, "w") as f:
+                with atomic_write(self._path, "w") as f:  # read back on resume: never half
                     json.dump(self.results, f, indent=2)
             comm.synchronize()
         if self.results:

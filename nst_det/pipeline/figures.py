@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..utils.atomic import atomic_write
+
 __all__ = ["ForestRow", "forest_plot", "curves", "per_class_ap", "detections", "selectivity"]
 
 
@@ -33,8 +35,14 @@ def _figure(nrows: int = 1, ncols: int = 1, **fig_kw):
 
 def _save(fig, out_dir: str, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, path), dpi=90)
+    _write_png(fig, os.path.join(out_dir, path))
     return path
+
+
+def _write_png(fig, path: str) -> None:
+    """Write `fig` to `path` atomically: a report stopped while drawing leaves no broken PNG."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
 
 
 def curves(cls_runs: dict, det_runs: dict, out_dir: str, path: str) -> str:
@@ -163,5 +171,5 @@ def forest_plot(rows: list, path: str, metric: str = "AP50", level: float = 0.95
                     va="center", fontsize=7, annotation_clip=False)
     ax.set_xlabel(f"Δ{metric} vs plain, same seed (mean, {100 * level:.0f}% t-interval)")
     ax.set_title(f"paired Δ{metric} per method (× : one seed, no interval)", fontsize=9)
-    fig.savefig(path, dpi=90)
+    _write_png(fig, path)
     return fig

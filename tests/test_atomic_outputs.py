@@ -1,0 +1,43 @@
+"""Small outputs read back later are written whole or not at all: the teacher's metrics (read on
+resume) and the report's figures."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from matplotlib.figure import Figure
+
+from nst_det.engine.teacher_eval import TEACHER_METRICS_FILE, TeacherEvalHook
+from nst_det.pipeline.figures import ForestRow, forest_plot
+
+
+def _temps(folder):
+    return [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failed_write_of_the_teacher_metrics_leaves_no_file_for_a_resume_to_read(tmp_path):
+    # a metric json cannot write fails half-way through the file, as a kill or full disk would
+    hook = TeacherEvalHook(None, lambda teacher: {"bbox": {"AP50": 50.0, "AP": object()}},
+                           str(tmp_path))
+    hook.trainer = SimpleNamespace(start_iter=0)
+    with pytest.raises(TypeError):
+        hook.before_train()
+    assert not (tmp_path / TEACHER_METRICS_FILE).exists() and _temps(tmp_path) == []
+
+
+def test_a_figure_stopped_while_written_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    rows = [ForestRow("nst_poly", 2.0, 0.5, 3.5, 5, "nst 25")]
+    path = tmp_path / "forest.png"
+    forest_plot(rows, str(path))
+    before = path.read_bytes()
+
+    def stopped_half_way(self, fname, **kwargs):
+        with open(fname, "wb") if isinstance(fname, str) else fname as f:
+            f.write(before[:100])
+        raise KeyboardInterrupt  # Ctrl-C while the PNG is being written
+
+    monkeypatch.setattr(Figure, "savefig", stopped_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        forest_plot(rows, str(path))
+    assert path.read_bytes() == before and _temps(tmp_path) == []
