@@ -220,3 +220,25 @@ def test_a_report_of_one_seed_claims_no_interval_and_no_spread(tmp_path):
         "seed (1 seed only: no interval, no verdict)." in report
     assert "% interval (1 seed only" not in report
     assert "Student rows: one seed (0), so no spread." in report
+
+
+def test_metrics_rows_of_a_resumed_run_have_one_row_per_iteration(tmp_path, caplog):
+    from nst_det.pipeline.describe import metrics_rows
+
+    # rows 19 and 39 written, killed while writing row 59 (cut short, no newline), resumed from
+    # the checkpoint at 20: row 39 written again (other values), then 59
+    (tmp_path / "metrics.json").write_text(
+        '{"iteration": 19, "total_loss": 2.0}\n{"iteration": 39, "total_loss": 1.5}\n'
+        '{"iteration": 59, "total_l'
+        '{"iteration": 39, "total_loss": 1.4, "time": 0.3}\n'
+        '{"iteration": 59, "total_loss": 1.2}\n')
+    rows = metrics_rows(str(tmp_path))
+    assert [(r["iteration"], r["total_loss"]) for r in rows] == [(19, 2.0), (39, 1.5), (59, 1.2)]
+    assert "metrics.json line 3 is not JSON" in caplog.text
+
+    (tmp_path / "again").mkdir()  # the rewrite on its own line: its values win
+    (tmp_path / "again" / "metrics.json").write_text(
+        '{"iteration": 39, "total_loss": 1.5}\n{"iteration": 19, "total_loss": 2.0}\n'
+        '{"iteration": 39, "total_loss": 1.4, "time": 0.3}\n')
+    assert metrics_rows(str(tmp_path / "again")) == [
+        {"iteration": 19, "total_loss": 2.0}, {"iteration": 39, "total_loss": 1.4, "time": 0.3}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 
 from detectron2.data import MetadataCatalog
@@ -13,6 +14,7 @@ from tabulate import tabulate
 from ..config import load_config
 from .plan import Stage
 
+logger = logging.getLogger(__name__)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 READING = "docs/reading_the_report.md"  # how to read each report section, in the repository
 _CLASSIFIERS = {"inception_bn": "Inception-BN", "mobilenet_v3_large": "MobileNetV3-Large",
@@ -112,5 +114,17 @@ def metrics_rows(run_dir: str) -> list[dict]:
 
 @functools.lru_cache(maxsize=64)
 def _metrics_file(path: str, mtime_ns: int) -> tuple:  # mtime_ns: a grown file is read again
+    """One row per iteration, in order: a resumed run writes again the iterations after its last
+    checkpoint (its values win); a line a killed writer cut short is skipped, with a warning."""
+    rows = {}
     with open(path) as f:
-        return tuple(json.loads(line) for line in f if line.strip())
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except ValueError:
+                logger.warning("%s line %d is not JSON (cut short by a kill?): skipped",
+                               path, number)
+                continue
+            if row:
+                rows.setdefault(row.get("iteration", -1), {}).update(row)
+    return tuple(rows[k] for k in sorted(rows))
