@@ -89,3 +89,23 @@ def test_selected_stages_are_the_named_ones_and_what_they_read(tmp_path):
     assert [s.name for s in select_stages(stages, ["cls_teacher"])] == ["cls_teacher"]
     with pytest.raises(ValueError, match="no stage named det_teacherr.*det_teacher"):
         select_stages(stages, ["det_teacherr"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--seeds", "a"], "argument --seeds: 'a' is not a comma-separated list of integers"),
+    (["--seeds", "0,,1"], "argument --seeds: '0,,1' is not a comma-separated list"),
+    (["--seeds", "0,1,0"], "argument --seeds: '0,1,0': give each seed once, each >= 0"),
+    (["--seeds", "-1"], "argument --seeds: '-1': give each seed once, each >= 0"),
+    (["--jobs", "0"], "argument --jobs: '0': give a whole number >= 1"),
+])
+def test_bad_pipeline_arguments_are_refused_by_name(args, says, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nst_run_pipeline",
+                                                  REPO / "tools" / "run_pipeline.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.parse_args(["--seeds", "2,0,1", "--jobs", "3"]).seeds == (2, 0, 1)
+    with pytest.raises(SystemExit):
+        tool.parse_args(args)
+    assert says in capsys.readouterr().err

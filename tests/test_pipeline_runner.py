@@ -395,9 +395,11 @@ def test_a_second_run_on_the_same_folders_is_refused_while_the_first_or_its_jobs
     assert [p for p in out.rglob("*") if p.name.endswith(".tmp")] == []
 
 
-def test_an_empty_plan_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="no stages"):
+def test_an_empty_plan_or_one_naming_a_stage_twice_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="each named once; got \\[\\]"):
         _runner([])
+    with pytest.raises(ValueError, match="each named once; got \\['a', 'b', 'a'\\]"):
+        _runner([_stage(tmp_path, "a"), _stage(tmp_path, "b"), _stage(tmp_path / "x", "a")])
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ the stages it reads; settings from --slurm-* options or a --slurm-config YAML fi
 keys, e.g. `{partition: learnfair, time: {cls: 4320, det: 720}, gpus: 8, sbatch: {qos: high}}`).
 """
 
+import argparse
 import os
 import sys
 import warnings
@@ -55,6 +56,25 @@ from nst_det.pipeline.weight_grid import (  # noqa: E402
 from nst_det.utils.atomic import exit_on_sigterm  # noqa: E402
 
 
+def _seeds(text: str) -> tuple:
+    """--seeds "0,1,2" -> (0, 1, 2). detectron2 draws a random seed for a negative SEED, which
+    no rerun could repeat, and a seed given twice would name one stage twice."""
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, "
+                                         "e.g. 0,1,2") from None
+    if min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give each seed once, each >= 0")
+    return seeds
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return int(text)
+
+
 def parse_args(argv=None):
     # detectron2's launch flags (--num-gpus, --num-machines, --machine-rank, --dist-url)
     parser = default_argument_parser()
@@ -70,7 +90,8 @@ def parse_args(argv=None):
     parser.add_argument("--toy-students", choices=sorted(TOY_PLANS), default="r18",
                         help="toy plan: r18 (ResNet-18 Faster R-CNN students), mnv3 "
                              "(MobileNetV3-Large FPN), retinanet (RetinaNet R-18 from R-34)")
-    parser.add_argument("--seeds", default=None, help="comma-separated student seeds, e.g. 0,1,2")
+    parser.add_argument("--seeds", type=_seeds, default=None,
+                        help="comma-separated student seeds, e.g. 0,1,2")
     parser.add_argument("--methods", default="",
                         help="also train one detection-stage student per transfer method and "
                              "seed from the plain pretrained student, each loss weight "
@@ -92,7 +113,7 @@ def parse_args(argv=None):
     parser.add_argument("--stages", default="",
                         help="comma-separated stage names: run only these and the stages they "
                              "read, e.g. det_teacher (names: --status)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=_positive, default=None,
                         help="--cluster local: training stages run side by side, each a job with "
                              "cpu_count/jobs threads (default: 2 for toy runs on a CPU with 2+ "
                              "cores, else 1: one stage at a time with --num-gpus processes)")
@@ -193,7 +214,7 @@ def main(argv=None):
     exit_on_sigterm()  # a plain `kill` unwinds, so the runner stops the stage jobs it started
     scale = TOY_SCALES[args.scale or ("paper" if args.paper else "demo")]
     if args.seeds:
-        scale = replace(scale, seeds=tuple(int(s) for s in args.seeds.split(",")))
+        scale = replace(scale, seeds=args.seeds)
     stages = build_plan(args.output, scale,
                         PAPER_CONFIGS if args.paper else TOY_PLANS[args.toy_students],
                         train_opts=amp_opts(args.amp, args.paper))

@@ -75,8 +75,9 @@ class PipelineRunner:
 
     def __init__(self, stages: list, handlers: dict, settings: ClusterSettings | None = None,
                  root: str | None = None):
-        if not stages:
-            raise ValueError("the plan has no stages: nothing to run")
+        if not stages or len({s.name for s in stages}) < len(stages):
+            raise ValueError("a plan needs stages, each named once; got "
+                             f"{[s.name for s in stages]}")
         self.stages, self.handlers = stages, handlers
         self.root = root or os.path.commonpath([os.path.abspath(s.out_dir) for s in stages])
         self.settings = settings or ClusterSettings()
