@@ -132,6 +132,7 @@ def test_what_reads_a_stage_run_again_is_redone(tmp_path):
                           run_id="r_cal", inputs={"cls": "r_cls"})  # a short stage
     det = _finished(_stage(tmp_path, "det", after=["calibrate"]), run_id="r_det",
                     inputs={"calibrate": "r_cal"})
+    (Path(det.out_dir) / "model_final.pth").write_text("the previous run's weights")
     _runner([cls, calibrate, det]).run()
     assert _events(tmp_path) == {}  # all done from the inputs they read
     (Path(cls.out_dir) / STAGE_FILE).unlink()
@@ -140,6 +141,14 @@ def test_what_reads_a_stage_run_again_is_redone(tmp_path):
     (tmp_path / "stages" / "events.log").unlink()
     _runner([cls, calibrate, det]).run()
     assert {name for _, name in _events(tmp_path)} == {"calibrate", "det"}
+    # the training stage started in an empty folder (nothing of the previous run to resume
+    # from); the previous run is kept beside it, whole
+    [aside] = (tmp_path / "stages").glob("det.superseded-*")
+    assert (aside / "model_final.pth").read_text() == "the previous run's weights"
+    assert json.loads((aside / STAGE_FILE).read_text())["run_id"] == "r_det"
+    assert not (Path(det.out_dir) / "model_final.pth").exists()
+    assert json.loads((Path(det.out_dir) / STAGE_FILE).read_text())["run_id"] != "r_det"
+    assert not list((tmp_path / "stages").glob("calibrate.superseded-*"))  # writes afresh
     (tmp_path / "stages" / "events.log").unlink()
     _runner([cls, calibrate, det]).run()
     assert _events(tmp_path) == {}

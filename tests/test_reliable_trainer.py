@@ -53,3 +53,24 @@ def test_checkpoint_restores_optimizer_and_scheduler_state(tmp_path, tiny_voc):
     first = next(iter(resumed.data_loader))
     assert [d["file_name"] for d in first] == [d["file_name"] for d in fourth]
     torch.testing.assert_close(first[0]["image"], fourth[0]["image"])
+
+
+def test_a_finished_run_resumed_from_its_weights_only_final_checkpoint_trains_no_more(
+        tmp_path, tiny_voc):
+    # the pipeline's stages save model_final without trainer state; a stage stopped during its
+    # final evaluation resumes from it and must only evaluate, not train from iteration 1 again
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "3",
+                                 "SOLVER.CHECKPOINT_PERIOD", "100", "DATASETS.TEST", "()",
+                                 "NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY", "True"],
+                   data=tiny_voc[:2], output_dir=tmp_path)
+    trainer = DetectionTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert "trainer" not in torch.load(tmp_path / "model_final.pth", weights_only=True)
+
+    resumed = DetectionTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.checkpointer.resumed_from.endswith("model_final.pth")
+    assert resumed.start_iter == 3  # = MAX_ITER: nothing left to train
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value)

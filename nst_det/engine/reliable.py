@@ -296,9 +296,11 @@ class ReliableTrainer(TrainerBase):
         """Resume from the newest readable checkpoint in OUTPUT_DIR (`resume`, and one exists),
         else initialise the model from cfg.MODEL.WEIGHTS and start at iteration 0."""
         self._resumed_rng = self._resumed_data_seed = None
-        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        # the checkpoint holds the iteration that had finished
-        self.start_iter = self.iter + 1 if self.checkpointer.resumed_from else 0
+        extra = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        # the checkpoint holds the iteration that had finished; a weights-only one (model_final
+        # under NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY) has no trainer state, only `iteration`
+        self.start_iter = int(extra.get("iteration", self.iter)) + 1 \
+            if self.checkpointer.resumed_from else 0
         if self.start_iter > 0:
             seed = self._resumed_data_seed
             if seed is None:

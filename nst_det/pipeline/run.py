@@ -126,6 +126,12 @@ class PipelineRunner:
                 f"{os.path.join(stage.out_dir, 'log.txt')}")
 
     def _submit(self, stage: Stage, after_ids=()):
+        if stage.kind == "train" and stage_result(stage) is not None:  # finished, now stale:
+            # it would resume from the previous run's weights; that run is kept beside it
+            aside = f"{os.path.normpath(stage.out_dir)}.superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.rename(stage.out_dir, aside)
+            print(f"{self._labels[stage.name]} redone from scratch (what it reads ran again); "
+                  f"its previous run moved to {aside}", flush=True)
         kind = stage.meta.get("stage", "other") if stage.kind in HEAVY else "other"
         executor, threads = stage_executor(self.settings, kind, self._job_folder(stage),
                                            f"nst_det:{stage.name}", after_ids)
