@@ -427,3 +427,27 @@ def test_a_run_of_part_of_the_plan_is_refused_while_a_run_holds_the_whole_output
     assert part.returncode != 0
     assert f"another pipeline run is using {out}" in part.stderr, part.stderr[-3000:]
     assert not (out / "cls_teacher").exists()  # no job started
+
+
+@pytest.mark.slow
+def test_a_stage_is_redone_when_its_definition_changed_not_when_its_root_is_written_otherwise(
+        tmp_path, monkeypatch):
+    def plan(root, iters):  # a training stage and the summary that reads it
+        det = Stage("det", "train", os.path.join(root, "det"), "configs/x.yaml",
+                    ["SOLVER.MAX_ITER", iters, "OUTPUT_DIR", os.path.join(root, "det")],
+                    meta={"stage": "det"}, iters=1)
+        report = Stage("report", "report", os.path.join(root, "report"), after=["det"])
+        return PipelineRunner([det, report], {"train": quick, "report": quick},
+                              ClusterSettings(), root=root)
+
+    plan(str(tmp_path / "stages"), "3").run()
+    assert {name for _, name in _events(tmp_path)} == {"det", "report"}
+    (tmp_path / "stages" / "events.log").unlink()
+    monkeypatch.chdir(tmp_path)
+    plan("./stages/", "3").run()  # the same plan, its root written another way: all done
+    assert _events(tmp_path) == {}
+    plan("stages", "120").run()  # e.g. --scale demo into a --scale ci output: redone
+    assert {name for _, name in _events(tmp_path)} == {"det", "report"}
+    [aside] = (tmp_path / "stages").glob("det.superseded-*")
+    assert json.loads((aside / STAGE_FILE).read_text())["definition"]["opts"] == [
+        "SOLVER.MAX_ITER", "3", "OUTPUT_DIR", "det"]

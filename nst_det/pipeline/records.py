@@ -1,8 +1,8 @@
 """A stage's record, `stage.json`: the file whose presence marks the stage finished.
 
 Written atomically by the stage's job at its end (`worker.StageJob`) with its metrics, seconds,
-a fresh run id and the run ids of the stages it read; read by the runner (what is done) and by
-the report (what to say). Nothing here starts or follows a job.
+a fresh run id, the run ids of the stages it read and its definition; read by the runner (what is
+done) and by the report (what to say). Nothing here starts or follows a job.
 """
 
 from __future__ import annotations
@@ -34,3 +34,21 @@ def finished_results(stages) -> dict:
 def runs_of(stages) -> dict:
     """name -> run id of each of `stages` (None: not finished, or finished before run ids)."""
     return {s.name: (stage_result(s) or {}).get("run_id") for s in stages}
+
+
+def definition(stage: Stage, root: str) -> dict:
+    """What `stage` runs (kind, config, overrides, inputs), each path under the plan's `root`
+    written relative to it: a record made from another definition (e.g. another --scale into
+    the same --output) is stale, while the same root written another way is the same."""
+    root = os.path.abspath(root)
+
+    def relative(value):
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [relative(v) for v in value]
+        path = os.path.abspath(value) if isinstance(value, str) and value else ""
+        return os.path.relpath(path, root) if path.startswith(root + os.sep) else value
+
+    return relative({"kind": stage.kind, "config": stage.config, "opts": stage.opts,
+                     "inputs": stage.inputs, "d2_backbone": stage.d2_backbone})

@@ -28,7 +28,7 @@ from tabulate import tabulate
 from ..utils.atomic import atomic_write, remove_stale_temps
 from .cluster import SLURM_ACTIVE, ClusterSettings, local_job_alive, squeue, stage_executor
 from .plan import Stage
-from .records import PROGRESS_FILE, STAGE_FILE, SUMMARY_KINDS, stage_result
+from .records import PROGRESS_FILE, STAGE_FILE, SUMMARY_KINDS, definition, stage_result
 from .worker import StageJob
 
 __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
@@ -99,8 +99,8 @@ class PipelineRunner:
     # ---- what a stage is ------------------------------------------------------------------
     def _done_stages(self) -> set:
         """The stages finished from the inputs they would read now: a record, every input
-        done, and the inputs' run ids the ones it recorded (a stage run again, or a plan grown
-        by more seeds, redoes what reads it)."""
+        done, the inputs' run ids the ones it recorded (a stage run again, or a plan grown by
+        more seeds, redoes what reads it) and its definition the one recorded."""
         done, results = set(), {s.name: stage_result(s) for s in self.stages}
         for name in self._order:
             after, result = self._by_name[name].after, results[name]
@@ -111,7 +111,8 @@ class PipelineRunner:
                 fresh = self._by_name[name].kind not in SUMMARY_KINDS
             else:
                 fresh = recorded == {n: results[n].get("run_id") for n in after}
-            if fresh:
+            recorded = result.get("definition")  # None: recorded before definitions were
+            if fresh and recorded in (None, definition(self._by_name[name], self.root)):
                 done.add(name)
         return done
 
@@ -130,14 +131,15 @@ class PipelineRunner:
             # it would resume from the previous run's weights; that run is kept beside it
             aside = f"{os.path.normpath(stage.out_dir)}.superseded-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(stage.out_dir, aside)
-            print(f"{self._labels[stage.name]} redone from scratch (what it reads ran again); "
+            print(f"{self._labels[stage.name]} redone from scratch (it or what it reads changed); "
                   f"its previous run moved to {aside}", flush=True)
         kind = stage.meta.get("stage", "other") if stage.kind in HEAVY else "other"
         executor, threads = stage_executor(self.settings, kind, self._job_folder(stage),
                                            f"nst_det:{stage.name}", after_ids)
         work = StageJob(stage, self.handlers.get(stage.kind),
                         [self._by_name[n] for n in stage.after], threads=threads,
-                        others=[s.out_dir for s in self.stages if s is not stage])
+                        others=[s.out_dir for s in self.stages if s is not stage],
+                        definition=definition(stage, self.root))
         # a local job's processes inherit this environment at submission (submitit's `setup`
         # would put a shell between the runner and the job, which Ctrl-C would not stop)
         threads_env = {} if self.slurm else {v: str(threads) for v in ("OMP_NUM_THREADS",

@@ -78,11 +78,14 @@ class StageJob(submitit.helpers.Checkpointable):
             redoes it when one of them has run again since.
         threads: torch threads per task (0: as given).
         others: the other stages' folders, never swept by this job.
+        definition: `records.definition` of the stage, recorded: the runner redoes the stage
+            when it changes.
     """
 
-    def __init__(self, stage: Stage, handler=None, inputs=(), threads: int = 0, others=()):
+    def __init__(self, stage: Stage, handler=None, inputs=(), threads: int = 0, others=(),
+                 definition=None):
         self.stage, self.handler, self.inputs = stage, handler, list(inputs)
-        self.threads, self.others = threads, list(others)
+        self.threads, self.others, self.definition = threads, list(others), definition
 
     def __call__(self) -> dict:
         exit_on_sigterm()  # submitit ignores SIGTERM; a stage must unwind on it
@@ -100,7 +103,7 @@ class StageJob(submitit.helpers.Checkpointable):
             record = {"name": stage.name, "kind": stage.kind,
                       "seconds": time.perf_counter() - start, "meta": stage.meta,
                       "metrics": metrics, "job_id": env.job_id, "run_id": uuid.uuid4().hex,
-                      "inputs": runs_of(self.inputs)}
+                      "inputs": runs_of(self.inputs), "definition": self.definition}
             if stage.d2_backbone:  # before the record: a stage recorded done has its backbone
                 from ..modeling.convert import classifier_file_to_d2
 
