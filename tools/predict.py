@@ -57,6 +57,26 @@ def list_images(inputs):
     return files
 
 
+def drawn_names(files, output: str) -> list:
+    """The file each input's drawing is written to in `output`: `<stem>.jpg`, `<stem>_<n>.jpg`
+    when inputs share a stem (a.jpg and a.png, or dir1/a.jpg and dir2/a.jpg). Exits before
+    anything is written when `output` holds an input image: its drawing could replace it."""
+    inputs = {p.resolve() for p in files}
+    held = sorted(p for p in inputs if p.parent == Path(output).resolve())
+    if held:
+        sys.exit(f"--output {output} holds input images (e.g. {held[0]}), which the drawn "
+                 "images could replace: choose another --output folder")
+    names, taken = [], set()
+    for path in files:
+        name, n = f"{path.stem}.jpg", 0
+        while name in taken:
+            n += 1
+            name = f"{path.stem}_{n}.jpg"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
 def build_runner(args):
     """(runner, input format, min size, max size, class names) for --model or --config-file."""
     if args.model:
@@ -98,9 +118,11 @@ def draw(image_rgb, detections, class_names):
 def main(argv=None):
     args = parse_args(argv)
     runner, input_format, min_size, max_size, class_names = build_runner(args)
+    files = list_images(args.input)
+    names = drawn_names(files, args.output)
     os.makedirs(args.output, exist_ok=True)
     results = []
-    for path in list_images(args.input):
+    for path, name in zip(files, names):
         image = read_image(str(path), format=input_format)
         tensor = preprocess(image, min_size, max_size)
         det = runner(tensor)
@@ -109,10 +131,11 @@ def main(argv=None):
         det["boxes"] = rescale_boxes(det["boxes"], tensor.shape[1:], image.shape[:2])
         rgb = image[:, :, ::-1] if input_format == "BGR" else image
         drawn = draw(np.ascontiguousarray(rgb), det, class_names)
-        with atomic_write(Path(args.output) / f"{path.stem}.jpg") as f:
+        with atomic_write(Path(args.output) / name) as f:
             Image.fromarray(drawn).save(f, format="JPEG", quality=90)
         results.append({
             "file": str(path),
+            "drawn": name,
             "detections": [
                 {"box": [round(float(v), 2) for v in box], "score": round(float(score), 4),
                  "class": int(cls), "class_name": class_names[cls] if cls < len(class_names)

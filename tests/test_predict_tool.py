@@ -1,0 +1,62 @@
+"""tools/predict.py on an eager toy detector: one drawing per input, none replacing another or an
+input image, and detections.json naming both."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _detection_common import R18_FPN_TOY
+from detectron2.modeling import build_model
+from PIL import Image
+
+from nst_det.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def predict(tmp_path_factory):
+    """predict.main with the arguments of an eager toy detector (random weights)."""
+    spec = importlib.util.spec_from_file_location("nst_predict", REPO / "tools" / "predict.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    weights = tmp_path_factory.mktemp("model") / "model.pth"
+    cfg = load_config(str(R18_FPN_TOY), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    return lambda *args: tool.main(["--config-file", str(R18_FPN_TOY), "--score-thresh", "0",
+                                    *args, "MODEL.WEIGHTS", str(weights)])
+
+
+def _image(path: Path, value: int) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((48, 64, 3), value, np.uint8)).save(path)
+    return path.read_bytes()
+
+
+def test_inputs_sharing_a_name_each_get_their_own_drawing(tmp_path, predict):
+    inputs = [tmp_path / "a" / "img.jpg", tmp_path / "a" / "img.png", tmp_path / "b" / "img.jpg"]
+    for i, path in enumerate(inputs):
+        _image(path, 40 * (i + 1))
+    out = tmp_path / "out"
+    assert predict("--input", str(tmp_path / "a"), str(inputs[2]), "--output", str(out)) == 0
+    results = json.loads((out / "detections.json").read_text())
+    assert [r["file"] for r in results] == [str(p) for p in inputs]
+    assert [r["drawn"] for r in results] == ["img.jpg", "img_1.jpg", "img_2.jpg"]
+    drawn = [np.asarray(Image.open(out / r["drawn"])) for r in results]
+    assert all(d.shape == (48, 64, 3) for d in drawn)
+    # three different drawings (the images differ): none was written over another
+    assert len({int(d.astype(np.int64).sum()) for d in drawn}) == 3
+
+
+def test_an_output_folder_holding_input_images_is_refused_before_any_write(tmp_path, predict):
+    photo = tmp_path / "photos" / "cat.jpg"
+    before = _image(photo, 90)
+    with pytest.raises(SystemExit, match="--output .*photos holds input images .*cat.jpg"):
+        predict("--input", str(photo.parent), "--output", str(photo.parent))
+    assert photo.read_bytes() == before
+    assert sorted(p.name for p in photo.parent.iterdir()) == ["cat.jpg"]
