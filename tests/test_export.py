@@ -159,3 +159,21 @@ def test_missing_weights_is_a_clear_error(tiny_voc, tmp_path):
     with pytest.raises(SystemExit, match=r"MODEL.WEIGHTS .*no.pth: no such file"):
         export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
                            "--output", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "no.pth")])
+
+
+def test_an_export_into_a_training_runs_folder_is_refused_before_any_write(
+        toy_detector, tmp_path):
+    export_model = _load_tool("export_model")
+    run = tmp_path / "my_student_nst"  # what a training run leaves (its full checkpoint)
+    run.mkdir()
+    weights = Path(toy_detector[toy_detector.index("MODEL.WEIGHTS") + 1]).read_bytes()
+    files = {"last_checkpoint": b"model_final.pth", "model_final.pth": weights,
+             "config.yaml": R18_TOY.read_bytes()}
+    for name, data in files.items():
+        (run / name).write_bytes(data)
+    with pytest.raises(SystemExit, match=r"export folder .*my_student_nst is a training run's "
+                                         r"\(it holds last_checkpoint\)"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
+                           "--output", str(run), *toy_detector,
+                           "MODEL.WEIGHTS", str(run / "model_final.pth")])
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files

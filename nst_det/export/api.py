@@ -44,6 +44,7 @@ def _sha256(path: str) -> str:
 
 
 MARKER = "verification.json"  # written last: an export folder without it holds no export
+TRAINING_RUN_FILES = ("last_checkpoint", "metrics.json")  # what detectron2 training writes
 
 
 def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
@@ -56,7 +57,13 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     previous export or files without `verification.json`, which readers treat as no export.
     Returns:
         the verification summary (see `verify`), with format, file and size_bytes added.
+    Raises ValueError, before anything is read or written, for a training run's folder.
     """
+    for mark in TRAINING_RUN_FILES:  # its model_final.pth and config.yaml would be replaced
+        if os.path.isfile(os.path.join(out_dir, mark)):
+            raise ValueError(f"export folder {out_dir} is a training run's (it holds {mark}): "
+                             "the export would replace its model_final.pth and config.yaml. "
+                             "Choose another output folder")
     model = load_student_detector(cfg)
     images = sample_images(cfg, num_images)
     with atomic_file_set(out_dir, MARKER) as staging:
