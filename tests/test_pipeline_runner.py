@@ -153,6 +153,10 @@ def test_what_reads_a_stage_run_again_is_redone(tmp_path):
     _runner([cls, calibrate, det]).run()
     assert _events(tmp_path) == {}
 
+    (Path(cls.out_dir) / STAGE_FILE).unlink()  # the training stage stopped before its record
+    states = _runner([cls, calibrate, det]).states()  # (--status)
+    assert [states[n][0] for n in ("cls", "calibrate", "det")] == ["failed", "stale", "stale"]
+
 
 @pytest.mark.slow
 def test_jobs_overlap_independent_stages_respect_dependencies_and_limit(tmp_path):

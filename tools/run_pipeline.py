@@ -120,7 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
                         help="run the stages as submitit jobs on this machine or on SLURM")
     parser.add_argument("--status", action="store_true",
-                        help="list every stage (pending/queued/running/done/failed, job id, "
+                        help="list every stage (pending/queued/running/done/failed/stale, job id, "
                              "log) and exit")
     parser.add_argument("--no-wait", action="store_true",
                         help="--cluster slurm: submit the plan and exit (follow with --status)")

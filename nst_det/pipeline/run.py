@@ -152,7 +152,8 @@ class PipelineRunner:
         return job
 
     def states(self) -> dict:
-        """name -> (state, job id or "", logs); state: pending/queued/running/done/failed."""
+        """name -> (state, job id or "", logs); state: pending/queued/running/done/failed, or
+        stale: finished from other inputs or another definition, so the next run redoes it."""
         records = {s.name: self._record(s) for s in self.stages}
         slurm_states = squeue([r["job_id"] for r in records.values()
                                if r and r["cluster"] == "slurm"])
@@ -171,6 +172,8 @@ class PipelineRunner:
                     SLURM_ACTIVE.get(slurm_state, "failed")
             else:
                 state = "running" if local_job_alive(job_id) else "failed"
+            if state == "failed" and stage_result(stage) is not None:
+                state = "stale"
             out[stage.name] = (state, job_id, self._logs(stage, job_id) if record else "")
         return out
 
