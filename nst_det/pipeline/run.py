@@ -5,9 +5,10 @@ submitit job (`worker.StageJob`). On SLURM the plan is submitted at once, each s
 the unfinished stages it reads, and SLURM cancels the dependents of a failed one. Locally,
 `graphlib.TopologicalSorter` releases a stage once the stages it reads have finished; ready
 stages start in plan order, at most `jobs` training stages at a time. A stage is finished when
-its record (`stage.json`) exists and the stages it reads are the runs it recorded, so a rerun
-redoes only what is unfinished or stale, and training resumes from its last checkpoint. One
-local run at a time works in a plan's folders (a file lock, and no job of an earlier run alive).
+its record (`stage.json`) exists, the stages it reads are the runs it recorded and its
+definition is the one recorded, so a rerun redoes only what is unfinished or stale: training
+resumes from its last checkpoint, or, for a stale stage, starts afresh beside the previous run.
+One local run at a time works in a plan's folders (a file lock, and no job of an earlier run).
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ class PipelineRunner:
                 fresh = self._by_name[name].kind not in SUMMARY_KINDS
             else:
                 fresh = recorded == {n: results[n].get("run_id") for n in after}
-            recorded = result.get("definition")  # None: recorded before definitions were
-            if fresh and recorded in (None, definition(self._by_name[name], self.root)):
+            defined = result.get("definition")  # None: recorded before definitions were
+            if fresh and defined in (None, definition(self._by_name[name], self.root)):
                 done.add(name)
         return done
 
