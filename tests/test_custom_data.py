@@ -246,6 +246,13 @@ def _bad(tmp_path, data, text=None):
     (lambda d: d["annotations"][0]["bbox"].__setitem__(0, 1000.0), "annotation id 1 .* outside"),
     (lambda d: d["annotations"][0]["bbox"].__setitem__(1, -9.0), "annotation id 1 .* outside"),
     (lambda d: d["annotations"][3].pop("area"), r"annotation id 4 .* no numeric 'area'"),
+    # pycocotools' evaluation ends on a bare KeyError without it
+    (lambda d: d["annotations"][3].pop("iscrowd"), r"annotation id 4 .* 'iscrowd' 'missing'"),
+    (lambda d: d["annotations"][3].update(iscrowd=2), r"annotation id 4 .* 'iscrowd' 2"),
+    (lambda d: d["annotations"][1].update(ignore=1), r"annotation id 2 .* 'ignore': 1"),
+    (lambda d: d["annotations"][0]["bbox"].__setitem__(2, math.nan),
+     r"annotation id 1 .* finite numbers"),
+    (lambda d: d["images"][0].update(width="100"), r"image id 1 .* has size 100x"),
     (lambda d: d["images"][0].update(file_name="gone.jpg"), r"1 of 4 image files are missing .*"
      r"gone\.jpg \(id 1\)"),
     (lambda d: d["images"][1].update(id=1), "image id 1 is used more than once"),
@@ -336,3 +343,63 @@ def test_thing_classes_of_a_coco_set_before_it_was_loaded(tool_export):
     register_datasets_from_config(_cfg_with(coco=[[name, *tool_export["test"]]]))
     assert MetadataCatalog.get(name).get("thing_classes") is None
     assert thing_classes(name) == list(TOY_CLASSES)
+
+
+# ---- every set a model trains or is evaluated on numbers its classes as the model does ----
+
+def _coco_trainer_cfg(tmp_path, tool_export, mutate_test=None, opts=()):
+    """A toy detector's config training on the tool export's trainval set and testing on its
+    test set, whose json `mutate_test` may change first; returns (cfg, test set name)."""
+    from _detection_common import make_cfg
+
+    data, image_root = _good_json(tool_export)
+    if mutate_test is not None:
+        mutate_test(data)
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps(data))
+    train, test = _unique("cls_train"), _unique("cls_test")
+    register_datasets_from_config(_cfg_with(coco=[[train, *tool_export["trainval"]],
+                                                  [test, str(test_json), image_root]]))
+    return make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out"), *opts],
+                    data=(train, test)), test
+
+
+def _swap_two_category_names(data):
+    first, second = data["categories"][:2]
+    first["name"], second["name"] = second["name"], first["name"]
+
+
+def _drop_last_category(data):
+    gone = data["categories"].pop()["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != gone]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    # the same 5 classes in another order: class 0 would be scored as class 1
+    (_swap_two_category_names, r"number their classes differently: \['circle', 'triangle'"),
+    # a test json listing only the classes it uses (4 of 5): ids after the gap shift
+    (_drop_last_category, r"MODEL.ROI_HEADS.NUM_CLASSES=5 but data set cls_test_\d+ has 4"),
+])
+def test_a_test_set_numbering_classes_otherwise_is_refused_before_training_and_evaluation(
+        tmp_path, tool_export, mutate, message):
+    from nst_det.data.class_lists import ClassListError
+
+    cfg, test = _coco_trainer_cfg(tmp_path, tool_export, mutate)
+    with pytest.raises(ClassListError, match=message):
+        DetectionTrainer(cfg)
+    with pytest.raises(ClassListError, match=message):  # --eval-only: before any inference
+        DetectionTrainer.test(cfg, model=None)
+
+
+def test_a_coco_training_set_with_another_class_count_than_the_model_is_refused(
+        tmp_path, tool_export):
+    """A COCO set learns its classes when loaded: the count is checked once it is."""
+    from nst_det.data.class_lists import ClassListError
+
+    cfg, _ = _coco_trainer_cfg(tmp_path, tool_export,
+                               opts=["MODEL.ROI_HEADS.NUM_CLASSES", "20", "DATASETS.TEST", "()"])
+    with pytest.raises(ClassListError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=20 but data set "
+                                             r"cls_train_\d+ has 5 classes"):
+        DetectionTrainer(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    assert len(DetectionTrainer(cfg).data_loader.dataset) == 8  # the right count trains

@@ -13,6 +13,7 @@ detectron2 maps them to 0..K-1 and its COCO evaluator maps them back.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from detectron2.data.datasets import load_coco_json
@@ -60,6 +61,12 @@ def _read_json(json_file: str) -> dict:
     return data
 
 
+def _is_number(value) -> bool:
+    """An int or a finite float (json reads NaN and Infinity; bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
 def _check_categories(json_file: str, categories: list) -> set:
     if not categories:
         raise COCODataError(f"{json_file}: 'categories' is empty; a detection data set needs at "
@@ -87,7 +94,7 @@ def _check_images(json_file: str, image_root: str, images: list) -> dict:
         if img["id"] in sizes:
             raise COCODataError(f"{json_file}: image id {img['id']} is used more than once "
                                 f"(again by images[{i}], {img['file_name']})")
-        if not (img["width"] > 0 and img["height"] > 0):
+        if not all(_is_number(img[k]) and img[k] > 0 for k in ("width", "height")):
             raise COCODataError(f"{json_file}: image id {img['id']} ({img['file_name']}) has size "
                                 f"{img['width']}x{img['height']}")
         sizes[img["id"]] = (img["width"], img["height"], img["file_name"])
@@ -121,17 +128,22 @@ def _check_annotations(json_file: str, annotations: list, sizes: dict, cat_ids: 
             raise COCODataError(f"{where}) has category_id {ann['category_id']}, which "
                                 f"'categories' does not define (defined: {sorted(cat_ids)})")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4
-                and all(isinstance(v, (int, float)) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(map(_is_number, box))):
             raise COCODataError(f"{where}) has bbox {box!r}; COCO boxes are [x, y, width, "
-                                "height] numbers")
+                                "height] finite numbers")
         x, y, w, h = box
         if w <= 0 or h <= 0:
             raise COCODataError(f"{where}) has a box of non-positive size {box} ([x, y, width, "
                                 "height]). Fix or remove it")
-        if not isinstance(ann.get("area"), (int, float)):
+        if not _is_number(ann.get("area")):
             raise COCODataError(f"{where}) has no numeric 'area'; COCO evaluation needs it (for a "
                                 "box, usually its width * height)")
+        if ann.get("iscrowd") not in (0, 1):
+            raise COCODataError(f"{where}) has 'iscrowd' {ann.get('iscrowd', 'missing')!r}; "
+                                "COCO evaluation needs 0 (one object) or 1 (a crowd region)")
+        if ann.get("ignore", 0):  # detectron2's loader stops on it with a bare AssertionError
+            raise COCODataError(f"{where}) has 'ignore': {ann['ignore']!r}, which detectron2 does "
+                                "not support. Remove the annotation, or mark it 'iscrowd': 1")
         tol = BORDER_TOLERANCE
         if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
             raise COCODataError(f"{where}) has box {box} ([x, y, width, height]), outside the "

@@ -162,9 +162,10 @@ def register_datasets_from_config(cfg) -> list[str]:
 
 
 def thing_classes(name: str) -> list[str]:
-    """The class names of data set `name`. A COCO set learns them from its json, so it is loaded
-    (and checked) first when its metadata does not have them yet."""
+    """The class names of data set `name`. A COCO set learns them from its json and an
+    ImageFolder from its class folders, so such a set is loaded (and checked) first when its
+    metadata does not have them yet."""
     meta = MetadataCatalog.get(name)
-    if not meta.get("thing_classes") and meta.get("evaluator_type") == "coco":
+    if not meta.get("thing_classes") and meta.get("evaluator_type") in ("coco", "classification"):
         DatasetCatalog.get(name)
     return list(meta.get("thing_classes", []))

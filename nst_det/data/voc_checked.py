@@ -105,3 +105,31 @@ def load_voc_checked(dirname: str, split: str, class_names) -> list[dict]:
         records.append({"file_name": image_path, "image_id": file_id, "height": height,
                         "width": width, "annotations": annotations})
     return records
+
+
+def check_voc_evaluable(dirname: str, split: str) -> None:
+    """Raise VOCDataError naming the first annotation of the split that detectron2's VOC
+    evaluation cannot read. Its `parse_rec` needs, in every <object>, a <pose>, integer
+    <truncated> and <difficult>, and integer box coordinates: many tools leave those tags out or
+    write decimal coordinates, which train well but end the evaluation after training."""
+    for file_id in _read_split(dirname, split):
+        xml_path = os.path.join(dirname, "Annotations", f"{file_id}.xml")
+        try:
+            objects = ET.parse(xml_path).findall("object")
+        except (OSError, ET.ParseError) as e:
+            raise VOCDataError(f"{xml_path} cannot be read ({e}). Fix or regenerate it") from None
+        for obj in objects:
+            box = obj.find("bndbox")
+            for node, tag in [(obj, "truncated"), (obj, "difficult"),
+                              *((box, k) for k in ("xmin", "ymin", "xmax", "ymax"))]:
+                text = None if node is None else node.findtext(tag)
+                if text is None or not text.strip().lstrip("-").isdigit():
+                    raise VOCDataError(
+                        f"{xml_path}: <{tag}> is {'missing' if text is None else repr(text)}; the "
+                        "VOC evaluation (detectron2's parse_rec) needs an integer <truncated>, "
+                        "<difficult> (0 or 1) and box coordinates (whole pixels) in every "
+                        "<object>. Add or round them, e.g. <truncated>0</truncated>")
+            if obj.find("pose") is None:
+                raise VOCDataError(
+                    f"{xml_path}: an <object> has no <pose>, which the VOC evaluation "
+                    "(detectron2's parse_rec) reads. Add <pose>Unspecified</pose> to each object")

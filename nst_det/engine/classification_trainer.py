@@ -59,6 +59,10 @@ class ClassificationTrainer(ReliableTrainer):
             params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
     @classmethod
+    def num_classes(cls, cfg) -> tuple[int, str]:
+        return cfg.MODEL.CLASSIFIER.NUM_CLASSES, "MODEL.CLASSIFIER.NUM_CLASSES"
+
+    @classmethod
     def build_train_records(cls, cfg):
         return _dataset_dicts(cfg, cfg.DATASETS.TRAIN)
 

@@ -2,10 +2,11 @@
 
 import os
 
-from detectron2.data import DatasetMapper
+from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from ..data.voc_checked import check_voc_evaluable
 from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
 from ..utils.dist import unwrap_ddp
 from .registry import TRAINER_REGISTRY
@@ -39,6 +40,15 @@ class DetectionTrainer(ReliableTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_dataset_evaluator(dataset_name, output_folder)
+
+    @classmethod
+    def check_test_set(cls, cfg, dataset_name: str) -> None:
+        """ReliableTrainer's class-list check, and for a VOC set that detectron2's VOC
+        evaluation can read every annotation of its split."""
+        super().check_test_set(cfg, dataset_name)
+        meta = MetadataCatalog.get(dataset_name)
+        if meta.get("evaluator_type") == "pascal_voc":
+            check_voc_evaluable(meta.dirname, meta.split)
 
     @staticmethod
     def best_metric(cfg) -> str:

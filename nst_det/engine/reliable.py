@@ -31,7 +31,6 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -45,6 +44,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 
+from ..data.class_lists import check_class_lists
 from ..data.record_check import load_train_records
 from ..data.resumable import build_resumable_train_loader
 from ..utils.dist import build_ddp_model
@@ -94,6 +94,11 @@ class ReliableTrainer(TrainerBase):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # the training sets are loaded now: their class lists and the test sets' are checked
+        # before training, not at its first evaluation (nst_det.data.class_lists)
+        check_class_lists(cfg.DATASETS.TRAIN, [], *self.num_classes(cfg))
+        for name in cfg.DATASETS.TEST:
+            self.check_test_set(cfg, name)
         self.nan_guard = install_nan_guard(model, cfg.OUTPUT_DIR)  # names its checkpoint
         model = build_ddp_model(model)
         self.step_trainer = self.build_step_trainer(model, data_loader, optimizer)
@@ -165,6 +170,19 @@ class ReliableTrainer(TrainerBase):
         raise NotImplementedError
 
     @classmethod
+    def num_classes(cls, cfg) -> tuple[int, str]:
+        """(the model's number of classes, its config key): a detector's by default."""
+        if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+            return cfg.MODEL.RETINANET.NUM_CLASSES, "MODEL.RETINANET.NUM_CLASSES"
+        return cfg.MODEL.ROI_HEADS.NUM_CLASSES, "MODEL.ROI_HEADS.NUM_CLASSES"
+
+    @classmethod
+    def check_test_set(cls, cfg, dataset_name: str) -> None:
+        """Raise a named error if evaluating a model of cfg on `dataset_name` would fail or be
+        silently wrong: here, a class list unlike the model's or the training sets'."""
+        check_class_lists(cfg.DATASETS.TRAIN, [dataset_name], *cls.num_classes(cfg))
+
+    @classmethod
     def test(cls, cfg, model, evaluators=None):
         """Evaluate `model` on every set of cfg.DATASETS.TEST.
 
@@ -179,9 +197,10 @@ class ReliableTrainer(TrainerBase):
             raise ValueError(f"{len(evaluators)} evaluators for {len(names)} test sets {names}")
         results = OrderedDict()
         for i, name in enumerate(names):
+            loader = cls.build_test_loader(cfg, name)  # (loads the set: its classes are known)
+            cls.check_test_set(cfg, name)
             evaluator = evaluators[i] if evaluators is not None else cls.build_evaluator(cfg, name)
-            results[name] = inference_on_dataset(model, cls.build_test_loader(cfg, name),
-                                                 evaluator)
+            results[name] = inference_on_dataset(model, loader, evaluator)
             if comm.is_main_process():
                 logger.info(f"Evaluation results for {name} in csv format:")
                 print_csv_format(results[name])
@@ -226,16 +245,7 @@ class ReliableTrainer(TrainerBase):
     def build_train_records(cls, cfg) -> list:
         """The training records; detection records by default, every one checked once (boxes,
         class ids: nst_det.data.record_check) whatever registered their data set."""
-        retina = "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
-        key = "MODEL.RETINANET.NUM_CLASSES" if retina else "MODEL.ROI_HEADS.NUM_CLASSES"
-        num_classes = (cfg.MODEL.RETINANET if retina else cfg.MODEL.ROI_HEADS).NUM_CLASSES
-        for name in cfg.DATASETS.TRAIN:
-            classes = MetadataCatalog.get(name).get("thing_classes")
-            if classes is not None and len(classes) != num_classes:
-                raise ValueError(
-                    f"{key}={num_classes} but data set {name} has {len(classes)} classes "
-                    f"{classes}: set NUM_CLASSES to match"
-                )
+        num_classes, key = cls.num_classes(cfg)
         return load_train_records(cfg.DATASETS.TRAIN, num_classes, key,
                                   filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
 

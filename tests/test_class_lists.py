@@ -1,0 +1,136 @@
+"""A test set is refused before training or evaluation when its evaluation would be silently
+wrong (another class list than the model's) or would fail after training (a VOC annotation that
+detectron2's VOC evaluation cannot read). COCO sets: tests/test_custom_data.py."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shutil
+
+import pytest
+from _detection_common import R18_FPN_TOY, make_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+from nst_det.config import load_config
+from nst_det.data.class_lists import ClassListError, check_class_lists
+from nst_det.data.from_config import register_voc
+from nst_det.data.imagefolder import register_imagefolder
+from nst_det.data.voc_checked import VOCDataError, check_voc_evaluable, load_voc_checked
+from nst_det.engine import ClassificationTrainer, DetectionTrainer
+
+CLS_TOY = R18_FPN_TOY.parent / "cls_R18_toy.yaml"
+_names = itertools.count()
+
+
+@pytest.fixture
+def named():
+    """name(classes or None) -> a fresh data set name with those thing_classes in its metadata;
+    removed afterwards."""
+    made = []
+
+    def make(classes):
+        name = f"class_list_{next(_names)}"
+        if classes is not None:
+            MetadataCatalog.get(name).set(thing_classes=list(classes))
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        MetadataCatalog.remove(name)
+
+
+def test_class_lists_must_agree_in_count_and_order(named):
+    key = "MODEL.ROI_HEADS.NUM_CLASSES"
+    train, same = named(["a", "b", "c"]), named(["a", "b", "c"])
+    check_class_lists([train], [same], 3, key)
+    check_class_lists([train, named(None)], [same], 3, key)  # an unknown list: not judged
+    with pytest.raises(ClassListError, match=rf"{key}=4 but data set {train} has 3 classes"):
+        check_class_lists([train], [same], 4, key)
+    reordered = named(["a", "c", "b"])
+    with pytest.raises(ClassListError, match=rf"{train} and {reordered} number their classes "
+                                             r"differently: \['a', 'b', 'c'\] vs \['a', 'c'"):
+        check_class_lists([train], [same, reordered], 3, key)
+    fewer = named(["a", "c"])
+    with pytest.raises(ClassListError, match=rf"data set {fewer} has 2 classes"):
+        check_class_lists([train], [fewer], 3, key)
+
+
+# ---- VOC: what detectron2's evaluation reads (parse_rec), checked before it runs ----------
+
+@pytest.fixture
+def voc(tiny_voc, tmp_path):
+    """A private copy of the tiny toy VOC set that a test may change."""
+    copy = tmp_path / "VOC2007"
+    shutil.copytree(tiny_voc[2], copy)
+    return copy
+
+
+def _edit_first_test_xml(voc, pattern, replacement):
+    first = (voc / "ImageSets/Main/test.txt").read_text().split()[0]
+    xml = voc / "Annotations" / f"{first}.xml"
+    text = xml.read_text()
+    new = re.sub(pattern, replacement, text, count=1)
+    assert new != text
+    xml.write_text(new)
+    return xml
+
+
+@pytest.mark.parametrize("pattern, replacement, message", [
+    # decimal coordinates, as CVAT writes them: detectron2's parse_rec int() fails on them
+    (r"<xmin>(\d+)</xmin>", r"<xmin>\1.5</xmin>", r"<xmin> is '\d+\.5'"),
+    (r"<pose>\w*</pose>", "", "has no <pose>"),
+    (r"<difficult>\d</difficult>", "", "<difficult> is missing"),
+    (r"<truncated>\d</truncated>", "<truncated>no</truncated>", "<truncated> is 'no'"),
+])
+def test_a_voc_test_set_its_evaluation_cannot_read_is_refused_before_evaluating(
+        voc, tmp_path, pattern, replacement, message):
+    check_voc_evaluable(str(voc), "test")  # the toy set as written is fine
+    xml = _edit_first_test_xml(voc, pattern, replacement)
+    assert len(load_voc_checked(str(voc), "test", _toy_classes())) == 4  # it trains
+    with pytest.raises(VOCDataError, match=f"{re.escape(str(xml))}: .*{message}"):
+        check_voc_evaluable(str(voc), "test")
+    name = f"voc_eval_{next(_names)}"
+    register_voc(name, str(voc), "test", _toy_classes(), 2007)
+    cfg = make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out")], data=(name, name))
+    with pytest.raises(VOCDataError, match=message):  # --eval-only: before any inference
+        DetectionTrainer.test(cfg, model=None)
+    with pytest.raises(VOCDataError, match=message):  # training: before the first iteration
+        DetectionTrainer(cfg)
+
+
+def _toy_classes():
+    from nst_det.data.toy_world import TOY_CLASSES
+
+    return list(TOY_CLASSES)
+
+
+# ---- ImageFolder: a split missing a class folder numbers the classes after it otherwise ------
+
+def _imagefolder(root, classes):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (40, 80, 120)).save(root / c / "0.png")
+
+
+def test_an_imagefolder_val_split_missing_a_class_folder_is_refused(tmp_path):
+    _imagefolder(tmp_path / "train", ["n01", "n02", "n03"])
+    _imagefolder(tmp_path / "val", ["n01", "n03"])  # n03's images would get n02's label
+    _imagefolder(tmp_path / "val_fixed", ["n01", "n02", "n03"])
+    train, val, fixed = (register_imagefolder(f"folder_{split}_{next(_names)}",
+                                              str(tmp_path / split))
+                         for split in ("train", "val", "val_fixed"))
+    try:
+        cfg = load_config(str(CLS_TOY), ["MODEL.CLASSIFIER.NUM_CLASSES", "3", "DATASETS.TRAIN",
+                                         f"('{train}',)", "DATASETS.TEST", f"('{val}',)"])
+        DatasetCatalog.get(train)  # as training loads it
+        with pytest.raises(ClassListError, match=rf"NUM_CLASSES=3 but data set {val} has 2 "
+                                                 r"classes \['n01', 'n03'\]"):
+            ClassificationTrainer.check_test_set(cfg, val)
+        ClassificationTrainer.check_test_set(cfg, fixed)  # the same classes: accepted
+    finally:
+        for name in (train, val, fixed):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
