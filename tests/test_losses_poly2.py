@@ -63,12 +63,23 @@ def test_mmd2_and_nst_loss_reach_the_same_poly2_function(monkeypatch):
     assert calls == [None, 1e-10]
 
 
-def test_auto_form_is_cheaper_forms_choice():
+def test_auto_form_is_cheaper_forms_choice(monkeypatch):
     # 7x7 maps with many channels: features; detection-sized maps: samples (as documented)
-    x, y = _rand(1, 64, 49, seed=5).requires_grad_(), _rand(1, 96, 49, seed=6)
     assert cheaper_form(64, 96, 49, True) == "features"
-    torch.testing.assert_close(poly2_mmd2(x, y), poly2_mmd2(x, y, form="features"))
     assert cheaper_form(64, 96, 38 * 50, True) == "samples"
+    import nst_det.losses.poly2 as poly2
+
+    fused = []  # the fused samples path runs only when "auto" chose samples
+    real = poly2._Poly2SamplesMMD.apply
+    monkeypatch.setattr(poly2._Poly2SamplesMMD, "apply",
+                        lambda *a: fused.append(a[0].shape) or real(*a))
+    x, y = _rand(1, 64, 49, seed=5).requires_grad_(), _rand(1, 96, 49, seed=6)
+    torch.testing.assert_close(poly2_mmd2(x, y), poly2_mmd2(x, y, form="features"))
+    assert fused == []
+    x, y = _rand(1, 8, 38 * 50, seed=5).requires_grad_(), _rand(1, 8, 38 * 50, seed=6)
+    assert cheaper_form(8, 8, 38 * 50, True) == "samples"
+    poly2_mmd2(x, y)
+    assert fused == [x.shape]
 
 
 class _Ops(TorchDispatchMode):

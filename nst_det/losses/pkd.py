@@ -29,8 +29,9 @@ def pkd_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
     Cao et al. 2022, "PKD: General Distillation Framework for Object Detectors via Pearson
     Correlation Coefficient". After standardising each channel (:func:`pkd_standardise`), the
-    MSE/2 equals 1 - r up to the eps, r the Pearson correlation between the two maps of a
-    channel, so the loss ignores each channel's scale and offset. mmrazor's ``PKDLoss``
+    MSE/2 equals (n - 1) / n * (1 - r) up to the eps, r the Pearson correlation between the two
+    maps of a channel and n = B*H*W its values (the std is the unbiased one; on FPN-sized maps
+    this is 1 - r), so the loss ignores each channel's scale and offset. mmrazor's ``PKDLoss``
     (``resize_stu=True``): a student map of another H x W is bilinearly resized to the teacher's
     first. Reference weights: 6 on p2-p5 (Faster R-CNN), 10 on the first 4 levels (RetinaNet).
 
