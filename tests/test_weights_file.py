@@ -89,6 +89,34 @@ def test_a_good_file_loads_and_a_checkpoint_gives_its_model(tmp_path):
         state_dict_from([1, 2], "x.pth", "MODEL.WEIGHTS")
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.999])
+def test_a_truncated_pkl_or_legacy_torch_file_is_called_truncated(tmp_path, fraction):
+    """detectron2's model-zoo .pkl files and pre-zip torch.save files: cut short, they are not
+    'pickled objects refused for safety' nor 'not PyTorch weights', but truncated."""
+    import pickle
+
+    whole = {"model": {"w": list(range(2000))}, "__author__": "zoo"}
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": nn.Linear(30, 20).state_dict()}, legacy,
+               _use_new_zipfile_serialization=False)
+    for path, data in ((tmp_path / "zoo.pkl", pickle.dumps(whole, protocol=2)),
+                       (legacy, legacy.read_bytes())):
+        path.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(WeightsFileError) as info:
+            load_weights_file(path, "MODEL.TEACHER.WEIGHTS", allow_pickle=True)
+        assert re.search(f"{re.escape(str(path))}: the file ends early: it is truncated. Copy or "
+                         "download it again", str(info.value)), str(info.value)
+
+
+def test_a_damaged_pkl_is_not_called_a_refused_pickle(tmp_path):
+    path = tmp_path / "zoo.pkl"
+    path.write_bytes(b"\x80\x02" + bytes(range(7, 256)) * 4)  # a pickle header, then garbage
+    with pytest.raises(WeightsFileError, match=r"zoo.pkl: it cannot be read as a pickle .* it is "
+                                               "damaged.* Copy or download it again") as info:
+        load_weights_file(path, "MODEL.WEIGHTS", allow_pickle=True)
+    assert "run code" not in str(info.value)
+
+
 # ---- each path that reads weights ------------------------------------------------------------
 
 DAMAGES = ["missing", "truncated", "random", "whole_model"]

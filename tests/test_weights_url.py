@@ -26,7 +26,9 @@ from nst_det.modeling.teacher import read_weights
 
 
 class _Server:
-    """Serves `files` ({url path: bytes}) on 127.0.0.1; /cut/<path> sends half and hangs up."""
+    """Serves `files` ({url path with its query: bytes}) on 127.0.0.1. Prefixes that send half
+    the body and hang up: /cut/<path> after announcing the whole length, /nolen/<path> without a
+    Content-Length, /chunked/<path> as one chunk announced whole."""
 
     def __init__(self):
         self.files, self.hits = {}, []
@@ -35,14 +37,20 @@ class _Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 server.hits.append(self.path)
-                cut = self.path.startswith("/cut/")
-                body = server.files.get(self.path[4:] if cut else self.path)
+                how, _, rest = self.path[1:].partition("/")
+                cut = how in ("cut", "nolen", "chunked")
+                body = server.files.get("/" + rest if cut else self.path)
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
+                if how == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                elif how != "nolen":
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if how == "chunked":
+                    self.wfile.write(f"{len(body):x}\r\n".encode())
                 self.wfile.write(body[: len(body) // 2] if cut else body)
                 if cut:
                     self.close_connection = True
@@ -92,7 +100,7 @@ def _hub_name(stem: str, data: bytes, ext=".pth") -> str:
 
 
 def test_download_once_then_cache_hit(server, cache):
-    data = os.urandom(3 << 20)
+    data = _torch_bytes({"w": torch.randn(3 << 18)})  # 3 MiB: several reads
     name = _hub_name("resnet18", data)
     server.files[f"/models/{name}"] = data
     url = f"{server.url}/models/{name}"
@@ -105,11 +113,54 @@ def test_download_once_then_cache_hit(server, cache):
 
 
 def test_url_without_digest_cached_by_host_and_path(server, cache):
-    server.files["/a/model_final.pth"] = b"x" * 1000
+    data = _torch_bytes({"w": torch.ones(10)})
+    server.files["/a/model_final.pth"] = data
     local = resolve_weights(f"{server.url}/a/model_final.pth")
     assert local.startswith(str(cache / "url")) and local.endswith(os.path.join("a",
                                                                                 "model_final.pth"))
-    assert open(local, "rb").read() == b"x" * 1000
+    assert open(local, "rb").read() == data
+
+
+def test_urls_differing_in_their_query_are_two_files(server, cache):
+    """Hosts such as Google Drive name the file in the query (uc?export=download&id=...)."""
+    one, two = (_torch_bytes({"w": torch.full((2,), v)}) for v in (1.0, 2.0))
+    server.files["/uc?export=download&id=1"], server.files["/uc?export=download&id=2"] = one, two
+    first = resolve_weights(f"{server.url}/uc?export=download&id=1")
+    second = resolve_weights(f"{server.url}/uc?export=download&id=2")
+    assert first != second
+    assert open(first, "rb").read() == one and open(second, "rb").read() == two
+    assert resolve_weights(f"{server.url}/uc?export=download&id=1") == first  # a cache hit
+    assert len(server.hits) == 2
+
+
+@pytest.mark.parametrize("name", ["model_final.pth", "model_final.pkl"])
+def test_a_download_cut_short_without_its_length_or_a_web_page_is_not_cached(
+        server, cache, name):
+    """Without a Content-Length a body cut short ends like a whole one: the bytes are read as
+    weights (a .pkl only walked through, not unpickled) before they are cached."""
+    whole = _torch_bytes({"w": torch.randn(1 << 16)}) if name.endswith(".pth") else \
+        pickle.dumps({"model": {"w": list(range(1 << 14))}}, protocol=2)
+    server.files[f"/w/{name}"] = whole
+    url = f"{server.url}/nolen/w/{name}"
+    with pytest.raises(WeightsDownloadError, match=f"download of MODEL.WEIGHTS={url} is not a "
+                                                   "whole weights file"):
+        resolve_weights(url, "MODEL.WEIGHTS")
+    assert _cached_files(cache) == []
+    server.files[f"/page/{name}"] = b"<!DOCTYPE html><html>Sign in to download</html>"
+    with pytest.raises(WeightsDownloadError, match="is not a whole weights file"):
+        resolve_weights(f"{server.url}/page/{name}", "MODEL.WEIGHTS")
+    assert _cached_files(cache) == []
+    local = resolve_weights(f"{server.url}/w/{name}")  # the whole file is cached
+    assert open(local, "rb").read() == whole
+
+
+def test_a_chunked_download_cut_short_names_the_url(server, cache):
+    server.files["/w/model_final.pth"] = _torch_bytes({"w": torch.randn(1 << 16)})
+    url = f"{server.url}/chunked/w/model_final.pth"
+    with pytest.raises(WeightsDownloadError, match=f"cannot download MODEL.WEIGHTS={url} "
+                                                   r"\(IncompleteRead"):
+        resolve_weights(url, "MODEL.WEIGHTS")
+    assert _cached_files(cache) == []
 
 
 def test_checksum_mismatch_leaves_nothing(server, cache):
@@ -145,11 +196,12 @@ def test_missing_server_and_missing_file_name_the_url(server, cache):
 
 def test_detectron2_zoo_path_downloads_from_the_zoo(server, cache, monkeypatch):
     monkeypatch.setattr(remote, "DETECTRON2_URL", f"{server.url}/detectron2/")
-    server.files["/detectron2/ImageNetPretrained/torchvision/R-50.pkl"] = b"zoo" * 100
+    zoo = pickle.dumps({"model": {"w": [1.0, 2.0]}, "__author__": "torchvision"})
+    server.files["/detectron2/ImageNetPretrained/torchvision/R-50.pkl"] = zoo
     local = resolve_weights("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
     assert local == cached_path("detectron2://ImageNetPretrained/torchvision/R-50.pkl")
     assert local == str(cache / "detectron2" / "ImageNetPretrained" / "torchvision" / "R-50.pkl")
-    assert open(local, "rb").read() == b"zoo" * 100
+    assert open(local, "rb").read() == zoo
 
 
 def test_default_zoo_url_is_detectron2s():

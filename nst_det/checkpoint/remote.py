@@ -9,7 +9,8 @@ with the same strict checks as any local file. Accepted:
   after its last `-` (torch.hub's convention: the first digits of the file's sha256) is verified
   against it, as `torch.hub.load_state_dict_from_url(check_hash=True)` does. Such files are cached
   under their file name in torch.hub's folder, so both share one copy; other URLs under
-  `url/<host>/<path>`.
+  `url/<host>/<path>`, or `url/<host>/q-<digest of the query>/<path>` for a URL with a query
+  (`.../uc?id=1` and `.../uc?id=2` are two files).
 - `detectron2://<path>`: detectron2's model zoo (`https://dl.fbaipublicfiles.com/detectron2/`),
   cached under `detectron2/<path>`.
 
@@ -20,16 +21,19 @@ Why not `torch.hub.download_url_to_file`: it reads until the connection ends, an
 client ends a body that the server cut short without an error, so a truncated download of a file
 without a digest in its name would be cached as if complete. Here the byte count is checked
 against Content-Length, the file is written to a temporary sibling and renamed only once complete
-and verified (nothing is left in the cache otherwise), and a file lock lets one process download
-while the others (DDP ranks, pipeline stages) wait and reuse the copy.
+and read as weights (a body cut short without a Content-Length, or a web page, is not cached),
+and a file lock lets one process download while the others (DDP ranks, pipeline stages) wait and
+reuse the copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import logging
 import os
+import pickletools
 import re
 import urllib.error
 import urllib.parse
@@ -39,6 +43,7 @@ import torch
 from filelock import FileLock
 
 from ..utils.atomic import atomic_write
+from .weights_file import WeightsFileError, check_weights_file
 
 __all__ = ["WeightsDownloadError", "cache_dir", "cached_path", "is_url", "resolve_weights"]
 
@@ -86,6 +91,8 @@ def cached_path(path: str) -> str:
     if HASH_REGEX.search(name):  # torch.hub's layout: the digest makes the name unique
         return os.path.join(cache_dir(), name)
     parts = [p for p in parsed.path.split("/") if p not in ("", ".", "..")]
+    if parsed.query:  # a query can name the file (e.g. uc?id=...): each its own copy
+        parts.insert(0, "q-" + hashlib.sha256(parsed.query.encode()).hexdigest()[:16])
     return os.path.join(cache_dir(), "url", parsed.netloc.replace(":", "_"), *parts)
 
 
@@ -115,18 +122,39 @@ def _fetch(url: str, dest: str, key: str) -> None:
                         f"checksum mismatch for {key}={url}: its file name promises a sha256 "
                         f"starting {expected!r}, the download's is {digest!r}. Nothing was cached;"
                         " check the URL (or the network's proxy)")
+                f.flush()
+                _check_whole(f.name, dest, url, key)
     except WeightsDownloadError:
         raise
     except urllib.error.HTTPError as e:
         raise WeightsDownloadError(
             f"cannot download {key}={url}: HTTP {e.code} {e.reason}. Check the URL") from None
-    except (urllib.error.URLError, OSError) as e:  # refused, unreachable, timeout, cut off
+    # refused, unreachable, timeout, cut off (a chunked body: IncompleteRead), a bad answer
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         raise WeightsDownloadError(
             f"cannot download {key}={url} ({type(e).__name__}: {reason}). Check the URL and the "
             f"network, or download the file yourself and give its local path") from None
     logger.info(f"Cached {url} as {dest} ({received} bytes"
                 + (f", sha256 {digest[:len(expected)]} verified)" if expected else ")"))
+
+
+def _check_whole(tmp: str, dest: str, url: str, key: str) -> None:
+    """Raise WeightsDownloadError unless the download `tmp` (to be cached as `dest`) is a whole
+    weights file: a body cut short without a Content-Length, or a web page answered with 200,
+    must not be cached as weights."""
+    try:
+        if dest.endswith(".pkl"):  # its opcodes only: unpickling it would run its code
+            with open(tmp, "rb") as f:
+                for _ in pickletools.genops(f):
+                    pass
+        else:
+            check_weights_file(tmp, key, name=dest)
+    except (WeightsFileError, ValueError) as e:
+        reason = str(e).replace(tmp, "the download")
+        raise WeightsDownloadError(
+            f"download of {key}={url} is not a whole weights file ({reason}). Nothing was "
+            "cached; check the URL (it must give the file itself), or run again to retry") from None
 
 
 def resolve_weights(path: str, key: str = "weights") -> str:

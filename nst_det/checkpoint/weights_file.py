@@ -79,9 +79,16 @@ def _describe_zip(what: str, path: str):
     return None
 
 
-def _unpickling_error(what: str, path: str, e: Exception):
-    """The error for a file torch.load(weights_only=True) refused, without torch's advice."""
+def _unpickling_error(what: str, path: str, e: Exception, kind: str):
+    """The error for a file torch.load(weights_only=True) (kind zip or pickle) or pickle.load
+    (kind pkl) could not read, without torch's advice."""
     text = str(e)
+    if isinstance(e, (EOFError, zipfile.BadZipFile)) or any(
+            words in text for words in ("central directory", "truncated", "unexpected EOF")):
+        return _fail(what, path, "the file ends early: it is truncated", _recopy(what))
+    if kind == "pkl":  # pickle.load refuses nothing: the file is damaged
+        return _fail(what, path, f"it cannot be read as a pickle ({type(e).__name__}: {text}): "
+                     "it is damaged, or not a .pkl weights file", _recopy(what))
     if "Weights only load failed" in text or isinstance(e, pickle.UnpicklingError):
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         which = f" ({found.group(1)})" if found else ""
@@ -91,8 +98,6 @@ def _unpickling_error(what: str, path: str, e: Exception):
             "are refused",
             "Save the weights with torch.save(model.state_dict(), path) where the file was made, "
             f"or point {what} at a checkpoint written by nst_det or detectron2")
-    if isinstance(e, (EOFError, zipfile.BadZipFile)) or "central directory" in text:
-        return _fail(what, path, "the file ends early: it is truncated", _recopy(what))
     return _fail(what, path, f"it cannot be read as PyTorch weights ({type(e).__name__})",
                  _refit(what))
 
@@ -102,8 +107,10 @@ def _head(path: str) -> bytes:
         return f.read(64)
 
 
-def _checked_head(path: str, what: str, allow_pickle: bool) -> tuple[bytes, str]:
-    """Existence, type and magic bytes of `path`; returns (head, kind: zip|pickle|pkl)."""
+def _checked_head(path: str, what: str, allow_pickle: bool,
+                  name: str | None = None) -> tuple[bytes, str]:
+    """Existence, type and magic bytes of `path`, whose format `name` (default: path) tells;
+    returns (head, kind: zip|pickle|pkl)."""
     if not path:
         raise _fail(what, "''", "no file given", f"Set {what} to a weights file",
                     WeightsFileNotFoundError)
@@ -116,7 +123,8 @@ def _checked_head(path: str, what: str, allow_pickle: bool) -> tuple[bytes, str]
     head = _head(path)
     if not head:
         raise _fail(what, path, "the file is empty (0 bytes)", _recopy(what))
-    if path.endswith(".pkl"):
+    name = name or path
+    if name.endswith(".pkl"):
         if not allow_pickle:
             raise _fail(what, path, "a .pkl file (a plain pickle) is not read here",
                         f"Point {what} at a .pth file written by torch.save")
@@ -126,7 +134,7 @@ def _checked_head(path: str, what: str, allow_pickle: bool) -> tuple[bytes, str]
     if head.startswith(_PICKLE_PROTOCOL):
         return head, "pickle"  # legacy (pre-zip) torch.save, or a plain pickle
     kind = "text" if _is_text(head) else f"binary data starting {head[:8].hex(' ')}"
-    if path.endswith(".onnx"):
+    if name.endswith(".onnx"):
         kind = "an ONNX model"
     raise _fail(what, path, f"not a PyTorch weights file (it holds {kind}; torch.save writes a "
                 "zip archive)", _refit(what))
@@ -141,7 +149,7 @@ def _is_text(head: bytes) -> bool:
 
 
 def load_weights_file(path: str | os.PathLike, what: str, *, allow_pickle: bool = False,
-                      mmap: bool = False) -> Any:
+                      mmap: bool = False, name: str | None = None) -> Any:
     """Read a weights file with `torch.load(weights_only=True)` onto the CPU.
 
     Args:
@@ -151,6 +159,7 @@ def load_weights_file(path: str | os.PathLike, what: str, *, allow_pickle: bool 
         allow_pickle: read a `.pkl` file (detectron2's model-zoo format) with pickle, which can run
             code: only where detectron2 itself would.
         mmap: map tensor data instead of reading it (torch zip files only): a cheap full check.
+        name: the file name that tells its format (`.pkl`), when `path` is a temporary name.
     Returns:
         what the file holds (usually a state dict or {"model": state dict, ...}).
     Raises:
@@ -158,7 +167,7 @@ def load_weights_file(path: str | os.PathLike, what: str, *, allow_pickle: bool 
         WeightsFileError: the file is empty, truncated, damaged, or not PyTorch weights.
     """
     path = os.fspath(path)
-    _, kind = _checked_head(path, what, allow_pickle)
+    _, kind = _checked_head(path, what, allow_pickle, name)
     if kind == "zip":
         error = _describe_zip(what, path)
         if error is not None:
@@ -170,15 +179,16 @@ def load_weights_file(path: str | os.PathLike, what: str, *, allow_pickle: bool 
         return torch.load(path, map_location="cpu", weights_only=True,
                           mmap=bool(mmap and kind == "zip"))
     except Exception as e:  # torch.load and pickle raise many types for a damaged file
-        raise _unpickling_error(what, path, e) from None
+        raise _unpickling_error(what, path, e, kind) from None
 
 
-def check_weights_file(path: str | os.PathLike, what: str, *, allow_pickle: bool = False) -> None:
+def check_weights_file(path: str | os.PathLike, what: str, *, allow_pickle: bool = False,
+                       name: str | None = None) -> None:
     """Raise WeightsFileError (see `load_weights_file`) unless `path` reads as weights.
 
     A torch zip file is checked by its CRCs and a memory-mapped load: no tensor data is copied.
     """
-    load_weights_file(path, what, allow_pickle=allow_pickle, mmap=True)
+    load_weights_file(path, what, allow_pickle=allow_pickle, mmap=True, name=name)
 
 
 def state_dict_from(data: Any, path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:

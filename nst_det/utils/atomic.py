@@ -144,7 +144,8 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary sibling of `path` for writing; rename it onto `path` on success.
+    """Open a temporary sibling of `path` for writing (its path is the file's `name`); rename it
+    onto `path` on success.
 
     On any exception the temporary file is removed and `path` is left as it was.
     """
@@ -152,8 +153,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+    os.close(fd)  # reopened by name, so that `f.name` is the path (a reader may check it)
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
