@@ -14,6 +14,7 @@ from nst_det.pipeline.report_methods import methods_section
 from nst_det.pipeline.weight_grid import (
     AA_SEED_OFFSET,
     GRID_FACTORS,
+    GRID_SEED_OFFSET,
     grid_configs_stage,
     minival_name,
     select_weight,
@@ -35,10 +36,16 @@ def _opt(opts, key):
     return values[0] if values else None
 
 
-def test_without_the_flags_the_plan_is_unchanged(tmp_path):
+def test_without_the_flags_the_plan_has_no_grid_or_control_stage(tmp_path):
     plan, _ = _plan(tmp_path)
-    assert add_method_stages(plan, ["nst_poly"]) == add_method_stages(
-        plan, ["nst_poly"], weight_grid=False, controls=False)
+    stages = add_method_stages(plan, ["nst_poly"])
+    roles = {s.meta.get("role") for s in stages}
+    assert not roles & {"weight_grid", "grid", "weight_select", "control"}, roles
+    assert not [s.name for s in stages if s.name.startswith(("grid_", "det_grid_", "select_",
+                                                             "det_control_"))]
+    # each seed trains from the calibration's config, not a grid's choice
+    assert {s.config for s in stages if s.meta.get("role") == "method"} == {
+        str(tmp_path / "calibrate_nst_poly" / "method.yaml")}
     assert add_method_stages(plan, []) is plan
 
 
@@ -53,7 +60,11 @@ def test_grid_stages_per_method_on_minival_and_the_seeds_wait_for_them(tmp_path)
         points = [by_name[f"det_grid_{slug}_{lab}"] for lab in ("x0.25", "x1", "x4")]
         assert [p.meta["factor"] for p in points] == list(GRID_FACTORS) == [0.25, 1.0, 4.0]
         for point, lab in zip(points, ("x0.25", "x1", "x4")):
-            assert point.kind == "train" and point.meta["seed"] == 0  # one seed
+            assert point.kind == "train" and point.meta["seed"] == 0  # one pretrained student
+            # trained with its own SEED: the reported seed-0 run is not a grid point again
+            assert _opt(point.opts, "SEED") == str(GRID_SEED_OFFSET)
+            assert _opt(point.opts, "SEED") != _opt(by_name[f"det_method_{slug}_s0"].opts,
+                                                    "SEED")
             assert point.config == str(grid_dir / f"{lab}.yaml")
             assert _opt(point.opts, "DATASETS.TEST") == "('toy_voc_tiny_minival',)"
             assert "toy_voc_tiny_test" not in " ".join(point.opts)  # evaluates minival only

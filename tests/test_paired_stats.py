@@ -66,6 +66,17 @@ def test_one_seed_has_no_interval_and_says_so():
     assert format_interval(none) == "n/a"
 
 
+def test_a_seed_with_a_nan_metric_is_left_out_not_a_crash():
+    """COCOEvaluator reports NaN for a size without objects (APs, APm, APl): that seed is left
+    out of the pair, as mean_sd leaves it out of the column."""
+    method = {0: 17.0, 1: 18.0, 2: 16.5, 3: math.nan, 4: 18.1}
+    plain = {0: 13.0, 1: 14.0, 2: 12.5, 3: 13.5, 4: math.nan}
+    p = paired_difference(method, plain)
+    assert p.seeds == (0, 1, 2) and p.unpaired == (3, 4)
+    assert p.deltas == (4.0, 4.0, 4.0) and p.verdict == "better (3 seeds)"
+    assert paired_difference({0: math.nan}, {0: 1.0}).verdict == "no paired seeds: not compared"
+
+
 def test_verdict_at_the_intervals_edges():
     assert verdict(0.0, 2.0, 3) == "no difference detected at this size (3 seeds)"
     assert verdict(1e-12, 2.0, 3) == "better (3 seeds)"
@@ -174,26 +185,34 @@ def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_values():
 
 
 def test_noise_split_by_hand():
-    # halves differ by 2, 0, -2 -> mean square 8/3 -> eval variance 2/3 of the whole set;
-    # full 10, 12, 14 -> sample variance 4 -> training variance 4 - 2/3
+    # halves differ by 2, 0, -2 -> sample variance 4 -> eval variance 4 / 4 = 1 of the whole
+    # set; full 10, 12, 14 -> sample variance 4 -> training variance 4 - 1
     out = noise_split([10.0, 12.0, 14.0], [11.0, 12.0, 13.0], [9.0, 12.0, 15.0])
     assert out["n"] == 3
-    assert out["sd_eval"] == pytest.approx(math.sqrt(2 / 3))
+    assert out["sd_eval"] == pytest.approx(1.0)
     assert out["sd_total"] == pytest.approx(2.0)
-    assert out["sd_train"] == pytest.approx(math.sqrt(4 - 2 / 3))
-    assert out["eval_share"] == pytest.approx((2 / 3) / 4)
+    assert out["sd_train"] == pytest.approx(math.sqrt(3))
+    assert out["eval_share"] == pytest.approx(1 / 4)
+
+
+def test_a_half_harder_for_every_seed_is_not_evaluation_noise():
+    """One half 6 points harder for every seed: a fixed offset, the same in each seed's value,
+    so none of the seeds' spread (the mean square of the half differences would say all)."""
+    out = noise_split([10.0, 12.0, 14.0], [13.0, 15.0, 17.0], [7.0, 9.0, 11.0])
+    assert out["sd_eval"] == pytest.approx(0.0)
+    assert out["sd_train"] == pytest.approx(2.0) and out["eval_share"] == pytest.approx(0.0)
 
 
 def test_noise_split_when_evaluation_explains_more_than_the_spread():
     # halves far apart but the seeds agree: training variance is clipped at 0, not negative
-    out = noise_split([5.0, 5.0], [8.0, 2.0], [2.0, 8.0])
-    assert out["sd_eval"] == pytest.approx(3.0) and out["sd_train"] == 0.0
+    out = noise_split([5.0, 5.0], [8.0, 2.0], [2.0, 8.0])  # differences 6, -6: variance 72
+    assert out["sd_eval"] == pytest.approx(math.sqrt(18)) and out["sd_train"] == 0.0
     assert out["eval_share"] is None  # no spread to share
 
 
 def test_noise_split_with_one_seed_has_no_spread_and_unequal_lists_are_refused():
     out = noise_split([5.0], [6.0], [4.0])
-    assert out["sd_eval"] == pytest.approx(1.0)
+    assert out["n"] == 1 and out["sd_eval"] is None
     assert out["sd_total"] is None and out["sd_train"] is None and out["eval_share"] is None
     with pytest.raises(ValueError, match="one value per seed"):
         noise_split([1.0, 2.0], [1.0], [1.0, 2.0])

@@ -43,7 +43,7 @@ class Paired:
     low: float | None
     high: float | None
     level: float
-    unpaired: tuple  # seeds present on only one side (left out of the comparison)
+    unpaired: tuple  # seeds left out: on one side only, or not finite on one (COCO's NaN AP)
     verdict: str
 
     @property
@@ -71,9 +71,14 @@ def verdict(low: float | None, high: float | None, n: int) -> str:
 
 
 def paired_difference(method: dict, plain: dict, level: float = LEVEL) -> Paired:
-    """Paired Δ of `method` against `plain`, both {seed: metric value}."""
-    seeds = tuple(sorted(set(method) & set(plain)))
-    unpaired = tuple(sorted(set(method) ^ set(plain)))
+    """Paired Δ of `method` against `plain`, both {seed: metric value}; a seed whose value is
+    not finite on either side (COCO's NaN AP of a size without objects) is left out, as
+    `mean_sd` leaves it out."""
+    def finite(seed):
+        return all(v is not None and math.isfinite(v) for v in (method[seed], plain[seed]))
+
+    seeds = tuple(sorted(s for s in set(method) & set(plain) if finite(s)))
+    unpaired = tuple(sorted((set(method) | set(plain)) - set(seeds)))
     deltas = tuple(method[s] - plain[s] for s in seeds)
     n = len(deltas)
     mean = statistics.fmean(deltas) if n else None
@@ -107,23 +112,26 @@ def noise_split(full: list, half0: list, half1: list) -> dict:
     """How much of the seed-to-seed spread of a metric (or of a paired Δ) is evaluation noise.
 
     full / half0 / half1: one value per seed, measured on the whole test set and on its two
-    disjoint halves. On a half, value = T_s + e (T_s: that seed's value on unlimited test data,
-    e: the test-sample error, variance v per half), so E[(half0 − half1)²] = 2v and the whole
-    set (about the mean of its halves) carries v / 2 of evaluation variance:
-        sd_eval  = sqrt(mean_s (half0_s − half1_s)² / 4)   (the whole test set's)
+    disjoint halves. On a half, value = T_s + g + e (T_s: that seed's value on unlimited test
+    data, g: the half's fixed difficulty offset, e: the test-sample error, variance v per half),
+    so the half difference varies over seeds with variance 2v (the offsets' difference is the
+    same for every seed and adds nothing to the spread), and the whole set (about the mean of
+    its halves) carries v / 2 of evaluation variance:
+        sd_eval  = sqrt(sample variance_s (half0_s − half1_s) / 4)   (the whole test set's)
         sd_total = sample sd of `full` over the seeds
         sd_train = sqrt(max(0, sd_total² − sd_eval²))      (what more seeds average out)
-    Returns those three and eval_share = sd_eval² / sd_total² (None when sd_total is 0 or
-    there are fewer than 2 seeds, as are sd_total and sd_train then).
+    Returns those three and eval_share = sd_eval² / sd_total² (None when sd_total is 0; every
+    figure but n is None below 2 seeds).
     """
     if not len(full) == len(half0) == len(half1) or not full:
         raise ValueError(f"one value per seed in each of full, half0, half1: got {len(full)}, "
                          f"{len(half0)}, {len(half1)}")
-    eval_var = statistics.fmean((a - b) ** 2 for a, b in zip(half0, half1)) / 4
-    out = {"n": len(full), "sd_eval": math.sqrt(eval_var), "sd_total": None, "sd_train": None,
+    out = {"n": len(full), "sd_eval": None, "sd_total": None, "sd_train": None,
            "eval_share": None}
     if len(full) >= 2:
+        eval_var = statistics.variance([a - b for a, b in zip(half0, half1)]) / 4
         total_var = statistics.variance(full)
+        out["sd_eval"] = math.sqrt(eval_var)
         out["sd_total"] = math.sqrt(total_var)
         out["sd_train"] = math.sqrt(max(0.0, total_var - eval_var))
         out["eval_share"] = eval_var / total_var if total_var > 0 else None

@@ -1,11 +1,15 @@
 """Optional parts of the methods axis: a validation weight grid per method, and two controls.
 
-Weight grid (`--weight-grid`): per method, one seed (the calibration seed) trained at the
-calibrated weight times each of GRID_FACTORS, each run evaluated on the toy set's `minival`
-split only (disjoint from trainval and test). A `select_<method>` stage then picks the factor
-with the best validation AP50 (`select_weight`: a pure function of the grid runs' stage.json
-records, which hold only minival metrics and are refused unless marked as such) and writes the
-config every reported seed of the method trains from. Test AP never enters the choice.
+Weight grid (`--weight-grid`): per method, one run trained at the calibrated weight times each
+of GRID_FACTORS, each evaluated on the toy set's `minival` split only (disjoint from trainval and
+test). The runs start from the calibration seed's pretrained student but train with their own
+SEED (that seed + GRID_SEED_OFFSET: other new-layer initialisation and data order), so the
+training luck that picks the weight is not the luck of the reported run of that seed (which
+would otherwise be the chosen grid run itself, its result biased upward by the choice). A
+`select_<method>` stage then picks the factor with the best validation AP50 (`select_weight`: a
+pure function of the grid runs' stage.json records, which hold only minival metrics and are
+refused unless marked as such) and writes the config every reported seed of the method trains
+from. Test AP never enters the choice.
 
     grid_<m> (writes x<f>.yaml) -> det_grid_<m>_x<f> (minival) -> select_<m> (method.yaml)
         -> det_method_<m>_s<seed>
@@ -28,13 +32,16 @@ from dataclasses import replace
 from ..utils.atomic import atomic_write
 from .plan import Stage
 
-__all__ = ["GRID_FACTORS", "AA_SEED_OFFSET", "factor_label", "minival_name", "grid_stages",
-           "control_stages", "select_weight", "grid_configs_stage", "select_weight_stage"]
+__all__ = ["GRID_FACTORS", "AA_SEED_OFFSET", "GRID_SEED_OFFSET", "factor_label", "minival_name",
+           "grid_stages", "control_stages", "select_weight", "grid_configs_stage",
+           "select_weight_stage"]
 
 GRID_FACTORS = (0.25, 1.0, 4.0)  # times the calibrated weight
 VALIDATION_SPLIT = "minival"
 # the A/A run's data seed is its pair's SEED + this, far from any seed a plan trains (0, 1, ...)
 AA_SEED_OFFSET = 1000
+# a grid run's SEED is its pretrained student's seed + this (module doc)
+GRID_SEED_OFFSET = 2000
 
 
 def factor_label(factor: float) -> str:
@@ -68,8 +75,10 @@ def grid_stages(method: str, slug: str, reference: Stage, calib_dir: str, detect
 
     reference: the calibration seed's det_plain_detnst stage; extra_opts: what the method's
     training stages add to its opts (FGFI's warm-up). Each grid run is that stage with the
-    method at factor x the calibrated weight, DATASETS.TEST = (minival,), its own folder.
+    method at factor x the calibrated weight, DATASETS.TEST = (minival,), SEED + GRID_SEED_OFFSET,
+    its own folder.
     """
+    train_seed = reference.meta["seed"] + GRID_SEED_OFFSET
     out_root = os.path.dirname(reference.out_dir)
     grid_dir = os.path.join(out_root, f"grid_{slug}")
     new = [Stage(f"grid_{slug}", "weight_grid", grid_dir, reference.config,
@@ -82,14 +91,15 @@ def grid_stages(method: str, slug: str, reference: Stage, calib_dir: str, detect
     for factor in GRID_FACTORS:
         name = f"det_grid_{slug}_{factor_label(factor)}"
         out_dir = os.path.join(out_root, name)
-        opts = [*_without(reference.opts, ("OUTPUT_DIR", "DATASETS.TEST")), *extra_opts,
-                "DATASETS.TEST", f"('{minival}',)", "OUTPUT_DIR", out_dir]
+        opts = [*_without(reference.opts, ("OUTPUT_DIR", "DATASETS.TEST", "SEED")), *extra_opts,
+                "DATASETS.TEST", f"('{minival}',)", "SEED", str(train_seed), "OUTPUT_DIR",
+                out_dir]
         new.append(replace(
             reference, name=name, out_dir=out_dir, opts=opts,
             config=os.path.join(grid_dir, f"{factor_label(factor)}.yaml"),
             after=[*reference.after, f"grid_{slug}"],
             meta={"stage": "det", "role": "grid", "method": method,
-                  "seed": reference.meta["seed"], "factor": factor,
+                  "seed": reference.meta["seed"], "train_seed": train_seed, "factor": factor,
                   "split": VALIDATION_SPLIT, "dataset": minival}))
         points.append({"factor": factor, "stage": name,
                        "record": os.path.join(out_dir, "stage.json")})
