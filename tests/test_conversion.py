@@ -78,7 +78,7 @@ def _run_cli(monkeypatch, capsys, src, out):
 def _load(model, path):
     """Load `path` through detectron2's own DetectionCheckpointer (public `load`); returns the
     model keys it left unfilled (missing from the file, or dropped for a wrong shape)."""
-    with unfilled_keys(model) as unfilled:
+    with unfilled_keys(model) as (unfilled, _):
         DetectionCheckpointer(model).load(str(path))
     return unfilled
 

@@ -62,9 +62,9 @@ def test_disk_full_names_the_file_and_the_cause(tmp_path, monkeypatch):
     path = tmp_path / "model_final.pth"
     torch.save({"model": {"w": torch.ones(3)}}, path)
     before = path.read_bytes()
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(atomic.os, "fdopen",
-                        lambda fd, mode: _FullDisk(real_fdopen(fd, mode), room=4096))
+    # atomic_write's `open` (the builtin, shadowed in its module only)
+    monkeypatch.setattr(atomic, "open", lambda name, mode: _FullDisk(open(name, mode), room=4096),
+                        raising=False)
     with pytest.raises(DiskFullError) as info:
         with atomic_write(path) as f:
             torch.save({"model": {"w": torch.zeros(100_000)}}, f)

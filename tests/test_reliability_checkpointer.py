@@ -104,9 +104,87 @@ def test_resume_into_a_different_model_names_the_keys(tmp_path):
 
 def test_unfilled_keys_reports_what_a_load_left_out():
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
-    with unfilled_keys(model) as unfilled:
+    with unfilled_keys(model) as (unfilled, _):
         model.load_state_dict({"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(3)},
                               strict=False)
     assert unfilled == ["1.weight", "1.bias"]
     model.load_state_dict(model.state_dict())  # the hook is gone after the block
     assert unfilled == ["1.weight", "1.bias"]
+
+
+# ---- what a load from MODEL.WEIGHTS must fill -----------------------------------------------
+
+class _Distiller(torch.nn.Module):
+    """A classification distiller's layout: `student` (its last Linear the class head) and the
+    distillation core's training-only modules under `distill`."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                           torch.nn.Linear(4, classes))
+        self.distill = torch.nn.Linear(4, 4)
+
+
+def _saved(tmp_path, name, state):
+    path = tmp_path / name
+    torch.save({"model": state}, path)
+    return str(path)
+
+
+def test_a_classifier_initialised_from_weights_of_another_model_is_refused(tmp_path):
+    trained = _Distiller().state_dict()
+    # another class count: only the class head differs, which a new task re-initialises
+    ReliableCheckpointer(_Distiller(classes=7), str(tmp_path)).resume_or_load(
+        _saved(tmp_path, "cls.pth", trained), resume=False)
+    # a detector's checkpoint: none of the student's keys (detectron2 would only warn)
+    detector = _saved(tmp_path, "det.pth", {"backbone.bottom_up.stem.conv1.weight":
+                                            torch.zeros(4, 3, 3, 3)})
+    with pytest.raises(KeyError, match=r"does not match the model's pretrained part \(student\."
+                                       r"\*\): keys missing from it .*student.0.weight"):
+        ReliableCheckpointer(_Distiller(), str(tmp_path)).resume_or_load(detector, resume=False)
+
+
+def test_a_detector_initialised_from_a_deeper_backbone_is_refused(tmp_path):
+    """An R-34 file holds every R-18 key with its shape, and more blocks: detectron2 warns about
+    the unused ones and trains a mix of the two networks."""
+    from _detection_common import R18_FPN_TOY, make_cfg
+    from detectron2.modeling import build_model
+
+    def detector(depth):
+        return build_model(make_cfg(R18_FPN_TOY, ["MODEL.RESNETS.DEPTH", str(depth)]))
+
+    r34 = _saved(tmp_path, "r34.pth", detector(34).state_dict())
+    with pytest.raises(KeyError, match=r"keys in it that the model does not have "
+                                       r"\['backbone.bottom_up.res2.2"):
+        ReliableCheckpointer(detector(18), str(tmp_path)).resume_or_load(r34, resume=False)
+    r18 = _saved(tmp_path, "r18.pth", {k: v for k, v in detector(18).state_dict().items()
+                                       if k.startswith("backbone.bottom_up.")})
+    ReliableCheckpointer(detector(18), str(tmp_path)).resume_or_load(r18, resume=False)  # fits
+
+
+def test_weights_to_evaluate_must_fill_the_model_but_its_training_only_modules(tmp_path):
+    trained = _Distiller().state_dict()
+    no_core = _saved(tmp_path, "student.pth",
+                     {k: v for k, v in trained.items() if not k.startswith("distill.")})
+    ReliableCheckpointer(_Distiller(), str(tmp_path)).resume_or_load(
+        no_core, resume=False, whole_model=True)
+    other_head = _saved(tmp_path, "other.pth", _Distiller(classes=7).state_dict())
+    ReliableCheckpointer(_Distiller(), str(tmp_path)).resume_or_load(other_head, resume=False)
+    with pytest.raises(KeyError, match=r"does not fill the model to evaluate: .*student.2.weight"
+                                       r".* scored with random values"):
+        ReliableCheckpointer(_Distiller(), str(tmp_path)).resume_or_load(
+            other_head, resume=False, whole_model=True)
+
+
+def test_eval_only_with_weights_of_another_network_is_refused(tmp_path):
+    """tools/train_net.py --eval-only: an R-18 checkpoint in an R-50 config was scored (AP 0)."""
+    from _detection_common import R18_FPN_TOY, make_cfg
+    from detectron2.modeling import build_model
+
+    from nst_det.engine.train_or_evaluate import train_or_evaluate
+
+    weights = _saved(tmp_path, "r18.pth", build_model(make_cfg(R18_FPN_TOY)).state_dict())
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.RESNETS.DEPTH", "50", "MODEL.RESNETS.RES2_OUT_CHANNELS",
+                                 "256", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path)])
+    with pytest.raises(KeyError, match="does not fill the model to evaluate"):
+        train_or_evaluate(cfg, eval_only=True)

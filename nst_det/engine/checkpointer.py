@@ -11,9 +11,13 @@
 - `resume_or_load(resume=True)` tries the tagged checkpoint, then older `model_*.pth` files newest
   first, skipping (with a warning naming it) any file that is truncated or unreadable.
 - Initialising from MODEL.WEIGHTS (not resuming) fails when weights of the pretrained part of
-  the backbone (the bottom-up network; FPN layers are new) are missing or any tensor has the
-  wrong shape: detectron2 only warns, and a silently half-initialised student makes every later
-  number meaningless.
+  the model (a detector's bottom-up network: FPN layers and heads are new; a classifier's
+  network but its last Linear layer, the class head) are missing, have the wrong shape, or come
+  with more of that part than the model has (an R-34 file for an R-18): detectron2 only warns,
+  and a silently half-initialised student makes every later number meaningless.
+- Loading MODEL.WEIGHTS to evaluate them (`whole_model=True`, --eval-only) fails unless it
+  fills the whole model but the distillation core's training-only modules (`distill.`): a
+  half-random model would be scored as if trained.
 
 Only public API of fvcore/detectron2/torch is used, so this behaves the same on detectron2 v0.6
 and on upstream main: `save`, `tag_last_checkpoint`, `resume_or_load` and `load` are the public
@@ -112,10 +116,12 @@ class ReliableCheckpointer(DetectionCheckpointer):
                         key=os.path.getmtime, reverse=True)
         return [p for p in dict.fromkeys([tagged, *others]) if p and os.path.isfile(p)]
 
-    def resume_or_load(self, path: str, *, resume: bool = True) -> dict:
+    def resume_or_load(self, path: str, *, resume: bool = True, whole_model: bool = False
+                       ) -> dict:
         """Resume from the newest readable checkpoint in save_dir (sets `resumed_from`), else
-        load the model weights of `path` strictly enough for its backbone; returns what the
-        file holds besides the model and the checkpointables (e.g. `iteration`)."""
+        load the model weights of `path` strictly enough for its pretrained part (the whole
+        model with `whole_model`: to evaluate it); returns what the file holds besides the model
+        and the checkpointables (e.g. `iteration`)."""
         self.resumed_from = None
         if resume and self.has_checkpoint():
             for candidate in self._resume_candidates():
@@ -138,22 +144,33 @@ class ReliableCheckpointer(DetectionCheckpointer):
             )
         if path and "://" not in path:  # one clear error for a truncated or wrong-format file
             check_weights_file(path, "MODEL.WEIGHTS", allow_pickle=path.endswith(".pkl"))
-        return self._load_checked(path, "init", checkpointables=[])
+        return self._load_checked(path, "eval" if whole_model else "init", checkpointables=[])
 
     def _load_checked(self, path: str, mode: str, **kwargs) -> dict:
         """`load(path)`, then raise if the model was not filled as `mode` requires."""
-        with unfilled_keys(self.model) as unfilled:
+        with unfilled_keys(self.model) as (unfilled, unexpected):
             extra = self.load(path, **kwargs)
         if path:
-            self._check_filled(path, mode, unfilled)
+            self._check_filled(path, mode, unfilled, unexpected)
         return extra
 
-    def _pretrained_prefix(self) -> str:
-        """Keys that pretrained weights must cover: the bottom-up network (FPN layers are new)."""
-        backbone = getattr(self.model, "backbone", None)
-        return "backbone.bottom_up." if hasattr(backbone, "bottom_up") else "backbone."
+    def _pretrained_part(self) -> tuple[str, tuple]:
+        """(prefix, exceptions): the keys that pretrained weights must cover, those under the
+        prefix but the exceptions' prefixes. A detector: its bottom-up network (FPN layers are
+        new). A classifier (a distiller's `student`): all but its last Linear layer, the class
+        head a new class count re-initialises."""
+        model = self.model
+        backbone = getattr(model, "backbone", None)
+        if backbone is not None:
+            return ("backbone.bottom_up." if hasattr(backbone, "bottom_up") else "backbone."), ()
+        student = getattr(model, "student", None)
+        if isinstance(student, torch.nn.Module):
+            heads = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
+            return "student.", (f"student.{heads[-1]}.",) if heads else ()
+        return "", ()
 
-    def _check_filled(self, path: str, mode: str, unfilled: list[str]) -> None:
+    def _check_filled(self, path: str, mode: str, unfilled: list[str],
+                      unexpected: list[str]) -> None:
         if mode == "resume" and unfilled:
             # a resumed run must continue the same model: anything else is a changed config
             raise KeyError(
@@ -162,32 +179,49 @@ class ReliableCheckpointer(DetectionCheckpointer):
                 "the warning above). Resume with the config the run started with, or use a new "
                 "OUTPUT_DIR"
             )
-        prefix = self._pretrained_prefix()
-        backbone = [k for k in unfilled if k.startswith(prefix)]
-        if mode == "init" and backbone:
-            raise KeyError(
-                f"MODEL.WEIGHTS={path} does not match the model's backbone: backbone keys "
-                f"missing from it or of a different shape {backbone[:10]} (shapes are in the "
-                "warning above). Check MODEL.RESNETS.DEPTH / the backbone name against the "
-                "weights file"
-            )
+        if mode == "eval":
+            unused = [k for k in unfilled if not k.startswith("distill.")]
+            if unused:
+                raise KeyError(
+                    f"MODEL.WEIGHTS={path} does not fill the model to evaluate: keys missing "
+                    f"from it or of a different shape {unused[:10]} (shapes are in the warning "
+                    "above), which would be scored with random values. Evaluate a checkpoint "
+                    "of this config's model, with the config its run wrote (config.yaml)")
+            return
+        prefix, heads = self._pretrained_part()
+
+        def pretrained(keys):
+            return [k for k in keys if k.startswith(prefix) and not k.startswith(heads)]
+
+        for keys, what in ((pretrained(unfilled), "missing from it or of a different shape"),
+                           (pretrained(unexpected), "in it that the model does not have")):
+            if mode == "init" and keys:
+                raise KeyError(
+                    f"MODEL.WEIGHTS={path} does not match the model's pretrained part "
+                    f"({prefix}*): keys {what} {keys[:10]} (shapes are in the warning above). "
+                    "Check MODEL.RESNETS.DEPTH / the backbone or classifier name against the "
+                    "weights file"
+                )
 
 
 @contextlib.contextmanager
-def unfilled_keys(model: torch.nn.Module) -> Iterator[list[str]]:
-    """Collect the state-dict keys of `model` that `model.load_state_dict` calls inside the
-    block leave unfilled (missing from the loaded dict, or dropped by fvcore for a wrong shape).
+def unfilled_keys(model: torch.nn.Module) -> Iterator[tuple[list[str], list[str]]]:
+    """Collect (unfilled, unexpected): the state-dict keys of `model` that `model.
+    load_state_dict` calls inside the block leave unfilled (missing from the loaded dict, or
+    dropped by fvcore for a wrong shape), and the loaded keys the model does not have.
 
     Uses torch's public `register_load_state_dict_post_hook` on the root module, which sees the
-    whole load's missing keys.
+    whole load's missing and unexpected keys.
     """
     unfilled: list[str] = []
+    unexpected: list[str] = []
 
     def record(module, incompatible):
         unfilled.extend(k for k in incompatible.missing_keys if k not in unfilled)
+        unexpected.extend(k for k in incompatible.unexpected_keys if k not in unexpected)
 
     handle = model.register_load_state_dict_post_hook(record)
     try:
-        yield unfilled
+        yield unfilled, unexpected
     finally:
         handle.remove()

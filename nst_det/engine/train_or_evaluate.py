@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -12,6 +11,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint.remote import resolve_weights
 from ..checkpoint.weights_file import check_weights_file
 from ..config import load_config
+from .checkpointer import ReliableCheckpointer
 from .registry import TRAINER_REGISTRY
 
 
@@ -56,8 +56,10 @@ def train_or_evaluate(cfg, *, eval_only: bool = False, resume: bool = False,
             logging.getLogger(__name__).info(
                 "MODEL.WEIGHTS is empty: evaluating the model as its config builds it")
         model = trainer_cls.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights,
-                                                                             resume=resume)
+        # as training reads checkpoints (past corrupt ones on resume), and strictly: weights
+        # that do not fill the model are an error, not a half-random model scored
+        ReliableCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            weights, resume=resume, whole_model=True)
         return trainer_cls.test(cfg, model) or {}
     trainer = trainer_cls(cfg)
     trainer.register_hooks(list(hooks))
