@@ -134,3 +134,17 @@ def test_an_imagefolder_val_split_missing_a_class_folder_is_refused(tmp_path):
         for name in (train, val, fixed):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+def test_a_test_set_written_on_its_first_load_is_written_then_checked(tiny_voc, tmp_path):
+    """The toy sets (e.g. the weight grid's minival split) are generated when first loaded: the
+    check before training loads them instead of refusing a folder not written yet."""
+    from nst_det.data.datasets import register_toy_voc
+
+    dirname = tmp_path / "VOC2007"
+    _, test = register_toy_voc(f"lazy_voc_{next(_names)}", str(dirname), seed=2,
+                               num_trainval=2, num_test=2)
+    assert not dirname.exists()
+    cfg = make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out")], data=(tiny_voc[0], test))
+    DetectionTrainer(cfg)
+    assert (dirname / "ImageSets" / "Main" / "test.txt").is_file()

@@ -2,7 +2,7 @@
 
 import os
 
-from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
@@ -48,6 +48,7 @@ class DetectionTrainer(ReliableTrainer):
         super().check_test_set(cfg, dataset_name)
         meta = MetadataCatalog.get(dataset_name)
         if meta.get("evaluator_type") == "pascal_voc":
+            DatasetCatalog.get(dataset_name)  # a generated set (the toy ones) is written on load
             check_voc_evaluable(meta.dirname, meta.split)
 
     @staticmethod
