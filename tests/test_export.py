@@ -177,3 +177,52 @@ def test_an_export_into_a_training_runs_folder_is_refused_before_any_write(
                            "--output", str(run), *toy_detector,
                            "MODEL.WEIGHTS", str(run / "model_final.pth")])
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+
+
+def test_an_export_that_fails_verification_keeps_the_previous_export(
+        toy_detector, tmp_path, monkeypatch):
+    """Before, the failed export replaced the verified one (its verification.json saying
+    passed: false), and the good export was lost."""
+    from nst_det.export import api
+
+    export_model = _load_tool("export_model")
+    out = tmp_path / "ts"
+    args = ["--config-file", str(R18_TOY), "--format", "torchscript", "--output", str(out),
+            "--num-images", "2", *toy_detector]
+    assert export_model.main(args) == 0
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = api.torchscript_runner
+
+    def shifted_runner(path):  # an export whose boxes are 3 px off the eager model's
+        run = real(path)
+        return lambda image: {**run(image), "boxes": run(image)["boxes"] + 3.0}
+
+    monkeypatch.setattr(api, "torchscript_runner", shifted_runner)
+    cfg = export_model.export_config(export_model.parse_args(args))
+    with pytest.raises(api.ExportVerificationError, match=r"does not match the eager model on 2 "
+                       r"test images \(boxes up to 3 px .*previous export, if any, is kept") as e:
+        api.export_and_verify(cfg, "torchscript", str(out), 2)
+    assert not e.value.summary["passed"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good
+    with pytest.raises(SystemExit, match="does not match the eager model"):  # the tool: rc != 0
+        export_model.main(args)
+
+
+def test_detections_are_compared_one_to_one_whatever_their_order():
+    from nst_det.export.verify import compare_detections
+
+    boxes = np.array([[0, 0, 10, 10], [50, 50, 70, 90], [5, 5, 9, 9]], dtype=np.float32)
+    ref = {"boxes": boxes, "scores": np.array([0.9, 0.5, 0.5 + 4e-8]),
+           "classes": np.array([1, 2, 2])}
+    # the two near-equal scores swapped places: the same detections
+    swapped = {k: v[[0, 2, 1]] for k, v in ref.items()}
+    same = compare_detections(ref, swapped)
+    assert same["classes_equal"] and same["max_box_dev"] == 0.0 and same["max_score_dev"] < 1e-7
+    moved = {**swapped, "boxes": swapped["boxes"] + [[0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]}
+    assert compare_detections(ref, moved)["max_box_dev"] == pytest.approx(1.0)
+    relabelled = {**swapped, "classes": np.array([1, 1, 2])}
+    assert not compare_detections(ref, relabelled)["classes_equal"]
+    fewer = {k: v[:2] for k, v in ref.items()}
+    assert compare_detections(ref, fewer)["max_box_dev"] == float("inf")
+    empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "classes": np.zeros(0, int)}
+    assert compare_detections(empty, empty)["classes_equal"]

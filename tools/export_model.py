@@ -7,8 +7,9 @@
 The detector is rebuilt from the student-only config (no teacher is built or loaded), its weights
 are loaded strictly (teacher tensors, if any, are dropped and counted), the export is written
 atomically into --output, and the export's detections are compared with the eager model's on
-sample test images. `verification.json` and `export_info.json` are written next to the export;
-the exit code is non-zero when the verification fails.
+sample test images. `verification.json` and `export_info.json` are written next to the export.
+An export that fails the verification is not written (the folder keeps its previous export) and
+the exit code is non-zero.
 """
 
 import argparse
@@ -48,9 +49,12 @@ def main(argv=None):
         f"verified on {len(summary['images'])} images ({summary['total_detections']} detections): "
         f"max |box - eager| = {summary['max_box_dev']:.2e} px (tol {summary['box_atol_px']}), "
         f"max |score - eager| = {summary['max_score_dev']:.2e} (tol {summary['score_atol']}) -> "
-        f"{'PASSED' if summary['passed'] else 'FAILED'}"
+        "PASSED"
     )
-    return 0 if summary["passed"] else 1
+    if not summary["total_detections"]:
+        print("[export] warning: the model detected nothing on these images, so the comparison "
+              "checked no box: verify on more images (--num-images) or a trained model")
+    return 0
 
 
 if __name__ == "__main__":

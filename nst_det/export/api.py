@@ -47,6 +47,27 @@ MARKER = "verification.json"  # written last: an export folder without it holds 
 TRAINING_RUN_FILES = ("last_checkpoint", "metrics.json")  # what detectron2 training writes
 
 
+class ExportVerificationError(ValueError):
+    """An export that does not match the eager model; `summary` is its verification (`verify`).
+    Nothing of it was written: the folder keeps its previous export, if any."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _mismatch(summary: dict) -> str:
+    worst = max(summary["images"], key=lambda r: (r["count_ref"] != r["count_out"],
+                                                  not r["classes_equal"], r["max_box_dev"]))
+    if worst["count_ref"] != worst["count_out"]:
+        return f"{worst['count_out']} detections where the eager model has {worst['count_ref']}"
+    if not worst["classes_equal"]:
+        return "other classes than the eager model's"
+    return (f"boxes up to {summary['max_box_dev']:.3g} px (tolerance {summary['box_atol_px']}) "
+            f"and scores up to {summary['max_score_dev']:.3g} (tolerance "
+            f"{summary['score_atol']}) from the eager model's")
+
+
 def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     """Write one export ("checkpoint" | "torchscript" | "onnx") of cfg's student into out_dir.
 
@@ -57,7 +78,8 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     previous export or files without `verification.json`, which readers treat as no export.
     Returns:
         the verification summary (see `verify`), with format, file and size_bytes added.
-    Raises ValueError, before anything is read or written, for a training run's folder.
+    Raises ValueError, before anything is read or written, for a training run's folder, and
+    ExportVerificationError, having written nothing, for an export unlike the eager model.
     """
     for mark in TRAINING_RUN_FILES:  # its model_final.pth and config.yaml would be replaced
         if os.path.isfile(os.path.join(out_dir, mark)):
@@ -88,6 +110,11 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
             export_onnx(model, images[0], path)
             candidate = onnx_runner(path)
         summary = verify(eager_runner(model), candidate, images)
+        if not summary["passed"]:  # leaving the block removes the staging folder, nothing else
+            raise ExportVerificationError(
+                f"the {fmt} export of {cfg.MODEL.WEIGHTS} does not match the eager model on "
+                f"{len(images)} test images ({_mismatch(summary)}). Nothing was written to "
+                f"{out_dir}; its previous export, if any, is kept", summary)
         digest = _sha256(path)  # binds both records to these very bytes
         summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path),
                        sha256=digest)

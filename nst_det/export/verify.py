@@ -12,21 +12,33 @@ SCORE_ATOL = 1e-3
 
 
 def compare_detections(reference: Detections, candidate: Detections) -> dict:
-    """Max deviations between two detection sets in the same order (exports keep the order).
+    """Max deviations between two detection sets, each detection matched one to one.
 
+    Exports usually keep the order, but two detections whose scores differ by round-off may swap
+    places, so detections are paired by a minimum-cost assignment (scipy's
+    `linear_sum_assignment`) on the largest box coordinate difference, a class mismatch costing
+    more than any box difference.
     Returns:
         {"count_ref", "count_out", "classes_equal", "max_box_dev", "max_score_dev"}; deviations are
         +inf when the counts differ, since the sets cannot then be compared one to one.
     """
+    from scipy.optimize import linear_sum_assignment  # a dependency of POT (pyproject.toml)
+
     n_ref, n_out = len(reference["scores"]), len(candidate["scores"])
     result = {"count_ref": n_ref, "count_out": n_out}
     if n_ref != n_out:
         return {**result, "classes_equal": False, "max_box_dev": float("inf"),
                 "max_score_dev": float("inf")}
-    box_dev = np.abs(reference["boxes"] - candidate["boxes"]).max(initial=0.0)
-    score_dev = np.abs(reference["scores"] - candidate["scores"]).max(initial=0.0)
-    return {**result, "classes_equal": bool(np.array_equal(reference["classes"],
-                                                           candidate["classes"])),
+    if n_ref == 0:
+        return {**result, "classes_equal": True, "max_box_dev": 0.0, "max_score_dev": 0.0}
+    box_cost = np.abs(reference["boxes"][:, None, :] - candidate["boxes"][None, :, :]).max(
+        axis=2, initial=0.0)
+    other_class = reference["classes"][:, None] != candidate["classes"][None, :]
+    rows, cols = linear_sum_assignment(box_cost + other_class * (box_cost.max(initial=0.0) + 1))
+    box_dev = np.abs(reference["boxes"][rows] - candidate["boxes"][cols]).max(initial=0.0)
+    score_dev = np.abs(reference["scores"][rows] - candidate["scores"][cols]).max(initial=0.0)
+    return {**result, "classes_equal": bool(np.array_equal(reference["classes"][rows],
+                                                           candidate["classes"][cols])),
             "max_box_dev": float(box_dev), "max_score_dev": float(score_dev)}
 
 

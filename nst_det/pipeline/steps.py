@@ -40,9 +40,7 @@ def export_stage(stage: Stage, stages: list) -> dict:
                        "MODEL.DEVICE", "cpu"])
     results = {"student": best.name}
     for fmt in ("checkpoint", "onnx"):
-        summary = export_and_verify(cfg, fmt, os.path.join(stage.out_dir, fmt))
-        if not summary["passed"]:
-            raise RuntimeError(f"{fmt} export of {best.name} failed verification: {summary}")
+        summary = export_and_verify(cfg, fmt, os.path.join(stage.out_dir, fmt))  # or raises
         results[fmt] = {k: summary[k] for k in ("file", "size_bytes", "max_box_dev",
                                                   "max_score_dev", "passed")}
     return results
