@@ -107,3 +107,19 @@ def test_loss_arguments_checked_at_construction():
         _core(None)
     with pytest.raises(ValueError, match=r"\['zz'\].*available: \['a', 'b'\]"):
         _core(teacher, student_features=["a", "zz"])
+
+
+@pytest.mark.parametrize("name", ["cwd", "pkd", "mmd", "gaussian_w2", "gaussian_kl", "w2",
+                                  "sinkhorn"])
+def test_a_loss_of_one_width_on_pairs_of_two_widths_is_refused_when_built(name):
+    """These losses have no adapter: before, the model built and the first step failed inside
+    the loss, naming neither the pair nor the config keys."""
+    wide = {"a": ShapeSpec(channels=6, stride=2), "b": ShapeSpec(channels=6, stride=4)}
+    with pytest.raises(ValueError, match=rf"{name!r}, which compares .* equal channel counts, "
+                                         r"but the pairs \['a \(4\) / b \(6\)', 'b \(4\) / b \(6\)'"
+                                         r"\] .*MODEL.DISTILL.STUDENT_FEATURES"):
+        _core(_Net(), teacher_shapes=wide, nst_weight=0.0, transfer_losses=[(name, 1.0)])
+    _core(_Net(), nst_weight=0.0, transfer_losses=[(name, 1.0)])  # one width: built
+    # losses that take any widths (nst, sp) or adapt them (fitnet, mgd) build on these pairs
+    _core(_Net(), teacher_shapes=wide, transfer_losses=[("sp", 1.0), ("fitnet", 1.0),
+                                                         ("mgd", 1.0)])

@@ -157,6 +157,7 @@ class _Transfer:
     pair_args: list = field(default_factory=list)  # of _PAIR_ARGS
     all_pairs: bool = False
     on_logits: bool = False
+    same_channels: bool = False  # it compares maps of one width and has no adapter
     warmup: int = 0
 
 
@@ -238,6 +239,15 @@ class DistillationCore(nn.Module):
         s_ch = [student_shapes[p.student].channels for p in self.feature_pairs]
         t_ch = [teacher_shapes[p.teacher].channels for p in self.feature_pairs]
         for t in self._transfer:
+            wider = [f"{p.student} ({cs}) / {p.teacher} ({ct})"
+                     for p, cs, ct in zip(self.feature_pairs, s_ch, t_ch) if cs != ct]
+            if t.same_channels and wider:  # else the first training step fails on the shapes
+                raise ValueError(
+                    f"MODEL.TRANSFER.NAMES has {t.name!r}, which compares student and teacher "
+                    f"features of equal channel counts, but the pairs {wider} (channels) of "
+                    "MODEL.DISTILL.STUDENT_FEATURES / TEACHER_FEATURES differ: pair features of "
+                    "one width (e.g. FPN levels of the same MODEL.FPN.OUT_CHANNELS), or use a "
+                    "loss with an adapter (fitnet, mgd, fgd, defeat)")
             if t.module_arg is None:
                 continue
             build = get_transfer_loss(t.name).build_module
@@ -268,7 +278,8 @@ class DistillationCore(nn.Module):
             module_arg = None
         t = _Transfer(name, fn, weight, [n for n in names if n in supplies], module_arg,
                       all_pairs=bool(getattr(raw, "over_all_pairs", False)),
-                      on_logits=bool(getattr(raw, "on_logits", False)), warmup=warmup)
+                      on_logits=bool(getattr(raw, "on_logits", False)),
+                      same_channels=bool(getattr(raw, "same_channels", False)), warmup=warmup)
         if not (t.all_pairs or t.on_logits):
             t.pair_args = [n for n in names if n in _PAIR_ARGS]
         given = set(t.supplied) | set(t.pair_args) | set(bound) | {module_arg}

@@ -181,3 +181,8 @@ def class_gaussian_kl_loss(
     return _class_metric(
         diag_gaussian_kl, x_s, x_t, labels, reduction, min_count, eps, "class_gaussian_kl_loss"
     )
+
+
+# distributions in the channels' space, no adapter: the core refuses pairs of other widths
+for _loss in (gaussian_w2_loss, gaussian_kl_loss, class_gaussian_w2_loss, class_gaussian_kl_loss):
+    _loss.same_channels = True

@@ -230,3 +230,6 @@ def mmd_loss(
     x_s, x_t = prepare_vectors(x_s, x_t, "mmd_loss")
     kwargs = {"sigma2": sigma2} if kernel in ("rbf", "gaussian") else {}
     return mmd2(x_s, x_t, kernel, **kwargs)
+
+
+mmd_loss.same_channels = True  # pooled C-dim vectors, no adapter: refused for other widths

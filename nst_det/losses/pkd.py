@@ -50,3 +50,6 @@ def pkd_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     if f_s.shape[-2:] != f_t.shape[-2:]:
         f_s = F.interpolate(f_s, size=f_t.shape[-2:], mode="bilinear", align_corners=False)
     return F.mse_loss(pkd_standardise(f_s), pkd_standardise(f_t)) / 2
+
+
+pkd_loss.same_channels = True  # no adapter: the core refuses pairs of other widths when built

@@ -131,3 +131,8 @@ def sinkhorn_loss(
             stopThr=stop_thr,
         )
     return (plan.to(cost) * cost).sum()
+
+
+# distributions in the channels' space, no adapter: the core refuses pairs of other widths
+for _loss in (w2_loss, class_w2_loss, sinkhorn_loss):
+    _loss.same_channels = True
