@@ -256,3 +256,38 @@ def test_the_switch_is_off_by_default_and_the_toy_config_differs_from_fgd_only_b
     inherit.MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD = False
     inherit.OUTPUT_DIR = fgd.OUTPUT_DIR
     assert inherit.dump() == fgd.dump()
+
+
+def test_a_teacher_with_other_anchors_of_the_same_count_is_refused(module_tmp_path):
+    """Its heads have the student's shapes (3 anchors a cell), so the tensors copied, but each
+    output is for another anchor box: before, the copy went ahead silently."""
+    yaml, weights = write_teacher(module_tmp_path, [
+        "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]"], name="other_anchors")
+    cfg = make_cfg(NST_TOY, [
+        "MODEL.WEIGHTS", "", "MODEL.TEACHER.CONFIG_FILE", str(yaml),
+        "MODEL.TEACHER.WEIGHTS", str(weights), "MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD", "True"])
+    with pytest.raises(ValueError, match=r"INHERIT_TEACHER_NECK_HEAD copies the teacher's heads.*"
+                                         r"anchor boxes of level 0 .* student \[\[-8.5, -4.2, "
+                                         r"8.5, 4.2\], \[-6.0, -6.0, 6.0, 6.0\].* vs teacher "
+                                         r"\[\[-11.3, -5.7, 11.3, 5.7\], \[-8.0, -8.0, 8.0, 8.0\]"):
+        build_model(cfg)
+    cfg.MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD = False
+    build_model(cfg)  # NST alone does not read the heads: built
+
+
+def test_retinanet_kd_on_a_teacher_with_other_anchor_shapes_is_refused(module_tmp_path):
+    from _detection_common import RETINA_TEACHER
+
+    other = make_cfg(RETINA_TEACHER, RETINA_TINY + [
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", "[[0.25, 1.0, 4.0]]"])  # 6 a cell, as the student
+    torch.manual_seed(3)
+    weights = module_tmp_path / "retina_other_anchors.pth"
+    torch.save({"model": build_model(other).state_dict()}, weights)
+    yaml = module_tmp_path / "retina_other_anchors.yaml"
+    yaml.write_text(other.dump())
+    cfg = make_cfg(RETINA_FGD, RETINA_TINY + [
+        "MODEL.TEACHER.CONFIG_FILE", str(yaml), "MODEL.TEACHER.WEIGHTS", str(weights),
+        "MODEL.KD.LOSS_WEIGHT", "1.0"])
+    with pytest.raises(ValueError, match="KD on anchor logits needs the teacher's anchors; anchor "
+                                         "boxes of level 0"):
+        build_model(cfg)

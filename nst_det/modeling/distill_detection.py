@@ -18,7 +18,7 @@ from ..distill import DistillationCore, distill_config
 from ..distill.inherit import inherit_neck_head
 from .teacher import build_teacher
 
-__all__ = ["DetectorDistillMixin", "build_detection_core", "gt_boxes_of",
+__all__ = ["DetectorDistillMixin", "anchor_mismatch", "build_detection_core", "gt_boxes_of",
            "inherit_teacher_neck_head"]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,40 @@ def build_detection_core(
         )
 
 
+def _anchor_generator(modules) -> nn.Module | None:
+    """A detector's anchor generator: RetinaNet's own, R-CNN's RPN's; `modules`: a detector or
+    its `from_config` arguments."""
+    get = modules.get if isinstance(modules, dict) else lambda name: getattr(modules, name, None)
+    return get("anchor_generator") or getattr(get("proposal_generator"), "anchor_generator",
+                                              None)
+
+
+def anchor_mismatch(student, teacher) -> str:
+    """'' when both detectors (or `from_config` arguments) have the same anchors, else how they
+    differ. A head's outputs are per anchor, so copying or matching them needs the anchors
+    themselves equal, not just their number per cell: detectron2's anchor generators' public
+    `strides`, `offset` and `cell_anchors` (per level: [A, 4] boxes around a cell's corner)."""
+    mine, theirs = _anchor_generator(student), _anchor_generator(teacher)
+    if mine is None or theirs is None:
+        return "" if mine is theirs else "only one of them has an anchor generator"
+    for what in ("strides", "offset"):  # a list and a float in detectron2's generators
+        a, b = getattr(mine, what, None), getattr(theirs, what, None)
+        if a != b:
+            return f"anchor {what}: student {a} vs teacher {b}"
+    if len(mine.cell_anchors) != len(theirs.cell_anchors):
+        return (f"anchor levels: student {len(mine.cell_anchors)} vs teacher "
+                f"{len(theirs.cell_anchors)}")
+    for level, (a, b) in enumerate(zip(mine.cell_anchors, theirs.cell_anchors)):
+        if a.shape != b.shape or not torch.allclose(a.cpu(), b.cpu()):
+            return (f"anchor boxes of level {level} (MODEL.ANCHOR_GENERATOR.SIZES / "
+                    f"ASPECT_RATIOS): student {_rounded(a)} vs teacher {_rounded(b)}")
+    return ""
+
+
+def _rounded(boxes: torch.Tensor) -> list:
+    return [[round(v, 1) for v in box] for box in boxes.tolist()]
+
+
 def inherit_teacher_neck_head(cfg, modules: dict, heads: Sequence[str]) -> None:
     """If MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD: the student starts from the teacher's neck/heads.
 
@@ -59,7 +93,12 @@ def inherit_teacher_neck_head(cfg, modules: dict, heads: Sequence[str]) -> None:
     """
     if not cfg.MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD:
         return
-    n = inherit_neck_head(modules, modules["distill"].teacher, heads)
+    teacher = modules["distill"].teacher
+    n = inherit_neck_head(modules, teacher, heads)  # raises first for other tensor shapes
+    problem = anchor_mismatch(modules, teacher)
+    if problem:  # the heads' per-anchor outputs were copied onto other anchors: not built
+        raise ValueError("MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD copies the teacher's heads, "
+                         f"whose outputs are per anchor, but the anchors differ: {problem}")
     logger.info("Student neck and heads %s initialised from the teacher (%d tensors); a loaded "
                 "checkpoint still overrides them", list(heads), n)
 

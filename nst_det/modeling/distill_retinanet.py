@@ -21,6 +21,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from ..distill import DistillationCore, record_first_call
 from .distill_detection import (
     DetectorDistillMixin,
+    anchor_mismatch,
     build_detection_core,
     gt_boxes_of,
     inherit_teacher_neck_head,
@@ -116,6 +117,9 @@ class DistillationRetinaNet(DetectorDistillMixin, RetinaNet):
             raise ValueError(
                 "KD on anchor logits needs the teacher's anchors: (level strides, anchors per "
                 f"cell, classes) student {mine} vs teacher {theirs}")
+        problem = anchor_mismatch(self, teacher)  # the same count may be other boxes
+        if problem:
+            raise ValueError(f"KD on anchor logits needs the teacher's anchors; {problem}")
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """RetinaNet.forward; in training, the loss dict also has the transfer losses."""
