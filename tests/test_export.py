@@ -69,6 +69,7 @@ def test_export_round_trip_matches_eager(toy_detector, tmp_path, fmt):
     assert summary["max_box_dev"] <= summary["box_atol_px"]
     info = json.loads((out / "export_info.json").read_text())
     assert info["size_bytes"] == os.path.getsize(out / info["file"]) > 1_000_000
+    assert info["needs_nst_det"] == []  # an R-18 FPN student: stock detectron2 builds it
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert not leftovers, leftovers
 
@@ -226,3 +227,19 @@ def test_detections_are_compared_one_to_one_whatever_their_order():
     assert compare_detections(ref, fewer)["max_box_dev"] == float("inf")
     empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "classes": np.zeros(0, int)}
     assert compare_detections(empty, empty)["classes_equal"]
+
+
+def test_the_parts_an_export_needs_nst_det_for_are_named():
+    """export_info.json's needs_nst_det: an R-18/34 C4 student's BasicRes5ROIHeads and the
+    torchvision / Inception-BN backbones are nst_det's; an R-18 FPN student is stock."""
+    from nst_det.config import load_config
+    from nst_det.export.student import nst_det_parts, student_config
+
+    def parts(config):
+        return nst_det_parts(student_config(load_config(str(REPO / "configs" / config))))
+
+    assert parts("quick_schedules/faster_rcnn_R_18_FPN_toy.yaml") == []
+    assert parts("VOC-Detection/faster_rcnn_R_18_C4.yaml") == [
+        "MODEL.ROI_HEADS.NAME=BasicRes5ROIHeads"]
+    assert parts("quick_schedules/faster_rcnn_MNV3_FPN_toy_pretrained.yaml") == [
+        "MODEL.BACKBONE.NAME=build_torchvision_fpn_backbone"]

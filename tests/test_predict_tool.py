@@ -60,3 +60,26 @@ def test_an_output_folder_holding_input_images_is_refused_before_any_write(tmp_p
         predict("--input", str(photo.parent), "--output", str(photo.parent))
     assert photo.read_bytes() == before
     assert sorted(p.name for p in photo.parent.iterdir()) == ["cat.jpg"]
+
+
+def test_an_exported_configs_class_names_come_from_its_export_info(tmp_path):
+    """An exported checkpoint's config.yaml keeps DATASETS.TEST but not the DATASETS.VOC / COCO
+    entry that registered it: the names come from export_info.json beside it (they were the
+    class ids, "4")."""
+    spec = importlib.util.spec_from_file_location("nst_predict2", REPO / "tools" / "predict.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = load_config(str(R18_FPN_TOY), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    export = tmp_path / "export"
+    export.mkdir()
+    torch.save({"model": build_model(cfg).state_dict()}, export / "model_final.pth")
+    cfg.DATASETS.TEST = ("registered_by_a_dropped_key",)
+    (export / "config.yaml").write_text(cfg.dump())
+    names = ["cat", "dog", "horse", "cow", "bird"]
+    (export / "export_info.json").write_text(json.dumps({"class_names": names}))
+    _image(tmp_path / "in" / "x.jpg", 120)
+    assert tool.main(["--config-file", str(export / "config.yaml"), "--score-thresh", "0",
+                      "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                      "MODEL.WEIGHTS", str(export / "model_final.pth")]) == 0
+    found = json.loads((tmp_path / "out" / "detections.json").read_text())[0]["detections"]
+    assert found and {d["class_name"] for d in found} <= set(names)

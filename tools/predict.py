@@ -102,6 +102,9 @@ def build_runner(args):
     except (FileNotFoundError, KeyError, WeightsFileError) as e:
         sys.exit(str(e))
     names = thing_classes(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else []
+    info = Path(args.config_file).with_name("export_info.json")
+    if not names and info.is_file():  # an exported checkpoint's config.yaml: its test set may
+        names = json.loads(info.read_text())["class_names"]  # be one its dropped keys registered
     return eager_runner(model), cfg.INPUT.FORMAT, cfg.INPUT.MIN_SIZE_TEST, \
         cfg.INPUT.MAX_SIZE_TEST, names
 

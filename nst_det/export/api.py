@@ -15,6 +15,7 @@ from ..utils.atomic import atomic_file_set, atomic_write
 from .runtime import eager_runner, onnx_runner, preprocess, torchscript_runner
 from .student import (
     load_student_detector,
+    nst_det_parts,
     save_student_checkpoint,
     student_state_dict,
     uses_nst_backbone,
@@ -129,6 +130,8 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
             "class_names": list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes",
                                                                               [])),
             "parameters": sum(p.numel() for p in model.parameters()),
+            # parts of the model that only `import nst_det` registers (else: stock detectron2)
+            "needs_nst_det": nst_det_parts(cfg),
         }
         with atomic_write(os.path.join(staging, "export_info.json"), "w") as f:
             json.dump(info, f, indent=2)

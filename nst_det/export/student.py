@@ -13,7 +13,15 @@ from typing import Mapping
 
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_model
+from detectron2.modeling import (
+    BACKBONE_REGISTRY,
+    META_ARCH_REGISTRY,
+    PROPOSAL_GENERATOR_REGISTRY,
+    ROI_BOX_HEAD_REGISTRY,
+    ROI_HEADS_REGISTRY,
+    RPN_HEAD_REGISTRY,
+    build_model,
+)
 
 from ..checkpoint.weights_file import load_weights_file, state_dict_from
 from ..utils.atomic import atomic_write
@@ -24,6 +32,13 @@ TEACHER_KEY_PREFIXES = ("teacher.", "_teacher.", "teacher_model.")
 DISTILL_ONLY_PREFIXES = ("distill.",)
 # config namespaces that nst_det's own backbones read (kept when such a backbone is used)
 NST_BACKBONE_NAMESPACES = ("TORCHVISION", "INCEPTION_BN")
+# the parts of a detector config named in a detectron2 registry (the meta-architecture is
+# mapped back to detectron2's own by `student_config`)
+REGISTERED_PARTS = (("MODEL.BACKBONE.NAME", BACKBONE_REGISTRY),
+                    ("MODEL.PROPOSAL_GENERATOR.NAME", PROPOSAL_GENERATOR_REGISTRY),
+                    ("MODEL.RPN.HEAD_NAME", RPN_HEAD_REGISTRY),
+                    ("MODEL.ROI_HEADS.NAME", ROI_HEADS_REGISTRY),
+                    ("MODEL.ROI_BOX_HEAD.NAME", ROI_BOX_HEAD_REGISTRY))
 
 
 def _stock_subset(ours: CfgNode, stock: CfgNode) -> CfgNode:
@@ -51,18 +66,34 @@ def detectron2_meta_architecture(name: str) -> str:
     )
 
 
+def nst_det_parts(cfg: CfgNode) -> list[str]:
+    """"KEY=Name" of each part of cfg's detector that nst_det registers rather than detectron2
+    (e.g. a torchvision backbone, or BasicRes5ROIHeads of an R-18/34 C4 detector): building the
+    exported student then needs `import nst_det` (export_info.json's `needs_nst_det`)."""
+    parts = []
+    for key, registry in REGISTERED_PARTS:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if not registry.get(node).__module__.startswith("detectron2."):
+            parts.append(f"{key}={node}")
+    return parts
+
+
 def uses_nst_backbone(cfg: CfgNode) -> bool:
     """Whether cfg's backbone is one of nst_det's (its exported config then keeps its keys)."""
     return not BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME).__module__.startswith("detectron2.")
 
 
 def student_config(cfg: CfgNode) -> CfgNode:
-    """A config that stock detectron2 (`get_cfg()`, no nst_det) can merge and build.
+    """A config that stock detectron2 (`get_cfg()`, no nst_det) can merge, and build unless it
+    names a part nst_det registers (`nst_det_parts`).
 
     Teacher and distillation keys are dropped; the meta-architecture is mapped back to detectron2's.
     A backbone registered by nst_det (torchvision networks, Inception-BN) keeps its own keys
     (MODEL.TORCHVISION / MODEL.INCEPTION_BN): such a config is read with `import nst_det` and
     `nst_det.config.load_config(path)` (or get_cfg() + add_nst_config(cfg) + merge_from_file).
+    A part nst_det registers under a stock key (BasicRes5ROIHeads) needs `import nst_det` only.
     """
     out = _stock_subset(cfg, get_cfg())
     if uses_nst_backbone(cfg):
