@@ -129,6 +129,16 @@ def test_torchvision_state_dict_converts_and_head_is_dropped():
     assert converted["stem.conv1.norm.weight"] is state["bn1.weight"]
 
 
+def test_an_architecture_name_keeps_torchvisions_keys_for_its_backbone():
+    """--arch resnet18 is for nst_det's torchvision backbone (torchvision's own keys); before, the
+    ResNet keys were renamed to detectron2's all the same, which that backbone cannot load."""
+    state = _student("resnet18").state_dict()
+    converted, _ = convert_student(state, arch="resnet18")
+    assert "layer1.0.conv1.weight" in converted and not any(k.startswith("res") for k in converted)
+    with pytest.raises(ValueError, match="applies to the torchvision family only, not to 'resnet'"):
+        convert_student(state, "resnet", arch="resnet18")
+
+
 def test_conversion_errors_name_the_keys(tmp_path):
     state = _student("resnet18").state_dict()
     del state["layer3.1.conv2.weight"]

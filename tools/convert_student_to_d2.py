@@ -10,7 +10,9 @@ nst_det Inception-BN). The output loads into detectron2's R-18/34/50/101 C4 and 
 """
 
 import argparse
+import sys
 
+from nst_det.checkpoint.weights_file import WeightsFileError
 from nst_det.modeling.convert import classifier_file_to_d2
 
 
@@ -22,17 +24,21 @@ def main():
                         default=None, help="network family (default: detected from the keys; "
                         "torchvision: keys kept as they are, for nst_det's TorchvisionBackbone)")
     parser.add_argument("--arch", default=None,
-                        help="torchvision family: the model name (e.g. mobilenet_v3_large), to "
-                        "check the weights strictly against its backbone")
+                        help="torchvision family (implied): the model name (e.g. "
+                        "mobilenet_v3_large), to check the weights strictly against its backbone")
     args = parser.parse_args()
 
-    done = classifier_file_to_d2(args.input, args.output, args.family, args.arch,
-                                 what="student checkpoint")
+    try:
+        done = classifier_file_to_d2(args.input, args.output, args.family, args.arch,
+                                     what="student checkpoint")
+    except (ValueError, KeyError, WeightsFileError) as e:  # named errors: no traceback
+        sys.exit(f"convert_student_to_d2: {e}")
     print(f"{args.input} ({done['family']}): converted {done['converted']} tensors -> "
           f"{args.output}")
     print(f"not converted ({len(done['not_converted'])}):")
     for key, reason in done["not_converted"].items():
         print(f"  {key}: {reason}")
+
 
 if __name__ == "__main__":
     main()

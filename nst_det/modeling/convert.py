@@ -154,15 +154,20 @@ def convert_student(state: dict, family: str | None = None, arch: str | None = N
 
     Args:
         state: torchvision ResNet or nst_det Inception-BN state dict (no `student.` prefix).
-        family: "resnet" | "inception_bn" | "torchvision"; detected from the keys if None.
-        arch: torchvision family only: the model name, for a strict check (`convert_torchvision`).
+        family: "resnet" | "inception_bn" | "torchvision"; detected from the keys if None, and
+            "torchvision" when `arch` is given.
+        arch: torchvision family only: the model name, for a strict check (`convert_torchvision`);
+            a ResNet named here keeps torchvision's keys (nst_det's torchvision backbone).
     Returns:
         (converted {d2 key: tensor}, not converted {source key: reason}).
     Raises:
         ValueError: a key no table covers, or a mismatch against the reference backbone
             (missing / unexpected keys or shapes, all listed).
     """
-    family = family or detect_family(state)
+    if arch and family not in (None, "torchvision"):
+        raise ValueError(f"an architecture name ({arch!r}) applies to the torchvision family only,"
+                         f" not to {family!r}: leave it out, or use the torchvision family")
+    family = family or ("torchvision" if arch else detect_family(state))
     if family == "torchvision":
         return convert_torchvision(state, arch)
     table = {"resnet": RESNET_RENAMES, "inception_bn": INCEPTION_BN_RENAMES}[family]
