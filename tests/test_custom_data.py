@@ -250,6 +250,8 @@ def _bad(tmp_path, data, text=None):
     (lambda d: d["annotations"][3].pop("iscrowd"), r"annotation id 4 .* 'iscrowd' 'missing'"),
     (lambda d: d["annotations"][3].update(iscrowd=2), r"annotation id 4 .* 'iscrowd' 2"),
     (lambda d: d["annotations"][1].update(ignore=1), r"annotation id 2 .* 'ignore': 1"),
+    (lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]]),
+     r"annotation id 2 .* no polygon of 3 points or more"),
     (lambda d: d["annotations"][0]["bbox"].__setitem__(2, math.nan),
      r"annotation id 1 .* finite numbers"),
     (lambda d: d["images"][0].update(width="100"), r"image id 1 .* has size 100x"),

@@ -141,6 +141,13 @@ def _check_annotations(json_file: str, annotations: list, sizes: dict, cat_ids: 
         if ann.get("iscrowd") not in (0, 1):
             raise COCODataError(f"{where}) has 'iscrowd' {ann.get('iscrowd', 'missing')!r}; "
                                 "COCO evaluation needs 0 (one object) or 1 (a crowd region)")
+        segm = ann.get("segmentation")
+        if isinstance(segm, list) and segm and not any(
+                isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm):
+            # detectron2's loader drops the whole annotation, box included, with one summary line
+            raise COCODataError(f"{where}) has no polygon of 3 points or more in 'segmentation' "
+                                f"({segm!r:.60}): detectron2 would drop the object, box and all. "
+                                "Fix the polygon, or give 'segmentation': [] for a box only")
         if ann.get("ignore", 0):  # detectron2's loader stops on it with a bare AssertionError
             raise COCODataError(f"{where}) has 'ignore': {ann['ignore']!r}, which detectron2 does "
                                 "not support. Remove the annotation, or mark it 'iscrowd': 1")
