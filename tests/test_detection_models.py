@@ -193,6 +193,21 @@ def _bad_teacher(tmp_path, teacher_fpn, edit):
     return make_cfg(R18_FPN_TOY, distill_opts(yaml, path))
 
 
+def test_a_zoo_checkpoint_with_its_old_anchor_buffers_loads_strictly(tmp_path, teacher_fpn):
+    """detectron2's model-zoo weights of its yacs configs still hold the RPN's cell anchors,
+    buffers no longer saved (detectron2's checkpointer drops them): strict loading refused them."""
+    def add_old_buffers(state):
+        for level in range(5):
+            state[f"proposal_generator.anchor_generator.cell_anchors.{level}"] = torch.zeros(3, 4)
+
+    model = build_model(_bad_teacher(tmp_path, teacher_fpn, add_old_buffers))
+    assert model.teacher is not None  # built: the teacher loaded
+    with pytest.raises(TeacherWeightsError,
+                       match=r"unexpected keys \(1\).*anchor_generator\.sizes"):
+        build_model(_bad_teacher(tmp_path, teacher_fpn, lambda s: s.__setitem__(
+            "proposal_generator.anchor_generator.sizes", torch.zeros(1))))  # others still refused
+
+
 def test_wrong_teacher_weights_raise_naming_keys(tmp_path, teacher_fpn):
     yaml, weights = teacher_fpn
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):

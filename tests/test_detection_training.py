@@ -85,6 +85,18 @@ def test_teacher_evaluation_before_training_can_be_turned_off(tmp_path, tiny_voc
     assert not any(isinstance(h, TeacherEvalHook) for h in hooks[False])
 
 
+def test_a_teacher_of_other_classes_is_not_evaluated_on_the_students_test_set(
+        tmp_path, tiny_voc, caplog):
+    """A teacher for feature losses may predict other classes (a zoo model's 80): its ids would
+    be scored as the test set's classes (VOC) or end the evaluation (COCO)."""
+    teacher = write_teacher(tmp_path, ["MODEL.ROI_HEADS.NUM_CLASSES", "8"], name="eight")
+    cfg = make_cfg(NST_TOY, distill_opts(*teacher) + ["MODEL.WEIGHTS", ""],
+                   data=tiny_voc[:2], output_dir=tmp_path / "out")
+    hooks = DetectionTrainer(_with(cfg, True))._hooks
+    assert not any(isinstance(h, TeacherEvalHook) for h in hooks)
+    assert "The teacher predicts 8 classes, the test sets have 5" in caplog.text
+
+
 def _with(cfg, eval_teacher: bool):
     cfg = cfg.clone()
     cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN = eval_teacher

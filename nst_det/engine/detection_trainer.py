@@ -1,5 +1,6 @@
 """The detection trainer: nst_det's ReliableTrainer, evaluated as each test set asks."""
 
+import logging
 import os
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
@@ -12,6 +13,8 @@ from ..utils.dist import unwrap_ddp
 from .registry import TRAINER_REGISTRY
 from .reliable import ReliableTrainer
 from .teacher_eval import ChannelFlipped, TeacherEvalHook
+
+logger = logging.getLogger(__name__)
 
 
 @TRAINER_REGISTRY.register()
@@ -26,7 +29,8 @@ class DetectionTrainer(ReliableTrainer):
       - TeacherEvalHook, for a model with a `teacher` (DistillationRCNN): the teacher is
         evaluated once before training, logged as `teacher/...` scalars and written to
         OUTPUT_DIR/teacher_metrics.json, and compared with the student at the end
-        (MODEL.TEACHER.EVAL_BEFORE_TRAIN False skips it).
+        (MODEL.TEACHER.EVAL_BEFORE_TRAIN False skips it; so does a teacher with another class
+        count than the student's, e.g. a zoo model for feature losses, with a warning).
     """
 
 
@@ -71,6 +75,15 @@ class DetectionTrainer(ReliableTrainer):
                                                 self.best_metric(self.cfg)))
         model = unwrap_ddp(self.model)
         teacher = getattr(model, "teacher", None)
+        theirs = getattr(getattr(teacher, "roi_heads", teacher), "num_classes", None)
+        if teacher is not None and self.cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN \
+                and theirs not in (None, self.num_classes(self.cfg)[0]):
+            # a teacher for feature losses may know other classes (an 80-class zoo model): its
+            # ids would be scored as the test set's classes, or end COCO's evaluation
+            logger.warning(f"The teacher predicts {theirs} classes, the test sets have "
+                           f"{self.num_classes(self.cfg)[0]}: it is not evaluated before training "
+                           "(MODEL.TEACHER.EVAL_BEFORE_TRAIN)")
+            teacher = None
         if teacher is not None and self.cfg.MODEL.TEACHER.EVAL_BEFORE_TRAIN:
             # the student's test loader gives the student's channel order; a BGR teacher (every
             # model-zoo one, for an RGB student) sees its own

@@ -229,6 +229,9 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
         TeacherWeightsError naming every missing, unexpected and shape-mismatched key (up to 10
         per kind, with counts).
     """
+    # detectron2's own checkpoints from before anchors became non-persistent buffers (its model
+    # zoo's yacs-config weights) still hold them; detectron2's checkpointer drops them likewise
+    state = {k: v for k, v in state.items() if "anchor_generator.cell_anchors." not in k}
     expected = model.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
