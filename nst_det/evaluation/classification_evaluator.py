@@ -16,8 +16,9 @@ class ClassificationEvaluator(DatasetEvaluator):
     """Single-crop top-k accuracy (%) over a dataset.
 
     Inputs are dataset dicts with "label"; outputs are model outputs with "logits"
-    ([num_classes]). An image counts as top-k correct when fewer than k classes score strictly
-    higher than its label. With several processes, every rank's results are gathered on rank 0,
+    ([num_classes]). An image counts as top-k correct when fewer than k other classes score at
+    least as high as its label: a tie counts against it, so constant logits (a collapsed head)
+    score about 1/K, not 100%, and logits that are not all finite never count. With several processes, every rank's results are gathered on rank 0,
     which returns `{"classification": {"top1": ..., "top5": ..., "num_images": ...}}`; other
     ranks return {}.
     """
@@ -41,7 +42,10 @@ class ClassificationEvaluator(DatasetEvaluator):
         for inp, out in zip(inputs, outputs):
             logits = out["logits"].detach().float()
             label = int(inp["label"])
-            self._ranks.append(int((logits > logits[label]).sum()))
+            if not bool(torch.isfinite(logits).all()):  # NaN compares False: it would rank 0
+                self._ranks.append(len(logits))
+                continue
+            self._ranks.append(int((logits >= logits[label]).sum()) - 1)  # ties count against
 
     def evaluate(self):
         ranks = self._ranks
