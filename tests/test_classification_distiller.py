@@ -186,3 +186,20 @@ def test_optimizer_choice(tiny_cls, teacher_file, tmp_path, name, cls):
     assert type(opt) is cls or isinstance(opt, cls)  # gradient clipping may subclass it
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {
         id(p) for p in model.parameters()}
+
+
+def test_the_imagenet_recipe_decays_weights_and_bn_gamma_but_not_beta_or_biases():
+    """As MXNet's optimizer (the paper's code) does: only *_weight and *_gamma are decayed."""
+    from detectron2.modeling import build_model
+
+    from nst_det.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / "ImageNet-Pretrain" / "R18.yaml"),
+                      ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    decay = {id(p): g["weight_decay"] for g in ClassificationTrainer.build_optimizer(
+        cfg, model).param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay[id(named["student.conv1.weight"])] == decay[id(named["student.fc.weight"])] \
+        == decay[id(named["student.bn1.weight"])] == 1e-4
+    assert decay[id(named["student.bn1.bias"])] == decay[id(named["student.fc.bias"])] == 0.0
