@@ -73,12 +73,18 @@ def pip(*args: str) -> None:
 
 
 def create_venv() -> None:
+    """Create .venv; make it again when it has no pip (venv writes bin/python before pip, so a
+    first run stopped there, or failing without python3-venv, leaves one) or was made with the
+    other NST_DET_SYSTEM_SITE_PACKAGES."""
+    system = os.environ.get("NST_DET_SYSTEM_SITE_PACKAGES") == "1"
     if VENV_PY.exists():
-        return
-    cmd = [sys.executable, "-m", "venv", str(VENV)]
-    if os.environ.get("NST_DET_SYSTEM_SITE_PACKAGES") == "1":
-        cmd.append("--system-site-packages")
-    run(cmd)
+        config = VENV / "pyvenv.cfg"
+        setting = f"include-system-site-packages = {'true' if system else 'false'}"
+        if imports_ok("pip") and config.is_file() and setting in config.read_text():
+            return
+        log(f"{VENV} has no pip or other system-site-packages than asked: making it again")
+        shutil.rmtree(VENV)
+    run([sys.executable, "-m", "venv", str(VENV), *(["--system-site-packages"] if system else [])])
 
 
 def byte_compile() -> None:
@@ -147,6 +153,21 @@ def patches_hash() -> str:
     return h.hexdigest()
 
 
+def apply_patches(src: Path) -> None:
+    """Apply third_party/detectron2/patches/*.patch to the unpacked sdist `src`, each checked
+    applied afterwards (`git apply --check --reverse`). git apply fails on a hunk that does not
+    apply, but inside a repository it skips, exiting 0, paths it takes for outside the current
+    directory; GIT_CEILING_DIRECTORIES keeps it from looking for one above `src`."""
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(Path(src).resolve().parent)}
+    for patch in sorted((D2_DIR / "patches").glob("*.patch")):
+        log(f"applying {patch.name}")
+        run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=src, env=env)
+        check = subprocess.run(["git", "apply", "--check", "--reverse", str(patch)], cwd=src,
+                               env=env, capture_output=True, text=True)
+        if check.returncode != 0:
+            raise SystemExit(f"{patch.name} did not apply to {src}: {check.stderr.strip()}")
+
+
 def install_detectron2() -> None:
     ours = imports_ok("importlib.metadata as m; m.distribution('pb1-detectron2')")
     if imports_ok("detectron2") and not ours:
@@ -163,10 +184,7 @@ def install_detectron2() -> None:
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
         (src,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
-        for patch in sorted((D2_DIR / "patches").glob("*.patch")):
-            log(f"applying {patch.name}")
-            # git apply works outside a repository and fails on any hunk that does not apply
-            run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=src)
+        apply_patches(src)
         pip("install", "--no-build-isolation", str(src))
     if not imports_ok("detectron2"):
         raise SystemExit("detectron2 was installed but does not import; see the log above")

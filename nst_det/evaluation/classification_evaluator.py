@@ -18,8 +18,8 @@ class ClassificationEvaluator(DatasetEvaluator):
     Inputs are dataset dicts with "label"; outputs are model outputs with "logits"
     ([num_classes]). An image counts as top-k correct when fewer than k other classes score at
     least as high as its label: a tie counts against it, so constant logits (a collapsed head)
-    score about 1/K, not 100%, and logits that are not all finite never count. With several processes, every rank's results are gathered on rank 0,
-    which returns `{"classification": {"top1": ..., "top5": ..., "num_images": ...}}`; other
+    score 0, not 100%, and logits that are not all finite never count. With several processes,
+    every rank's results are gathered on rank 0, which returns `{"classification": {"top1": ..., "top5": ..., "num_images": ...}}`; other
     ranks return {}.
     """
 

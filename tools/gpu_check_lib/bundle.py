@@ -181,8 +181,7 @@ def build_detectron2_tree(dest: Path) -> Path:
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
         (src,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
-        for patch in sorted((setup_env.D2_DIR / "patches").glob("*.patch")):
-            setup_env.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=src)
+        setup_env.apply_patches(src)  # (dest may lie in a git work tree: checked applied)
         shutil.move(str(src), dest)
     return dest
 

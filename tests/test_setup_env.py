@@ -1,0 +1,69 @@
+"""tools/setup_env.py's steps that a first run on a fresh machine depends on: the venv it makes
+and the detectron2 patches it applies (on toy inputs: no download, no install)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup_env(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("setup_env_under_test",
+                                                  REPO / "tools" / "setup_env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "VENV", tmp_path / "venv")
+    monkeypatch.setattr(module, "VENV_PY", tmp_path / "venv" / "bin" / "python")
+    return module
+
+
+def _toy_patch(folder: Path) -> Path:
+    """patches/0001-x.patch changing detectron2/x.py's `old` into `new`."""
+    (folder / "patches").mkdir(parents=True)
+    patch = folder / "patches" / "0001-x.patch"
+    patch.write_text("--- a/detectron2/x.py\n+++ b/detectron2/x.py\n@@ -1 +1 @@\n-old\n+new\n")
+    return patch
+
+
+def test_patches_apply_inside_a_git_work_tree_and_a_skipped_one_is_an_error(
+        setup_env, tmp_path, monkeypatch):
+    """A patch git apply skipped while exiting 0 (inside a repository, paths it takes for outside
+    the current directory) left detectron2 unpatched with a stamp saying it was."""
+    monkeypatch.setattr(setup_env, "D2_DIR", tmp_path / "d2")
+    _toy_patch(tmp_path / "d2")
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    src = repo / "tmp" / "detectron2-0.6"
+    (src / "detectron2").mkdir(parents=True)
+    (src / "detectron2" / "x.py").write_text("old\n")
+    setup_env.apply_patches(src)
+    assert (src / "detectron2" / "x.py").read_text() == "new\n"
+    (src / "detectron2" / "x.py").write_text("something else\n")  # the patch no longer fits
+    with pytest.raises(subprocess.CalledProcessError):
+        setup_env.apply_patches(src)
+    (src / "detectron2" / "x.py").write_text("old\n")
+    monkeypatch.setattr(setup_env, "run", lambda *args, **kwargs: None)  # applies nothing, rc 0
+    with pytest.raises(SystemExit, match="0001-x.patch did not apply"):
+        setup_env.apply_patches(src)
+
+
+def test_a_venv_without_pip_is_made_again(setup_env, monkeypatch):
+    """venv writes bin/python before pip: a first run stopped there (or without python3-venv)
+    left a .venv every later run took as made, then failed on `pip install`."""
+    monkeypatch.delenv("NST_DET_SYSTEM_SITE_PACKAGES", raising=False)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(setup_env.VENV)],
+                   check=True)
+    assert not setup_env.imports_ok("pip")
+    setup_env.create_venv()
+    assert setup_env.imports_ok("pip")
+    assert "include-system-site-packages = false" in (setup_env.VENV / "pyvenv.cfg").read_text()
+    monkeypatch.setenv("NST_DET_SYSTEM_SITE_PACKAGES", "1")  # asked for later: applied
+    setup_env.create_venv()
+    assert "include-system-site-packages = true" in (setup_env.VENV / "pyvenv.cfg").read_text()
