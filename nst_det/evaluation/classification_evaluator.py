@@ -19,8 +19,8 @@ class ClassificationEvaluator(DatasetEvaluator):
     ([num_classes]). An image counts as top-k correct when fewer than k other classes score at
     least as high as its label: a tie counts against it, so constant logits (a collapsed head)
     score 0, not 100%, and logits that are not all finite never count. With several processes,
-    every rank's results are gathered on rank 0, which returns `{"classification": {"top1": ..., "top5": ..., "num_images": ...}}`; other
-    ranks return {}.
+    every rank's results are gathered on rank 0, which returns `{"classification": {"top1": ...,
+    "top5": ..., "num_images": ...}}`; other ranks return {}.
     """
 
     def __init__(self, dataset_name: str | None = None, topk=(1, 5), distributed: bool = True):
