@@ -97,6 +97,17 @@ def test_selected_stages_are_the_named_ones_and_what_they_read(tmp_path):
     (["--seeds", "0,1,0"], "argument --seeds: '0,1,0': give each seed once, each >= 0"),
     (["--seeds", "-1"], "argument --seeds: '-1': give each seed once, each >= 0"),
     (["--jobs", "0"], "argument --jobs: '0': give a whole number >= 1"),
+    # train_net's options, which default_argument_parser also has: ignored before
+    (["--config-file", "x.yaml", "--resume"], "--config-file, --resume: tools/train_net.py's "
+     "options, not the pipeline's"),
+    (["SOLVER.MAX_ITER", "5"], "KEY VALUE: tools/train_net.py's options"),
+    # tracebacks before
+    (["--slurm-time", "abc"], "--slurm-time 'abc': give a whole number, or KIND=NUMBER"),
+    (["--slurm-gpus", "cls=x"], "--slurm-gpus 'cls=x': give a whole number"),
+    (["--slurm-sbatch", "qos"], "--slurm-sbatch 'qos': give KEY=VALUE"),
+    (["--slurm-config", "/nonexistent.yaml"], "--slurm-config /nonexistent.yaml: no such file"),
+    (["--methods", "bogus"], "unknown method(s) ['bogus']"),
+    (["--weight-grid"], "--weight-grid picks the loss weight of each of --methods"),  # ignored
 ])
 def test_bad_pipeline_arguments_are_refused_by_name(args, says, capsys):
     import importlib.util

@@ -147,6 +147,21 @@ def parse_args(argv=None):
                              "(1.4-1.7x faster steps there, benchmarks/bench_mixed_precision.py), "
                              "else as configured")
     args = parser.parse_args(argv)
+    # default_argument_parser also has tools/train_net.py's own options: a stage's config and
+    # overrides come from the plan, so these would be ignored silently
+    given = [flag for flag, value in (("--config-file", args.config_file),
+                                      ("--resume", args.resume), ("--eval-only", args.eval_only),
+                                      ("KEY VALUE", args.opts)) if value]
+    if given:
+        parser.error(f"{', '.join(given)}: tools/train_net.py's options, not the pipeline's (its "
+                     "stages take their configs and overrides from nst_det/pipeline/plan.py)")
+    try:
+        parse_methods(args.methods)
+        cluster_settings(args)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
+    if args.weight_grid and not args.methods:
+        parser.error("--weight-grid picks the loss weight of each of --methods: give --methods")
     if args.jobs is None:
         cpu_toy = not args.paper and args.num_gpus <= 1 and args.num_machines == 1
         args.jobs = 2 if cpu_toy and (os.cpu_count() or 1) >= 2 else 1
@@ -158,15 +173,20 @@ def parse_args(argv=None):
     return args
 
 
-def _per_kind(value) -> dict:
-    """`8`, `cls=8,det=4` or a YAML mapping -> {kind: int}; kind "default" for a plain value."""
+def _per_kind(value, option: str) -> dict:
+    """`8`, `cls=8,det=4` or a YAML mapping -> {kind: int}; kind "default" for a plain value.
+    A ValueError names `option` for anything else."""
     if value is None:
         return {}
-    if isinstance(value, dict):
-        return {k: int(v) for k, v in value.items()}
-    if "=" not in str(value):
-        return {"default": int(value)}
-    return {k.strip(): int(v) for k, v in (p.split("=", 1) for p in str(value).split(","))}
+    try:
+        if isinstance(value, dict):
+            return {k: int(v) for k, v in value.items()}
+        if "=" not in str(value):
+            return {"default": int(value)}
+        return {k.strip(): int(v) for k, v in (p.split("=", 1) for p in str(value).split(","))}
+    except ValueError:
+        raise ValueError(f"{option} {value!r}: give a whole number, or KIND=NUMBER,... for the "
+                         "kinds cls, det, other") from None
 
 
 def cluster_settings(args) -> ClusterSettings:
@@ -175,26 +195,34 @@ def cluster_settings(args) -> ClusterSettings:
     if args.slurm_config:
         import yaml
 
+        if not os.path.isfile(args.slurm_config):
+            raise ValueError(f"--slurm-config {args.slurm_config}: no such file")
         with open(args.slurm_config) as f:
             conf = yaml.safe_load(f) or {}
-    pick = {name: getattr(args, f"slurm_{name}") or conf.get(name)
-            for name in ("time", "gpus", "tasks", "nodes", "cpus")}
-    tasks = _per_kind(pick["tasks"])
+    def pick(name) -> dict:  # the option wins over the file; an error names where it came from
+        if getattr(args, f"slurm_{name}"):
+            return _per_kind(getattr(args, f"slurm_{name}"), f"--slurm-{name}")
+        return _per_kind(conf.get(name), f"{args.slurm_config}: {name}")
+
+    tasks = pick("tasks")
     if args.num_gpus > 1:  # detectron2's flag: processes (GPUs) per training stage
         tasks = {"default": args.num_gpus, **tasks}
-    gpus = _per_kind(pick["gpus"])
+    gpus = pick("gpus")
     if args.cluster == "local" and args.num_gpus > 1 and not gpus:
         import torch
 
         gpus = {"default": args.num_gpus} if torch.cuda.is_available() else {}
-    nodes = _per_kind(pick["nodes"])
+    nodes = pick("nodes")
     if args.num_machines > 1:
         nodes = {"default": args.num_machines, **nodes}
     sbatch = dict(conf.get("sbatch") or {})
+    bad = [item for item in args.slurm_sbatch if "=" not in item]
+    if bad:
+        raise ValueError(f"--slurm-sbatch {bad[0]!r}: give KEY=VALUE, e.g. qos=high")
     sbatch.update(item.split("=", 1) for item in args.slurm_sbatch)
     return ClusterSettings(
         cluster=args.cluster, jobs=args.jobs, tasks=tasks, gpus=gpus, nodes=nodes,
-        time_min=_per_kind(pick["time"]), cpus=_per_kind(pick["cpus"]),
+        time_min=pick("time"), cpus=pick("cpus"),
         partition=args.slurm_partition or conf.get("partition"),
         account=args.slurm_account or conf.get("account"), sbatch=sbatch)
 
