@@ -32,3 +32,12 @@ def test_best_student_without_ap50_names_the_metrics(tmp_path):
     stages = [_student(tmp_path, "a", {"classification": {"top1": 50.0}})]
     with pytest.raises(RuntimeError, match="no bbox AP50.*classification"):
         best_student(stages)
+
+
+def test_a_diverged_student_is_never_the_best(tmp_path):
+    """max() kept a NaN AP50 once it led (every comparison with NaN is False): the export and the
+    report's detections figure took a diverged run."""
+    stages = [_student(tmp_path, "a", {"bbox": {"AP50": float("nan")}}),
+              _student(tmp_path, "b", {"bbox": {"AP50": 77.0}}),
+              _student(tmp_path, "c", {"bbox": {"AP50": 12.0}})]
+    assert best_student(stages).name == "b"

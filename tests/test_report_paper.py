@@ -242,3 +242,35 @@ def test_metrics_rows_of_a_resumed_run_have_one_row_per_iteration(tmp_path, capl
         '{"iteration": 39, "total_loss": 1.4, "time": 0.3}\n')
     assert metrics_rows(str(tmp_path / "again")) == [
         {"iteration": 19, "total_loss": 2.0}, {"iteration": 39, "total_loss": 1.4, "time": 0.3}]
+
+
+def test_the_main_figures_draw_the_main_tables_runs_only(tmp_path, monkeypatch):
+    """The curves and per-class bars drew the method, control and weight-grid runs too (the
+    grid's scored on the validation split), unlabelled beside the test-set ones."""
+    from nst_det.pipeline import figures
+    from nst_det.pipeline.report import write_report
+
+    stages, _ = _fabricate(tmp_path, VOC_KEYS, methods=["nst_poly"])
+    drawn = {}
+    monkeypatch.setattr(figures, "per_class_ap", lambda per_run, *args: drawn.update(
+        bars=sorted(per_run)) or "figures/per_class_ap50.png")
+    monkeypatch.setattr(figures, "curves", lambda cls, det, *args: drawn.update(
+        curves=sorted(det)) or "figures/curves.png")
+    write_report(stages, str(tmp_path))
+    main = sorted(s.name for s in stages if s.meta.get("stage") == "det"
+                  and s.meta.get("role") in ("teacher", "student"))
+    assert drawn == {"bars": main, "curves": main}
+    assert any(s.meta.get("role") in ("method", "control") for s in stages)  # left out
+
+
+def test_the_capacity_gap_leaves_a_nan_seed_out_as_the_table_does(tmp_path):
+    from nst_det.pipeline.report import write_report
+
+    stages, records = _fabricate(tmp_path, VOC_KEYS)
+    records["det_plain_s0"]["metrics"]["bbox"]["AP50"] = float("nan")
+    (tmp_path / "det_plain_s0" / "stage.json").write_text(json.dumps(records["det_plain_s0"]))
+    write_report(stages, str(tmp_path))
+    gap = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if "Capacity gap" in line)
+    plain = statistics.mean(records[f"det_plain_s{s}"]["metrics"]["bbox"]["AP50"] for s in (1, 2))
+    assert f"the plain R-18 student's {plain:.1f}" in gap and "nan" not in gap

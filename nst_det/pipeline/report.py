@@ -5,6 +5,7 @@ comes from the stages' records (each stage.json read once) or is measured from t
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -115,8 +116,9 @@ class Report:
         measured for the selectivity maps; without the runs' weights only those drawn from the
         records."""
         out = self.out_dir
-        # the method runs are left out: they have their own plot
-        dets = [s for s in self.find(stage="det") if s.meta.get("role") != "method"]
+        # the main table's runs only: the method and control runs have their own plot, and the
+        # weight grid's are scored on the validation split
+        dets = [s for s in self.find(stage="det") if s.meta.get("role") in ("teacher", "student")]
         drawn = [("Loss and AP curves", "loss-and-ap-curves", figures.curves(
             {s.name: describe.metrics_rows(s.out_dir) for s in self.find(stage="cls")},
             {s.name: describe.metrics_rows(s.out_dir) for s in dets}, out,
@@ -150,7 +152,7 @@ class Report:
         against the plain student of the same seed (as the methods section judges), the MMD²."""
         main, lines = self.columns[0], []
         plain, teacher = numbers.get(PLAIN, {}), numbers["teacher"][main]
-        base = plain.get(main, [])
+        base = [v for v in plain.get(main, []) if math.isfinite(v)]  # as the table's mean_sd
         if base:
             mean = statistics.mean(base)
             lines.append(f"Capacity gap: the teacher detector's {main} is {teacher:.1f}, the plain "

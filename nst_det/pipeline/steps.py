@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 from .plan import Stage
@@ -16,7 +17,13 @@ def best_student(stages: list, results: dict | None = None) -> Stage:
                 and s.meta.get("role") == "student" and s.name in results]
     if not students:
         raise RuntimeError("no finished student detector to export")
-    return max(students, key=lambda s: _first_test_set_ap50(results[s.name]["metrics"]))
+    # a diverged run (NaN AP50) never wins: NaN would stay the maximum once it led
+    return max(students, key=lambda s: _finite_or_lowest(
+        _first_test_set_ap50(results[s.name]["metrics"])))
+
+
+def _finite_or_lowest(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
 
 
 def _first_test_set_ap50(metrics: dict) -> float:
