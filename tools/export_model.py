@@ -39,8 +39,8 @@ def export_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = export_config(args)
     try:
+        cfg = export_config(args)
         summary = export_and_verify(cfg, args.format, args.output, args.num_images)
     except (FileNotFoundError, KeyError, ValueError, WeightsFileError) as e:
         sys.exit(str(e))

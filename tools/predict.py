@@ -90,16 +90,20 @@ def build_runner(args):
             sys.exit(f"{args.model} failed its verification against the eager model "
                      f"(see {verification}): export it again or use --config-file")
         info = json.loads(info_path.read_text())
+        if Path(args.model).name != info["file"] or info["format"] not in ("onnx", "torchscript"):
+            sys.exit(f"{args.model}: its folder's export_info.json describes a {info['format']} "
+                     f"export, {info['file']}: give that file to --model (a .onnx or .ts file), "
+                     "or a checkpoint export's config.yaml to --config-file")
         runner = onnx_runner(args.model) if args.model.endswith(".onnx") else torchscript_runner(
             args.model
         )
         return (runner, info["input_format"], info["min_size_test"], info["max_size_test"],
                 info["class_names"])
-    cfg = load_config(args.config_file, args.opts)
-    cfg.MODEL.DEVICE = "cpu"
     try:
+        cfg = load_config(args.config_file, args.opts)
+        cfg.MODEL.DEVICE = "cpu"
         model = load_student_detector(cfg)
-    except (FileNotFoundError, KeyError, WeightsFileError) as e:
+    except (FileNotFoundError, KeyError, ValueError, WeightsFileError) as e:
         sys.exit(str(e))
     names = thing_classes(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else []
     info = Path(args.config_file).with_name("export_info.json")

@@ -11,9 +11,11 @@ detectron2's CLI and launch semantics, e.g.
 The trainer class is the config's `NST_DET.TRAINER` (a name in nst_det.engine.TRAINER_REGISTRY).
 """
 
+import sys
+
 from detectron2.engine import default_argument_parser, launch
 
-from nst_det.engine.train_or_evaluate import main, setup  # noqa: F401 (setup: for tests)
+from nst_det.engine.train_or_evaluate import config_of, main, setup  # noqa: F401 (setup: tests)
 from nst_det.utils.atomic import exit_on_sigterm
 from nst_det.utils.dist import release_process_group
 
@@ -43,6 +45,10 @@ def launched_main(args):
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
+    try:  # a missing config file or a bad override: its message, before any process starts
+        config_of(args)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        sys.exit(f"train_net.py: {e}")
     launch(
         launched_main,
         args.num_gpus,

@@ -15,14 +15,19 @@ from .checkpointer import ReliableCheckpointer
 from .registry import TRAINER_REGISTRY
 
 
+def config_of(args):
+    """The config of detectron2's command-line `args` (config_file, opts; nst_det's
+    coco_dataset / voc_dataset when present, appended to DATASETS.COCO / VOC), not frozen."""
+    return load_config(args.config_file, args.opts, more_datasets={
+        "COCO": getattr(args, "coco_dataset", None) or [],
+        "VOC": getattr(args, "voc_dataset", None) or []})
+
+
 def setup(args):
     """The frozen config of detectron2's command-line `args` (config_file, opts; nst_det's
     coco_dataset / voc_dataset when present), set up by detectron2's `default_setup`: logs to
     OUTPUT_DIR/log.txt (log.txt.rank<N> on other ranks), config.yaml written, the seed set."""
-    # --coco-dataset / --voc-dataset: appended to DATASETS.COCO / VOC (and so to config.yaml)
-    cfg = load_config(args.config_file, args.opts, more_datasets={
-        "COCO": getattr(args, "coco_dataset", None) or [],
-        "VOC": getattr(args, "voc_dataset", None) or []})
+    cfg = config_of(args)
     cfg.freeze()
     default_setup(cfg, args)
     # nst_det's own INFO logs (teacher loading and evaluation, ...) next to detectron2's
