@@ -156,3 +156,24 @@ def test_launch_two_process_cpu_gloo(tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "World size: 2" in log  # default_setup logs it from rank 0
     assert (tmp_path / "out" / "model_final.pth").exists()
+
+
+@pytest.mark.slow
+def test_a_run_of_two_processes_ends_on_the_error_of_one(tmp_path):
+    """Rank 0 fails saving its checkpoint (only rank 0 saves) while rank 1 waits in the next
+    step's all_reduce: before, rank 0 waited at a barrier in its `finally`, rank 1 for rank 0,
+    and the run hung until gloo's 30-minute timeout (the 300 s below is only a safety net)."""
+    from nst_det.data import make_toy_voc
+
+    make_toy_voc(tmp_path / "datasets" / "toy" / "VOC2007")
+    out = tmp_path / "out"
+    (out / "model_0000001.pth").mkdir(parents=True)  # a folder where the checkpoint goes
+    (out / "model_0000001.pth" / "keep").write_text("x")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    cmd = [sys.executable, str(REPO / "tools" / "train_net.py"), "--num-gpus", "2",
+           "--config-file", str(R18_TOY), *FAST_OPTS, "SOLVER.IMS_PER_BATCH", "4",
+           "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()",
+           "OUTPUT_DIR", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "IsADirectoryError" in proc.stdout + proc.stderr

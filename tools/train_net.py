@@ -34,12 +34,13 @@ def argument_parser():
 
 
 def launched_main(args):
-    """main() in each launched process, ending its process group cleanly."""
+    """main() in each launched process, ending its process group cleanly once it finished. A
+    rank that fails leaves at once: a barrier there would wait for ranks that wait for it in the
+    next step's collective, and the run would hang instead of ending on the error."""
     exit_on_sigterm()  # `kill` stops it like Ctrl-C: atomic writes remove their temp files
-    try:
-        return main(args)
-    finally:
-        release_process_group()
+    result = main(args)
+    release_process_group()
+    return result
 
 
 if __name__ == "__main__":
