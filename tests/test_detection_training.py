@@ -9,6 +9,7 @@ import pytest
 import torch
 from _detection_common import (
     NST_TOY,
+    R18_FPN_TOY,
     distill_opts,
     distributed_worker,
     load_train_net,
@@ -118,3 +119,54 @@ def test_two_process_gloo_distillation(tmp_path, tiny_voc):
     assert (out / "teacher_metrics.json").exists()
     state = torch.load(out / "model_final.pth", weights_only=True)["model"]
     assert not any("teacher" in k for k in state)
+
+
+def test_an_evaluation_leaves_the_global_random_state_as_it_found_it(tmp_path, tiny_voc):
+    """The test loader draws its base seed from torch's global RNG: an evaluation after a
+    checkpoint moved the stream that a run resumed from that checkpoint, which skips the
+    evaluation, did not (its RPN/ROI sampling then differed: 129 of 150 tensors)."""
+    import random
+
+    import numpy as np
+    from detectron2.modeling import build_model
+
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", ""], data=tiny_voc[:2],
+                   output_dir=tmp_path / "out")
+    model = build_model(cfg).eval()
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    assert "bbox" in DetectionTrainer.test(cfg, model)
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
+
+
+def test_a_resumed_run_keeps_the_best_model_of_before_its_interruption(tmp_path, tiny_voc):
+    """detectron2's BestCheckpointer kept its best metric in memory only: the first evaluation
+    after a resume replaced model_best.pth, however much worse it was."""
+    from detectron2.utils.events import EventStorage
+
+    from nst_det.engine.best_checkpoint import ResumableBestCheckpointer
+
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "4"],
+                   data=tiny_voc[:2], output_dir=tmp_path / "out")
+
+    def best_hook(trainer):
+        (hook,) = [h for h in trainer._hooks if isinstance(h, ResumableBestCheckpointer)]
+        return hook
+
+    first = DetectionTrainer(cfg)
+    best_hook(first).best_metric, best_hook(first).best_iter = 1.212, 1  # its iteration-1 eval
+    state = first.state_dict()  # what its checkpoint holds
+    resumed = DetectionTrainer(cfg)
+    resumed.load_state_dict(state)
+    hook = best_hook(resumed)
+    assert (hook.best_metric, hook.best_iter) == (1.212, 1)
+    resumed.iter = 3  # the final evaluation, worse than the best
+    with EventStorage(3) as resumed.storage:
+        resumed.storage.put_scalar("bbox/AP50", 0.0, smoothing_hint=False)
+        hook.after_train()
+    assert not (tmp_path / "out" / "model_best.pth").exists()  # the best stays the earlier one
+    with EventStorage(3) as resumed.storage:
+        resumed.storage.put_scalar("bbox/AP50", 5.0, smoothing_hint=False)
+        hook.after_train()
+    assert (tmp_path / "out" / "model_best.pth").exists() and hook.best_iter == 3

@@ -10,6 +10,7 @@ from detectron2.utils import comm
 from ..data.voc_checked import check_voc_evaluable
 from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
 from ..utils.dist import unwrap_ddp
+from .best_checkpoint import ResumableBestCheckpointer
 from .registry import TRAINER_REGISTRY
 from .reliable import ReliableTrainer
 from .teacher_eval import ChannelFlipped, TeacherEvalHook
@@ -24,7 +25,8 @@ class DetectionTrainer(ReliableTrainer):
 
     Hooks added to ReliableTrainer's (all driven by the config):
       - evaluation every TEST.EVAL_PERIOD iterations and at the end (ReliableTrainer's EvalHook);
-      - BestCheckpointer: `model_best.pth` whenever NST_DET.BEST_METRIC (default AP50 for a VOC
+      - BestCheckpointer (its best metric kept in the training checkpoints, so a resumed run
+        compares with it): `model_best.pth` whenever NST_DET.BEST_METRIC (default AP50 for a VOC
         set, AP for a COCO set) on the first test set improves;
       - TeacherEvalHook, for a model with a `teacher` (DistillationRCNN): the teacher is
         evaluated once before training, logged as `teacher/...` scalars and written to
@@ -71,8 +73,8 @@ class DetectionTrainer(ReliableTrainer):
         at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
         extra = []
         if comm.is_main_process():
-            extra.append(hooks.BestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer,
-                                                self.best_metric(self.cfg)))
+            extra.append(ResumableBestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer,
+                                                   self.best_metric(self.cfg)))
         model = unwrap_ddp(self.model)
         teacher = getattr(model, "teacher", None)
         theirs = getattr(getattr(teacher, "roi_heads", teacher), "num_classes", None)

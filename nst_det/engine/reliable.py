@@ -195,6 +195,17 @@ class ReliableTrainer(TrainerBase):
         names = list(cfg.DATASETS.TEST)
         if evaluators is not None and len(evaluators) != len(names):
             raise ValueError(f"{len(evaluators)} evaluators for {len(names)} test sets {names}")
+        # an evaluation draws from the global RNGs (a test loader's base seed): training goes on
+        # from the states before it, so a resumed run, which does not repeat the evaluation after
+        # its checkpoint, draws as an uninterrupted one
+        rng = capture_rng_state()
+        try:
+            return cls._test(cfg, model, names, evaluators)
+        finally:
+            restore_rng_state(rng)
+
+    @classmethod
+    def _test(cls, cfg, model, names, evaluators):
         results = OrderedDict()
         for i, name in enumerate(names):
             loader = cls.build_test_loader(cfg, name)  # (loads the set: its classes are known)
