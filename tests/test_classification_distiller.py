@@ -203,3 +203,30 @@ def test_the_imagenet_recipe_decays_weights_and_bn_gamma_but_not_beta_or_biases(
     assert decay[id(named["student.conv1.weight"])] == decay[id(named["student.fc.weight"])] \
         == decay[id(named["student.bn1.weight"])] == 1e-4
     assert decay[id(named["student.bn1.bias"])] == decay[id(named["student.fc.bias"])] == 0.0
+
+
+def test_precise_bn_statistics_of_a_resumed_run_are_an_uninterrupted_runs(
+        tiny_cls, teacher_file, tmp_path):
+    """detectron2's PreciseBN read one iterator through the run: batches 0..N-1 at the first
+    update, N..2N-1 at the second; a run resumed between them read 0..N-1 again (every BN
+    layer's running statistics then differed)."""
+    import shutil
+
+    def run(out, resume):
+        cfg = _cfg(tiny_cls, teacher_file, out, **{
+            "SOLVER.MAX_ITER": 4, "SOLVER.CHECKPOINT_PERIOD": 2, "TEST.EVAL_PERIOD": 2,
+            "DATASETS.TEST": (), "TEST.PRECISE_BN.ENABLED": True, "TEST.PRECISE_BN.NUM_ITER": 2,
+            "MODEL.TRANSFER.NAMES": [], "MODEL.TRANSFER.WEIGHTS": [], "SEED": 0})
+        trainer = ClassificationTrainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        trainer.train()
+        return trainer.model.student.state_dict()
+
+    straight = run(tmp_path / "a", resume=False)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "model_0000001.pth", tmp_path / "b")
+    (tmp_path / "b" / "last_checkpoint").write_text("model_0000001.pth")
+    resumed = run(tmp_path / "b", resume=True)
+    means = [k for k in straight if k.endswith("running_mean")]
+    assert means and all(torch.equal(straight[k], resumed[k]) for k in straight), \
+        [k for k in straight if not torch.equal(straight[k], resumed[k])][:5]

@@ -53,6 +53,7 @@ from .checkpointer import ReliableCheckpointer
 from .cpu_amp import TrainingAutocast
 from .final_checkpoint import FinalCheckpoint
 from .nan_guard import install_nan_guard
+from .precise_bn import ResumablePreciseBN
 
 logger = logging.getLogger(__name__)
 
@@ -229,10 +230,13 @@ class ReliableTrainer(TrainerBase):
             bn_cfg = cfg.clone()
             bn_cfg.defrost()
             bn_cfg.DATALOADER.NUM_WORKERS = 0  # a second loader must not cost worker processes
-            # the step trainer's model: BN statistics under the autocast training uses
-            ret.append(hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.step_trainer.model,
-                                       self.build_train_loader(bn_cfg),
-                                       cfg.TEST.PRECISE_BN.NUM_ITER))
+            # the step trainer's model: BN statistics under the autocast training uses; the
+            # stream's seed read when used (a resume may restore another)
+            ret.append(ResumablePreciseBN(
+                cfg.TEST.EVAL_PERIOD, self.step_trainer.model,
+                lambda start: self.build_train_loader(bn_cfg, self.data_loader.nst_data_seed,
+                                                      start),
+                cfg.TEST.PRECISE_BN.NUM_ITER))
         # checkpoint before evaluating: a failing evaluation leaves the weights to debug with
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
