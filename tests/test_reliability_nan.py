@@ -130,3 +130,27 @@ def test_detection_distiller_with_nan_teacher_weights_is_blamed_on_the_teacher(t
         model(batch)
     assert "loss_nst = nan" in str(info.value)
     assert "The teacher's output is non-finite" in str(info.value)
+
+
+def test_a_nan_in_the_teachers_box_predictor_under_kd_is_blamed_on_the_teacher(tmp_path):
+    """KD on RoI logits calls the teacher's box head and predictor directly, past the hooks on
+    the teacher and its children: the message said the teacher was finite and advised lowering
+    the student's learning rate."""
+    from _detection_common import TOY, distill_opts, make_cfg, write_teacher
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+
+    yaml, weights = write_teacher(tmp_path)
+    state = torch.load(weights, weights_only=True)
+    state["model"]["roi_heads.box_predictor.cls_score.weight"].fill_(float("nan"))
+    torch.save(state, weights)
+    model = build_model(make_cfg(TOY / "faster_rcnn_R_18_FPN_toy_kd_nst.yaml",
+                                 distill_opts(yaml, weights, kd=1.0))).train()
+    instances = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10.0, 60.0, 70.0]])),
+                          gt_classes=torch.tensor([1]))
+    batch = [{"image": torch.rand(3, 96, 128) * 255, "instances": instances}]
+    install_nan_guard(model)
+    with EventStorage(0), pytest.raises(FloatingPointError) as info:
+        model(batch)
+    assert "loss_kd = nan" in str(info.value)
+    assert "The teacher's output is non-finite" in str(info.value)

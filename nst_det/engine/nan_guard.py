@@ -107,10 +107,12 @@ class _Handles:
 def install_nan_guard(model: torch.nn.Module, output_dir: str | None = None) -> _Handles:
     """Check every training forward's loss dict of `model` (DDP-wrapped or not).
 
-    When the model has a `teacher` module, forward hooks on it and its direct children (the
-    parts a distiller calls, e.g. a detector's backbone) record whether their outputs were
-    finite, so that a non-finite loss says whether the teacher produced it. `output_dir`: see
-    `check_finite_losses`. Returns an object whose `remove()` removes the hooks.
+    When the model has a `teacher` module, forward hooks on it, its direct children (the parts a
+    distiller calls, e.g. a detector's backbone) and their children outside the backbone (KD on
+    RoI logits calls the teacher's box head and predictor directly) record whether their
+    outputs were finite, so that a non-finite loss says whether the teacher produced it.
+    `output_dir`: see `check_finite_losses`. Returns an object whose `remove()` removes the
+    hooks.
     """
     inner = model.module if hasattr(model, "module") else model
     teacher = getattr(inner, "teacher", None)
@@ -135,7 +137,11 @@ def install_nan_guard(model: torch.nn.Module, output_dir: str | None = None) -> 
 
     if isinstance(teacher, torch.nn.Module):
         handles.append(inner.register_forward_pre_hook(reset))
-        for part in (teacher, *teacher.children()):
+        backbone = getattr(teacher, "backbone", None)
+        parts = [teacher, *teacher.children()]
+        parts += [grandchild for child in teacher.children() if child is not backbone
+                  for grandchild in child.children()]
+        for part in parts:
             handles.append(part.register_forward_hook(teacher_hook))
     handles.append(inner.register_forward_hook(hook))
     return _Handles(handles)
