@@ -126,7 +126,7 @@ def parse_args(argv=None):
                         help="--cluster slurm: submit the plan and exit (follow with --status)")
     slurm = parser.add_argument_group(
         "SLURM", "per stage kind as KIND=VALUE,... (kinds: cls, det = training/evaluation "
-                 "stages; other = conversion, export, report) or one VALUE for all")
+                 "stages; other = export, report, calibration) or one VALUE for all")
     slurm.add_argument("--slurm-config", default=None,
                        help="YAML file with keys partition, account, time, gpus, tasks, nodes, "
                             "cpus, sbatch (command-line options win)")

@@ -25,7 +25,7 @@ SLURM_ACTIVE = {**dict.fromkeys(("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE
 @dataclass
 class ClusterSettings:
     """Where the stages run and with what, per stage kind: "cls" / "det" (training and
-    evaluation stages of that task) or "other" (conversion, export, report).
+    evaluation stages of that task) or "other" (export, report, calibration).
 
     cluster: "local" (submitit's local executor) or "slurm". jobs: local only, training stages
     side by side. tasks / gpus / nodes / time_min / cpus: per kind, e.g. `{"cls": 8}`, a
