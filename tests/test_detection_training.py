@@ -170,3 +170,27 @@ def test_a_resumed_run_keeps_the_best_model_of_before_its_interruption(tmp_path,
         resumed.storage.put_scalar("bbox/AP50", 5.0, smoothing_hint=False)
         hook.after_train()
     assert (tmp_path / "out" / "model_best.pth").exists() and hook.best_iter == 3
+
+
+def test_kd_from_a_teacher_trained_on_the_classes_in_another_order_is_refused(
+        tmp_path, tiny_voc):
+    """Only the class count was checked: logit i of the teacher meant another class than the
+    student's, and KD/DKD pushed the student towards it."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = f"reversed_{tmp_path.name}"
+    DatasetCatalog.register(name, lambda: [])
+    MetadataCatalog.get(name).set(thing_classes=list(reversed(sorted(TOY_CLASSES))))
+    try:
+        teacher = write_teacher(tmp_path, ["DATASETS.TRAIN", f"('{name}',)"], name="reversed")
+        cfg = make_cfg(NST_TOY, distill_opts(*teacher, kd=1.0) + ["MODEL.WEIGHTS", ""],
+                       data=tiny_voc[:2], output_dir=tmp_path / "out")
+        with pytest.raises(ValueError, match=r"its training set names its classes \['triangle', "
+                                             r"'star', .* the student's \['circle', "
+                                             r"'triangle'"):
+            DetectionTrainer(cfg)
+        cfg.MODEL.KD.LOSS_WEIGHT = 0.0  # features only: the classes are not compared
+        DetectionTrainer(cfg)
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)

@@ -9,6 +9,7 @@ from detectron2.utils import comm
 
 from ..data.voc_checked import check_voc_evaluable
 from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
+from ..modeling.teacher import build_teacher_cfg, is_lazy_config, resolve_teacher_config
 from ..utils.dist import unwrap_ddp
 from .best_checkpoint import ResumableBestCheckpointer
 from .registry import TRAINER_REGISTRY
@@ -47,6 +48,27 @@ class DetectionTrainer(ReliableTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_dataset_evaluator(dataset_name, output_folder)
 
+    def check_teacher_classes(self) -> None:
+        """Raise when a teacher whose class logits are distilled (KD, DKD) was trained on a set
+        that names its classes otherwise than the training sets (the count is checked when the
+        model is built): logit i would be another class on each side. A yacs teacher's
+        DATASETS.TRAIN is compared when its class list is known without loading it."""
+        distill = getattr(unwrap_ddp(self.model), "distill", None)
+        if distill is None or not distill.uses_logits or \
+                is_lazy_config(resolve_teacher_config(self.cfg.MODEL.TEACHER.CONFIG_FILE)):
+            return
+        theirs = next((MetadataCatalog.get(n).get("thing_classes") for n in
+                       build_teacher_cfg(self.cfg).DATASETS.TRAIN if n in DatasetCatalog.list()
+                       and MetadataCatalog.get(n).get("thing_classes")), None)
+        mine = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).get("thing_classes") \
+            if self.cfg.DATASETS.TRAIN else None
+        if theirs and mine and list(theirs) != list(mine):
+            raise ValueError(
+                f"the teacher's class logits are distilled (KD/DKD) but its training set names "
+                f"its classes {list(theirs)}, the student's {list(mine)}: logit i would be "
+                "another class on each side. Use a teacher trained on the student's classes in "
+                "their order (MODEL.TEACHER.CONFIG_FILE / OPTS)")
+
     @classmethod
     def check_test_set(cls, cfg, dataset_name: str) -> None:
         """ReliableTrainer's class-list check, and for a VOC set that detectron2's VOC
@@ -67,6 +89,7 @@ class DetectionTrainer(ReliableTrainer):
         return metric
 
     def build_hooks(self):
+        self.check_teacher_classes()  # the training sets are loaded: their classes are known
         ret = super().build_hooks()
         if not self.cfg.DATASETS.TEST:
             return ret
