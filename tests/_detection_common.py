@@ -120,3 +120,17 @@ def write_retina_teacher(tmp_path: Path, seed=7):
     yaml = tmp_path / "retina_teacher.yaml"
     yaml.write_text(cfg.dump())
     return yaml, weights
+
+
+def edit_voc_xml(voc, pattern: str, replacement: str, split: str = "trainval"):
+    """Replace the first match of `pattern` in the annotation of the split's first image;
+    returns that file."""
+    import re
+
+    first = (voc / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[0]
+    xml = voc / "Annotations" / f"{first}.xml"
+    text = xml.read_text()
+    new = re.sub(pattern, replacement, text, count=1)
+    assert new != text
+    xml.write_text(new)
+    return xml

@@ -27,6 +27,16 @@ def tiny_voc(tmp_path_factory):
     return train, test, dirname
 
 
+@pytest.fixture
+def voc(tiny_voc, tmp_path):
+    """A private copy of the tiny toy VOC set that a test may damage (its VOC2007 folder)."""
+    import shutil
+
+    copy = tmp_path / "VOC2007"
+    shutil.copytree(tiny_voc[2], copy)
+    return copy
+
+
 @pytest.fixture(scope="module")
 def module_tmp_path(request, tmp_path_factory):
     """A folder shared by one test module's tests, deleted after the module when they all passed.

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
 
 import pytest
-from _detection_common import R18_FPN_TOY, make_cfg
+from _detection_common import R18_FPN_TOY, edit_voc_xml, make_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
@@ -60,24 +59,6 @@ def test_class_lists_must_agree_in_count_and_order(named):
 
 # ---- VOC: what detectron2's evaluation reads (parse_rec), checked before it runs ----------
 
-@pytest.fixture
-def voc(tiny_voc, tmp_path):
-    """A private copy of the tiny toy VOC set that a test may change."""
-    copy = tmp_path / "VOC2007"
-    shutil.copytree(tiny_voc[2], copy)
-    return copy
-
-
-def _edit_first_test_xml(voc, pattern, replacement):
-    first = (voc / "ImageSets/Main/test.txt").read_text().split()[0]
-    xml = voc / "Annotations" / f"{first}.xml"
-    text = xml.read_text()
-    new = re.sub(pattern, replacement, text, count=1)
-    assert new != text
-    xml.write_text(new)
-    return xml
-
-
 @pytest.mark.parametrize("pattern, replacement, message", [
     # decimal coordinates, as CVAT writes them: detectron2's parse_rec int() fails on them
     (r"<xmin>(\d+)</xmin>", r"<xmin>\1.5</xmin>", r"<xmin> is '\d+\.5'"),
@@ -88,7 +69,7 @@ def _edit_first_test_xml(voc, pattern, replacement):
 def test_a_voc_test_set_its_evaluation_cannot_read_is_refused_before_evaluating(
         voc, tmp_path, pattern, replacement, message):
     check_voc_evaluable(str(voc), "test")  # the toy set as written is fine
-    xml = _edit_first_test_xml(voc, pattern, replacement)
+    xml = edit_voc_xml(voc, pattern, replacement, split="test")
     assert len(load_voc_checked(str(voc), "test", _toy_classes())) == 4  # it trains
     with pytest.raises(VOCDataError, match=f"{re.escape(str(xml))}: .*{message}"):
         check_voc_evaluable(str(voc), "test")

@@ -2,11 +2,11 @@
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from _detection_common import edit_voc_xml
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
 
@@ -19,26 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 R18_TOY = REPO / "configs" / "quick_schedules" / "faster_rcnn_R_18_FPN_toy.yaml"
 
 
-@pytest.fixture
-def voc(tiny_voc, tmp_path):
-    """A private copy of the tiny toy VOC set that a test may damage."""
-    _, _, dirname = tiny_voc
-    copy = tmp_path / "VOC2007"
-    shutil.copytree(dirname, copy)
-    return copy
-
-
 def _first_id(voc):
     return (voc / "ImageSets/Main/trainval.txt").read_text().split()[0]
 
 
 def _edit_xml(voc, pattern, replacement):
-    xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
-    text = xml.read_text()
-    new = re.sub(pattern, replacement, text, count=1)
-    assert new != text
-    xml.write_text(new)
-    return xml
+    return edit_voc_xml(voc, pattern, replacement)
 
 
 def _load(voc, split="trainval"):

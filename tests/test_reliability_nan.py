@@ -111,46 +111,30 @@ def test_message_without_a_teacher_says_nothing_about_one():
     assert "teacher" not in text.lower() and "loss_nst = nan" in text
 
 
-def test_detection_distiller_with_nan_teacher_weights_is_blamed_on_the_teacher(tmp_path):
+@pytest.mark.parametrize("config, kd, nan_key, loss", [
+    ("faster_rcnn_R_18_FPN_toy.yaml", 0.0, "backbone.bottom_up.stem.conv1.weight", "loss_nst"),
+    # KD on RoI logits calls the teacher's box head and predictor directly, past the hooks on
+    # the teacher and its children: the message said the teacher was finite
+    ("faster_rcnn_R_18_FPN_toy_kd_nst.yaml", 1.0, "roi_heads.box_predictor.cls_score.weight",
+     "loss_kd"),
+])
+def test_detection_distiller_with_nan_teacher_weights_is_blamed_on_the_teacher(
+        tmp_path, config, kd, nan_key, loss):
     """The real DistillationRCNN: its teacher is called part by part (backbone, heads)."""
-    from _detection_common import R18_FPN_TOY, distill_opts, make_cfg, write_teacher
-    from detectron2.modeling import build_model
-    from detectron2.structures import Boxes, Instances
-
-    yaml, weights = write_teacher(tmp_path)
-    state = torch.load(weights, weights_only=True)
-    state["model"]["backbone.bottom_up.stem.conv1.weight"].fill_(float("nan"))
-    torch.save(state, weights)
-    model = build_model(make_cfg(R18_FPN_TOY, distill_opts(yaml, weights))).train()
-    instances = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10.0, 60.0, 70.0]])),
-                          gt_classes=torch.tensor([1]))
-    batch = [{"image": torch.rand(3, 96, 128) * 255, "instances": instances}]
-    install_nan_guard(model)
-    with EventStorage(0), pytest.raises(FloatingPointError) as info:
-        model(batch)
-    assert "loss_nst = nan" in str(info.value)
-    assert "The teacher's output is non-finite" in str(info.value)
-
-
-def test_a_nan_in_the_teachers_box_predictor_under_kd_is_blamed_on_the_teacher(tmp_path):
-    """KD on RoI logits calls the teacher's box head and predictor directly, past the hooks on
-    the teacher and its children: the message said the teacher was finite and advised lowering
-    the student's learning rate."""
     from _detection_common import TOY, distill_opts, make_cfg, write_teacher
     from detectron2.modeling import build_model
     from detectron2.structures import Boxes, Instances
 
     yaml, weights = write_teacher(tmp_path)
     state = torch.load(weights, weights_only=True)
-    state["model"]["roi_heads.box_predictor.cls_score.weight"].fill_(float("nan"))
+    state["model"][nan_key].fill_(float("nan"))
     torch.save(state, weights)
-    model = build_model(make_cfg(TOY / "faster_rcnn_R_18_FPN_toy_kd_nst.yaml",
-                                 distill_opts(yaml, weights, kd=1.0))).train()
+    model = build_model(make_cfg(TOY / config, distill_opts(yaml, weights, kd=kd))).train()
     instances = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 10.0, 60.0, 70.0]])),
                           gt_classes=torch.tensor([1]))
     batch = [{"image": torch.rand(3, 96, 128) * 255, "instances": instances}]
     install_nan_guard(model)
     with EventStorage(0), pytest.raises(FloatingPointError) as info:
         model(batch)
-    assert "loss_kd = nan" in str(info.value)
+    assert f"{loss} = nan" in str(info.value)
     assert "The teacher's output is non-finite" in str(info.value)
