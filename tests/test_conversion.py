@@ -139,6 +139,19 @@ def test_an_architecture_name_keeps_torchvisions_keys_for_its_backbone():
         convert_student(state, "resnet", arch="resnet18")
 
 
+def test_the_conversion_tool_with_an_architecture_name_writes_torchvisions_keys(tmp_path):
+    """The tool's path (classifier_file_to_d2) detected the family itself first, so --arch on a
+    ResNet file met the check above and always failed."""
+    from nst_det.modeling.convert import classifier_file_to_d2
+
+    src = tmp_path / "r18.pth"
+    torch.save(_student("resnet18").state_dict(), src)
+    done = classifier_file_to_d2(str(src), str(tmp_path / "out.pth"), arch="resnet18")
+    written = torch.load(tmp_path / "out.pth", weights_only=True)
+    assert done["family"] == "torchvision"
+    assert "layer1.0.conv1.weight" in written.get("model", written)
+
+
 def test_conversion_errors_name_the_keys(tmp_path):
     state = _student("resnet18").state_dict()
     del state["layer3.1.conv2.weight"]

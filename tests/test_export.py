@@ -243,3 +243,6 @@ def test_the_parts_an_export_needs_nst_det_for_are_named():
         "MODEL.ROI_HEADS.NAME=BasicRes5ROIHeads"]
     assert parts("quick_schedules/faster_rcnn_MNV3_FPN_toy_pretrained.yaml") == [
         "MODEL.BACKBONE.NAME=build_torchvision_fpn_backbone"]
+    # RetinaNet builds no box head: its ROI_BOX_HEAD.NAME "" is no part (it raised a KeyError)
+    assert parts("COCO-Distill/Base-Distill-RetinaNet-R50-FPN-1x.yaml") == []
+    assert parts("quick_schedules/retinanet_R_18_FPN_toy_pretrained.yaml") == []

@@ -75,7 +75,10 @@ def nst_det_parts(cfg: CfgNode) -> list[str]:
         node = cfg
         for part in key.split("."):
             node = node[part]
-        if not registry.get(node).__module__.startswith("detectron2."):
+        # an empty or unregistered name is not built by this meta-architecture (RetinaNet's
+        # ROI_BOX_HEAD.NAME "", say): neither detectron2's nor nst_det's
+        if node and node in registry and not registry.get(node).__module__.startswith(
+                "detectron2."):
             parts.append(f"{key}={node}")
     return parts
 

@@ -33,7 +33,7 @@ from .backbone.inception_bn import InceptionBNBackbone
 
 __all__ = ["RESNET_RENAMES", "INCEPTION_BN_RENAMES", "DROPPED", "classifier_file_to_d2",
            "convert_student", "convert_torchvision", "detect_family", "reference_backbone",
-           "resnet_depth", "resolve_detection_weights", "save_d2_weights"]
+           "resnet_depth", "resolve_detection_weights", "save_d2_weights", "student_family"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,16 @@ def convert_torchvision(state: dict, arch: str | None = None
     return converted, skipped
 
 
+def student_family(state: dict, family: str | None = None, arch: str | None = None) -> str:
+    """The family `convert_student` converts `state` as: `family`; "torchvision" when `arch`
+    names a torchvision model (a ResNet named so keeps torchvision's keys, for nst_det's
+    torchvision backbone); else detected from the keys."""
+    if arch and family not in (None, "torchvision"):
+        raise ValueError(f"an architecture name ({arch!r}) applies to the torchvision family only,"
+                         f" not to {family!r}: leave it out, or use the torchvision family")
+    return family or ("torchvision" if arch else detect_family(state))
+
+
 def convert_student(state: dict, family: str | None = None, arch: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Convert a classifier state dict to detectron2 backbone keys (no prefix).
@@ -164,10 +174,7 @@ def convert_student(state: dict, family: str | None = None, arch: str | None = N
         ValueError: a key no table covers, or a mismatch against the reference backbone
             (missing / unexpected keys or shapes, all listed).
     """
-    if arch and family not in (None, "torchvision"):
-        raise ValueError(f"an architecture name ({arch!r}) applies to the torchvision family only,"
-                         f" not to {family!r}: leave it out, or use the torchvision family")
-    family = family or ("torchvision" if arch else detect_family(state))
+    family = student_family(state, family, arch)
     if family == "torchvision":
         return convert_torchvision(state, arch)
     table = {"resnet": RESNET_RENAMES, "inception_bn": INCEPTION_BN_RENAMES}[family]
@@ -220,7 +227,7 @@ def classifier_file_to_d2(src: str, dst: str, family: str | None = None,
     from .classification.weights import read_classifier_file
 
     state, not_student = read_classifier_file(src, what)
-    family = family or detect_family(state)
+    family = student_family(state, family, arch)
     converted, skipped = convert_student(state, family, arch)
     skipped.update({k: "not part of the student (distiller-only module)" for k in not_student})
     save_d2_weights(converted, dst)
