@@ -246,9 +246,6 @@ def _bad(tmp_path, data, text=None):
     (lambda d: d["annotations"][0]["bbox"].__setitem__(0, 1000.0), "annotation id 1 .* outside"),
     (lambda d: d["annotations"][0]["bbox"].__setitem__(1, -9.0), "annotation id 1 .* outside"),
     (lambda d: d["annotations"][3].pop("area"), r"annotation id 4 .* no numeric 'area'"),
-    # pycocotools' evaluation ends on a bare KeyError without it
-    (lambda d: d["annotations"][3].pop("iscrowd"), r"annotation id 4 .* 'iscrowd' 'missing'"),
-    (lambda d: d["annotations"][3].update(iscrowd=2), r"annotation id 4 .* 'iscrowd' 2"),
     (lambda d: d["annotations"][1].update(ignore=1), r"annotation id 2 .* 'ignore': 1"),
     (lambda d: d["annotations"][1].update(segmentation=[[1.0, 2.0, 3.0, 4.0]]),
      r"annotation id 2 .* no polygon of 3 points or more"),
@@ -405,3 +402,24 @@ def test_a_coco_training_set_with_another_class_count_than_the_model_is_refused(
         DetectionTrainer(cfg)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
     assert len(DetectionTrainer(cfg).data_loader.dataset) == 8  # the right count trains
+
+
+def test_a_coco_test_set_without_iscrowd_is_refused_before_training_a_training_set_is_not(
+        tmp_path, tool_export):
+    """pycocotools' evaluation ends on a bare KeyError without 'iscrowd' (after training);
+    detectron2's training loader takes a missing one as 0, so a training json may omit it."""
+    from nst_det.data.coco_checked import check_coco_evaluable
+
+    def without_iscrowd(data):
+        data["annotations"][3].pop("iscrowd")
+
+    cfg, test = _coco_trainer_cfg(tmp_path, tool_export, without_iscrowd)
+    json_file = MetadataCatalog.get(test).json_file
+    check_coco_json(json_file, tool_export["test"][1])  # fine as data
+    with pytest.raises(COCODataError, match=r"annotation id 4 \(annotations\[3\]\) has 'iscrowd' "
+                                            r"'missing'; COCO evaluation needs"):
+        check_coco_evaluable(json_file)
+    with pytest.raises(COCODataError, match="'iscrowd' 'missing'"):
+        DetectionTrainer(cfg)  # before training
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (test,), ()
+    DetectionTrainer(cfg)  # as a training set: accepted

@@ -18,7 +18,7 @@ import os
 
 from detectron2.data.datasets import load_coco_json
 
-__all__ = ["COCODataError", "check_coco_json", "load_coco_checked"]
+__all__ = ["COCODataError", "check_coco_evaluable", "check_coco_json", "load_coco_checked"]
 
 # a box may pass the image border by this many pixels (rounding in labelling tools' exports)
 BORDER_TOLERANCE = 1.0
@@ -138,9 +138,6 @@ def _check_annotations(json_file: str, annotations: list, sizes: dict, cat_ids: 
         if not _is_number(ann.get("area")):
             raise COCODataError(f"{where}) has no numeric 'area'; COCO evaluation needs it (for a "
                                 "box, usually its width * height)")
-        if ann.get("iscrowd") not in (0, 1):
-            raise COCODataError(f"{where}) has 'iscrowd' {ann.get('iscrowd', 'missing')!r}; "
-                                "COCO evaluation needs 0 (one object) or 1 (a crowd region)")
         segm = ann.get("segmentation")
         if isinstance(segm, list) and segm and not any(
                 isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segm):
@@ -167,6 +164,18 @@ def check_coco_json(json_file: str, image_root: str) -> None:
     cat_ids = _check_categories(json_file, data["categories"])
     sizes = _check_images(json_file, image_root, data["images"])
     _check_annotations(json_file, data["annotations"], sizes, cat_ids)
+
+
+def check_coco_evaluable(json_file: str) -> None:
+    """Raise COCODataError naming the first annotation that COCO evaluation cannot score: one
+    without 'iscrowd' 0 or 1 (pycocotools reads it; detectron2's training loader takes a missing
+    one as 0, so only a test set needs it)."""
+    for i, ann in enumerate(_read_json(json_file)["annotations"]):
+        if isinstance(ann, dict) and ann.get("iscrowd") not in (0, 1):
+            raise COCODataError(
+                f"{json_file}: annotation id {ann.get('id')!r} (annotations[{i}]) has 'iscrowd' "
+                f"{ann.get('iscrowd', 'missing')!r}; COCO evaluation needs 0 (one object) or 1 "
+                "(a crowd region) in every annotation of a test set")
 
 
 def load_coco_checked(json_file: str, image_root: str, dataset_name: str | None = None):

@@ -7,6 +7,7 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from ..data.coco_checked import check_coco_evaluable
 from ..data.voc_checked import check_voc_evaluable
 from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
 from ..modeling.teacher import build_teacher_cfg, is_lazy_config, resolve_teacher_config
@@ -71,13 +72,16 @@ class DetectionTrainer(ReliableTrainer):
 
     @classmethod
     def check_test_set(cls, cfg, dataset_name: str) -> None:
-        """ReliableTrainer's class-list check, and for a VOC set that detectron2's VOC
-        evaluation can read every annotation of its split."""
+        """ReliableTrainer's class-list check, and that the evaluation can read every annotation
+        of the set: detectron2's VOC evaluation (`check_voc_evaluable`) or pycocotools'
+        (`check_coco_evaluable`)."""
         super().check_test_set(cfg, dataset_name)
         meta = MetadataCatalog.get(dataset_name)
         if meta.get("evaluator_type") == "pascal_voc":
             DatasetCatalog.get(dataset_name)  # a generated set (the toy ones) is written on load
             check_voc_evaluable(meta.dirname, meta.split)
+        elif meta.get("evaluator_type") == "coco" and meta.get("json_file"):
+            check_coco_evaluable(meta.json_file)
 
     @staticmethod
     def best_metric(cfg) -> str:
