@@ -232,10 +232,11 @@ class ReliableTrainer(TrainerBase):
             bn_cfg.DATALOADER.NUM_WORKERS = 0  # a second loader must not cost worker processes
             # the step trainer's model: BN statistics under the autocast training uses; the
             # stream's seed read when used (a resume may restore another)
+            records = self.build_train_records(bn_cfg)  # loaded and checked once
             ret.append(ResumablePreciseBN(
                 cfg.TEST.EVAL_PERIOD, self.step_trainer.model,
                 lambda start: self.build_train_loader(bn_cfg, self.data_loader.nst_data_seed,
-                                                      start),
+                                                      start, records),
                 cfg.TEST.PRECISE_BN.NUM_ITER))
         # checkpoint before evaluating: a failing evaluation leaves the weights to debug with
         if comm.is_main_process():
@@ -265,8 +266,9 @@ class ReliableTrainer(TrainerBase):
                                   filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
 
     @classmethod
-    def build_train_loader(cls, cfg, seed=None, start_iter: int = 0):
-        """The position-seeded training stream, starting at iteration `start_iter`."""
+    def build_train_loader(cls, cfg, seed=None, start_iter: int = 0, records=None):
+        """The position-seeded training stream, starting at iteration `start_iter`, of `records`
+        (default: `build_train_records(cfg)`)."""
         if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
             raise ValueError(
                 f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN} is not supported: "
@@ -276,7 +278,8 @@ class ReliableTrainer(TrainerBase):
             seed = cfg.NST_DET.DATA_SEED if cfg.NST_DET.DATA_SEED >= 0 else \
                 cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         loader = build_resumable_train_loader(
-            cls.build_train_records(cfg), cls.build_train_mapper(cfg), cfg.SOLVER.IMS_PER_BATCH,
+            cls.build_train_records(cfg) if records is None else records,
+            cls.build_train_mapper(cfg), cfg.SOLVER.IMS_PER_BATCH,
             seed=seed, start_iter=start_iter, num_workers=cfg.DATALOADER.NUM_WORKERS,
             skip_bad=cfg.NST_DET.SKIP_BAD_IMAGES, skip_log=_skip_log_path(cfg),
         )
