@@ -38,6 +38,15 @@ def voc(tiny_voc, tmp_path):
 
 
 @pytest.fixture(scope="module")
+def tool_export(tmp_path_factory, tiny_voc):
+    """The tiny toy set as a labelling tool's COCO export: {split: (json_file, image_root)}."""
+    from _coco_export import labelling_tool_export
+
+    out = tmp_path_factory.mktemp("tool_export")
+    return {split: labelling_tool_export(tiny_voc[2], split, out) for split in ("trainval", "test")}
+
+
+@pytest.fixture(scope="module")
 def module_tmp_path(request, tmp_path_factory):
     """A folder shared by one test module's tests, deleted after the module when they all passed.
 

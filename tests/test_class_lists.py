@@ -1,20 +1,23 @@
 """A test set is refused before training or evaluation when its evaluation would be silently
-wrong (another class list than the model's) or would fail after training (a VOC annotation that
-detectron2's VOC evaluation cannot read). COCO sets: tests/test_custom_data.py."""
+wrong (another class list than the model's) or would fail after training (a VOC or COCO
+annotation that detectron2's evaluation cannot read)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 import pytest
+from _coco_export import cfg_with, good_json, unique
 from _detection_common import R18_FPN_TOY, edit_voc_xml, make_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from nst_det.config import load_config
 from nst_det.data.class_lists import ClassListError, check_class_lists
-from nst_det.data.from_config import register_voc
+from nst_det.data.coco_checked import COCODataError, check_coco_evaluable, check_coco_json
+from nst_det.data.from_config import register_datasets_from_config, register_voc
 from nst_det.data.imagefolder import register_imagefolder
 from nst_det.data.voc_checked import VOCDataError, check_voc_evaluable, load_voc_checked
 from nst_det.engine import ClassificationTrainer, DetectionTrainer
@@ -129,3 +132,76 @@ def test_a_test_set_written_on_its_first_load_is_written_then_checked(tiny_voc, 
     cfg = make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out")], data=(tiny_voc[0], test))
     DetectionTrainer(cfg)
     assert (dirname / "ImageSets" / "Main" / "test.txt").is_file()
+
+
+# ---- every set a model trains or is evaluated on numbers its classes as the model does ----
+
+def _coco_trainer_cfg(tmp_path, tool_export, mutate_test=None, opts=()):
+    """A toy detector's config training on the tool export's trainval set and testing on its
+    test set, whose json `mutate_test` may change first; returns (cfg, test set name)."""
+    data, image_root = good_json(tool_export)
+    if mutate_test is not None:
+        mutate_test(data)
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps(data))
+    train, test = unique("cls_train"), unique("cls_test")
+    register_datasets_from_config(cfg_with(coco=[[train, *tool_export["trainval"]],
+                                                  [test, str(test_json), image_root]]))
+    return make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out"), *opts],
+                    data=(train, test)), test
+
+
+def _swap_two_category_names(data):
+    first, second = data["categories"][:2]
+    first["name"], second["name"] = second["name"], first["name"]
+
+
+def _drop_last_category(data):
+    gone = data["categories"].pop()["id"]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != gone]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    # the same 5 classes in another order: class 0 would be scored as class 1
+    (_swap_two_category_names, r"number their classes differently: \['circle', 'triangle'"),
+    # a test json listing only the classes it uses (4 of 5): ids after the gap shift
+    (_drop_last_category, r"MODEL.ROI_HEADS.NUM_CLASSES=5 but data set cls_test_\d+ has 4"),
+])
+def test_a_test_set_numbering_classes_otherwise_is_refused_before_training_and_evaluation(
+        tmp_path, tool_export, mutate, message):
+    cfg, test = _coco_trainer_cfg(tmp_path, tool_export, mutate)
+    with pytest.raises(ClassListError, match=message):
+        DetectionTrainer(cfg)
+    with pytest.raises(ClassListError, match=message):  # --eval-only: before any inference
+        DetectionTrainer.test(cfg, model=None)
+
+
+def test_a_coco_training_set_with_another_class_count_than_the_model_is_refused(
+        tmp_path, tool_export):
+    """A COCO set learns its classes when loaded: the count is checked once it is."""
+    cfg, _ = _coco_trainer_cfg(tmp_path, tool_export,
+                               opts=["MODEL.ROI_HEADS.NUM_CLASSES", "20", "DATASETS.TEST", "()"])
+    with pytest.raises(ClassListError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=20 but data set "
+                                             r"cls_train_\d+ has 5 classes"):
+        DetectionTrainer(cfg)
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    assert len(DetectionTrainer(cfg).data_loader.dataset) == 8  # the right count trains
+
+
+def test_a_coco_test_set_without_iscrowd_is_refused_before_training_a_training_set_is_not(
+        tmp_path, tool_export):
+    """pycocotools' evaluation ends on a bare KeyError without 'iscrowd' (after training);
+    detectron2's training loader takes a missing one as 0, so a training json may omit it."""
+    def without_iscrowd(data):
+        data["annotations"][3].pop("iscrowd")
+
+    cfg, test = _coco_trainer_cfg(tmp_path, tool_export, without_iscrowd)
+    json_file = MetadataCatalog.get(test).json_file
+    check_coco_json(json_file, tool_export["test"][1])  # fine as data
+    with pytest.raises(COCODataError, match=r"annotation id 4 \(annotations\[3\]\) has 'iscrowd' "
+                                            r"'missing'; COCO evaluation needs"):
+        check_coco_evaluable(json_file)
+    with pytest.raises(COCODataError, match="'iscrowd' 'missing'"):
+        DetectionTrainer(cfg)  # before training
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (test,), ()
+    DetectionTrainer(cfg)  # as a training set: accepted

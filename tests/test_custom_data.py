@@ -4,13 +4,12 @@ metric their format implies, and clear errors (file + entry) for bad data."""
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
-import shutil
 
 import pytest
 import torch
+from _coco_export import TOOL_CATEGORY_IDS, cfg_with, good_json, unique
 from _detection_common import R18_FPN_TOY, TINY, distill_opts, load_train_net, write_teacher
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -23,60 +22,10 @@ from nst_det.data.coco_checked import COCODataError, check_coco_json
 from nst_det.data.from_config import register_datasets_from_config, register_voc
 from nst_det.data.toy_coco import register_toy_coco
 from nst_det.data.toy_world import TOY_CLASSES
-from nst_det.data.voc_checked import VOCDataError, load_voc_checked
+from nst_det.data.voc_checked import VOCDataError
 from nst_det.engine import DetectionTrainer
 from nst_det.evaluation import PerClassVOCEvaluator
 from nst_det.evaluation.by_dataset import build_dataset_evaluator
-
-_names = itertools.count()
-# non-contiguous ids, as labelling tools often write them (deleted labels leave gaps)
-TOOL_CATEGORY_IDS = [2, 5, 9, 11, 17]
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}_{next(_names)}"
-
-
-def labelling_tool_export(voc_dir, split: str, out_dir) -> tuple[str, str]:
-    """Copy a VOC split's images into out_dir/images and describe them the way CVAT / Label Studio
-    export COCO: info + licenses, non-contiguous category ids, float [x, y, w, h] boxes,
-    segmentation [], area, iscrowd, attributes. Returns (json_file, image_root)."""
-    records = load_voc_checked(str(voc_dir), split, TOY_CLASSES)
-    image_root = out_dir / "images"
-    image_root.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
-    for i, rec in enumerate(records, start=1):
-        name = f"{split}_{i:03d}.jpg"
-        shutil.copy(rec["file_name"], image_root / name)
-        images.append({"id": i, "width": rec["width"], "height": rec["height"], "file_name": name,
-                       "license": 0, "flickr_url": "", "coco_url": "", "date_captured": 0})
-        for a in rec["annotations"]:
-            x0, y0, x1, y1 = a["bbox"]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": i,
-                "category_id": TOOL_CATEGORY_IDS[a["category_id"]], "segmentation": [],
-                "area": round((x1 - x0) * (y1 - y0), 2), "iscrowd": 0,
-                "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-                "attributes": {"occluded": False},
-            })
-    data = {
-        "licenses": [{"name": "", "id": 0, "url": ""}],
-        "info": {"contributor": "", "date_created": "", "description": "", "version": ""},
-        "categories": [{"id": c, "name": n, "supercategory": ""}
-                       for c, n in zip(TOOL_CATEGORY_IDS, TOY_CLASSES)],
-        "images": images, "annotations": annotations,
-    }
-    json_file = out_dir / "annotations" / f"instances_{split}.json"
-    json_file.parent.mkdir(parents=True, exist_ok=True)
-    json_file.write_text(json.dumps(data))
-    return str(json_file), str(image_root)
-
-
-@pytest.fixture(scope="module")
-def tool_export(tmp_path_factory, tiny_voc):
-    """The tiny toy set as a labelling tool's COCO export: {split: (json_file, image_root)}."""
-    out = tmp_path_factory.mktemp("tool_export")
-    return {split: labelling_tool_export(tiny_voc[2], split, out) for split in ("trainval", "test")}
 
 
 def _gt_outputs(record, id_map):
@@ -93,7 +42,7 @@ def _gt_outputs(record, id_map):
 # ---- registration from config keys ----
 
 def test_coco_from_config_keys_registers_in_load_config(tmp_path, tool_export):
-    name = _unique("tool_coco")
+    name = unique("tool_coco")
     json_file, image_root = tool_export["test"]
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"_BASE_: {str(R18_FPN_TOY)!r}\nDATASETS:\n"
@@ -121,7 +70,7 @@ def test_coco_from_config_keys_registers_in_load_config(tmp_path, tool_export):
 
 def test_train_net_options_register_sets(tmp_path, tool_export, tiny_voc):
     train_net = load_train_net()
-    coco, voc = _unique("cli_coco"), _unique("cli_voc")
+    coco, voc = unique("cli_coco"), unique("cli_voc")
     args = train_net.argument_parser().parse_args([
         "--config-file", str(R18_FPN_TOY), "--coco-dataset", coco, *tool_export["test"],
         "--voc-dataset", voc, tiny_voc[2], "test", "OUTPUT_DIR", str(tmp_path)])
@@ -133,7 +82,7 @@ def test_train_net_options_register_sets(tmp_path, tool_export, tiny_voc):
 
 
 def test_voc_from_config_keys(tiny_voc):
-    name, found = _unique("my_voc"), _unique("my_voc_found")
+    name, found = unique("my_voc"), unique("my_voc_found")
     cfg = get_cfg()
     add_nst_config(cfg)
     cfg.DATASETS.VOC = [[name, tiny_voc[2], "test", ",".join(TOY_CLASSES), 2012],
@@ -153,23 +102,23 @@ def test_voc_from_config_keys(tiny_voc):
 
 
 def test_voc_class_list_disagreeing_with_annotations(tiny_voc):
-    name = _unique("voc_wrong_classes")
+    name = unique("voc_wrong_classes")
     register_voc(name, tiny_voc[2], "test", ["circle", "triangle", "square", "star"])  # no cross
     with pytest.raises(VOCDataError, match=r"Annotations/.*\.xml: unknown class 'cross'"):
         DatasetCatalog.get(name)
     with pytest.raises(VOCDataError, match="names a class twice"):
-        register_voc(_unique("voc_dup"), tiny_voc[2], "test", "circle,circle")
+        register_voc(unique("voc_dup"), tiny_voc[2], "test", "circle,circle")
 
 
 def test_voc_classes_found_needs_annotations(tmp_path):
     with pytest.raises(VOCDataError, match="holds no .xml annotations"):
-        register_voc(_unique("voc_empty"), str(tmp_path), "test")
+        register_voc(unique("voc_empty"), str(tmp_path), "test")
 
 
 # ---- evaluation ----
 
 def test_coco_evaluator_ground_truth_is_100_on_toy_coco(tmp_path, tiny_voc):
-    prefix = _unique("toy_coco_t")
+    prefix = unique("toy_coco_t")
     _, test = register_toy_coco(prefix, tiny_voc[2], str(tmp_path / "coco"), seed=1,
                                 num_trainval=8, num_test=4)
     # the evaluator first (as a trainer may build it): it has the json written
@@ -196,8 +145,8 @@ def test_coco_evaluator_ground_truth_is_100_on_toy_coco(tmp_path, tiny_voc):
 
 def test_coco_and_voc_numbers_differ_as_metrics_do(tmp_path, tool_export):
     """One box shifted: COCO AP (IoU .5:.95) drops, AP50 stays 100 (IoU still > .5)."""
-    name = _unique("tool_coco_eval")
-    register_datasets_from_config(_cfg_with(coco=[[name, *tool_export["test"]]]))
+    name = unique("tool_coco_eval")
+    register_datasets_from_config(cfg_with(coco=[[name, *tool_export["test"]]]))
     records = DatasetCatalog.get(name)
     evaluator = build_dataset_evaluator(name, str(tmp_path))
     evaluator.reset()
@@ -211,20 +160,7 @@ def test_coco_and_voc_numbers_differ_as_metrics_do(tmp_path, tool_export):
     assert bbox["AP50"] == pytest.approx(100.0) and 50.0 < bbox["AP"] < 100.0
 
 
-def _cfg_with(coco=(), voc=()):
-    cfg = get_cfg()
-    add_nst_config(cfg)
-    cfg.DATASETS.COCO, cfg.DATASETS.VOC = [list(e) for e in coco], [list(e) for e in voc]
-    return cfg
-
-
 # ---- bad data: clear errors naming the file and the entry ----
-
-def _good_json(tool_export):
-    json_file, image_root = tool_export["test"]
-    with open(json_file) as f:
-        return json.load(f), image_root
-
 
 def _bad(tmp_path, data, text=None):
     path = tmp_path / "bad.json"
@@ -258,7 +194,7 @@ def _bad(tmp_path, data, text=None):
     (lambda d: d["images"][0].pop("width"), r"images\[0\] \(id 1\) has no \['width'\]"),
 ])
 def test_bad_coco_json_names_file_and_entry(tmp_path, tool_export, mutate, message):
-    data, image_root = _good_json(tool_export)
+    data, image_root = good_json(tool_export)
     data = copy.deepcopy(data)
     mutate(data)
     path = _bad(tmp_path, data)
@@ -268,17 +204,17 @@ def test_bad_coco_json_names_file_and_entry(tmp_path, tool_export, mutate, messa
 
 
 def test_unparsable_coco_json_through_the_catalog(tmp_path, tool_export):
-    _, image_root = _good_json(tool_export)
+    _, image_root = good_json(tool_export)
     path = _bad(tmp_path, None, text='{"images": [], "annotations": [\n  {"id": 1,}\n]')
-    name = _unique("broken_coco")
-    register_datasets_from_config(_cfg_with(coco=[[name, path, image_root]]))
+    name = unique("broken_coco")
+    register_datasets_from_config(cfg_with(coco=[[name, path, image_root]]))
     with pytest.raises(COCODataError, match=r"bad\.json is not valid JSON \(line 2, column"):
         DatasetCatalog.get(name)
     assert (tmp_path / "bad.json").exists()  # nothing is lost: the file is left as it was
     with pytest.raises(COCODataError, match="does not exist"):
         check_coco_json(str(tmp_path / "nope.json"), image_root)
-    missing = _unique("missing_coco")
-    register_datasets_from_config(_cfg_with(coco=[[missing, str(tmp_path / "no.json"),
+    missing = unique("missing_coco")
+    register_datasets_from_config(cfg_with(coco=[[missing, str(tmp_path / "no.json"),
                                                    image_root]]))
     with pytest.raises(COCODataError, match=r"no\.json does not exist"):
         build_dataset_evaluator(missing)  # not pycocotools' bare FileNotFoundError
@@ -286,14 +222,14 @@ def test_unparsable_coco_json_through_the_catalog(tmp_path, tool_export):
 
 def test_wrong_entry_shape_is_named():
     with pytest.raises(ValueError, match="DATASETS.COCO entry"):
-        register_datasets_from_config(_cfg_with(coco=[["only_a_name", "x.json"]]))
+        register_datasets_from_config(cfg_with(coco=[["only_a_name", "x.json"]]))
 
 
 # ---- done when: a labelling tool's COCO export trains with NST and is evaluated COCO-style ----
 
 def test_tool_export_trains_with_nst_and_coco_metrics(tmp_path, tool_export, tiny_voc):
     teacher = write_teacher(tmp_path)
-    train, test, voc_test = _unique("tool_train"), _unique("tool_test"), _unique("tool_voc_test")
+    train, test, voc_test = unique("tool_train"), unique("tool_test"), unique("tool_voc_test")
     out = tmp_path / "run"
     (tmp_path / "student.yaml").write_text("\n".join([
         f"_BASE_: {str(R18_FPN_TOY)!r}",
@@ -338,88 +274,7 @@ def test_thing_classes_of_a_coco_set_before_it_was_loaded(tool_export):
     """tools/predict.py names classes from the first test set: a COCO set is read for them."""
     from nst_det.data.from_config import thing_classes
 
-    name = _unique("tool_coco_names")
-    register_datasets_from_config(_cfg_with(coco=[[name, *tool_export["test"]]]))
+    name = unique("tool_coco_names")
+    register_datasets_from_config(cfg_with(coco=[[name, *tool_export["test"]]]))
     assert MetadataCatalog.get(name).get("thing_classes") is None
     assert thing_classes(name) == list(TOY_CLASSES)
-
-
-# ---- every set a model trains or is evaluated on numbers its classes as the model does ----
-
-def _coco_trainer_cfg(tmp_path, tool_export, mutate_test=None, opts=()):
-    """A toy detector's config training on the tool export's trainval set and testing on its
-    test set, whose json `mutate_test` may change first; returns (cfg, test set name)."""
-    from _detection_common import make_cfg
-
-    data, image_root = _good_json(tool_export)
-    if mutate_test is not None:
-        mutate_test(data)
-    test_json = tmp_path / "test.json"
-    test_json.write_text(json.dumps(data))
-    train, test = _unique("cls_train"), _unique("cls_test")
-    register_datasets_from_config(_cfg_with(coco=[[train, *tool_export["trainval"]],
-                                                  [test, str(test_json), image_root]]))
-    return make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out"), *opts],
-                    data=(train, test)), test
-
-
-def _swap_two_category_names(data):
-    first, second = data["categories"][:2]
-    first["name"], second["name"] = second["name"], first["name"]
-
-
-def _drop_last_category(data):
-    gone = data["categories"].pop()["id"]
-    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != gone]
-
-
-@pytest.mark.parametrize("mutate, message", [
-    # the same 5 classes in another order: class 0 would be scored as class 1
-    (_swap_two_category_names, r"number their classes differently: \['circle', 'triangle'"),
-    # a test json listing only the classes it uses (4 of 5): ids after the gap shift
-    (_drop_last_category, r"MODEL.ROI_HEADS.NUM_CLASSES=5 but data set cls_test_\d+ has 4"),
-])
-def test_a_test_set_numbering_classes_otherwise_is_refused_before_training_and_evaluation(
-        tmp_path, tool_export, mutate, message):
-    from nst_det.data.class_lists import ClassListError
-
-    cfg, test = _coco_trainer_cfg(tmp_path, tool_export, mutate)
-    with pytest.raises(ClassListError, match=message):
-        DetectionTrainer(cfg)
-    with pytest.raises(ClassListError, match=message):  # --eval-only: before any inference
-        DetectionTrainer.test(cfg, model=None)
-
-
-def test_a_coco_training_set_with_another_class_count_than_the_model_is_refused(
-        tmp_path, tool_export):
-    """A COCO set learns its classes when loaded: the count is checked once it is."""
-    from nst_det.data.class_lists import ClassListError
-
-    cfg, _ = _coco_trainer_cfg(tmp_path, tool_export,
-                               opts=["MODEL.ROI_HEADS.NUM_CLASSES", "20", "DATASETS.TEST", "()"])
-    with pytest.raises(ClassListError, match=r"MODEL.ROI_HEADS.NUM_CLASSES=20 but data set "
-                                             r"cls_train_\d+ has 5 classes"):
-        DetectionTrainer(cfg)
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
-    assert len(DetectionTrainer(cfg).data_loader.dataset) == 8  # the right count trains
-
-
-def test_a_coco_test_set_without_iscrowd_is_refused_before_training_a_training_set_is_not(
-        tmp_path, tool_export):
-    """pycocotools' evaluation ends on a bare KeyError without 'iscrowd' (after training);
-    detectron2's training loader takes a missing one as 0, so a training json may omit it."""
-    from nst_det.data.coco_checked import check_coco_evaluable
-
-    def without_iscrowd(data):
-        data["annotations"][3].pop("iscrowd")
-
-    cfg, test = _coco_trainer_cfg(tmp_path, tool_export, without_iscrowd)
-    json_file = MetadataCatalog.get(test).json_file
-    check_coco_json(json_file, tool_export["test"][1])  # fine as data
-    with pytest.raises(COCODataError, match=r"annotation id 4 \(annotations\[3\]\) has 'iscrowd' "
-                                            r"'missing'; COCO evaluation needs"):
-        check_coco_evaluable(json_file)
-    with pytest.raises(COCODataError, match="'iscrowd' 'missing'"):
-        DetectionTrainer(cfg)  # before training
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (test,), ()
-    DetectionTrainer(cfg)  # as a training set: accepted
