@@ -96,6 +96,18 @@ def test_pkd_resizes_student_bilinearly_to_teacher_size():
     assert pkd_loss(s, t).item() == pytest.approx(_pkd_reference(s_up, t), rel=1e-10)
 
 
+def test_pkd_is_zero_not_nan_for_one_value_per_channel():
+    # one image, a 1x1 level: a correlation of one value is undefined; the loss must not be NaN
+    s = _rand(1, 3, 1, 1, seed=11).requires_grad_(True)
+    loss = pkd_loss(s, _rand(1, 3, 1, 1, seed=12))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    # two values per channel use the std again
+    s2, t2 = _rand(2, 3, 1, 1, seed=13), _rand(2, 3, 1, 1, seed=14)
+    assert pkd_loss(s2, t2).item() == pytest.approx(_pkd_reference(s2, t2), rel=1e-10)
+
+
 # ---------------------------------------------------------------- MGD
 def _mgd_generate(module, x):
     if isinstance(module.align, torch.nn.Conv2d):

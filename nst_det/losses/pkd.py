@@ -15,9 +15,13 @@ def pkd_standardise(f: torch.Tensor) -> torch.Tensor:
     """Each channel of f [B, C, H, W] to zero mean, unit std over (B, H, W) jointly.
 
     The statistics are taken over the whole batch and all positions of one channel; the std is
-    the unbiased one, and 1e-6 is added to it (mmrazor ``PKDLoss.norm``). No affine.
+    the unbiased one, and 1e-6 is added to it (mmrazor ``PKDLoss.norm``). No affine. A channel
+    of one value (B*H*W = 1, e.g. one image's 1x1 top level) standardises to 0, not NaN: one
+    value has no correlation to transfer.
     """
     mean = f.mean(dim=(0, 2, 3), keepdim=True)
+    if f.numel() == f.shape[1]:  # the unbiased std of one value is 0/0
+        return (f - mean) / _EPS  # exactly 0, and still on the autograd graph
     std = f.std(dim=(0, 2, 3), keepdim=True, unbiased=True)
     return (f - mean) / (std + _EPS)
 
