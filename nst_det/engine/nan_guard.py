@@ -93,6 +93,23 @@ def check_finite_losses(loss_dict: dict, teacher_finite: torch.Tensor | bool | N
         )
 
 
+def outputs_finite(output) -> torch.Tensor | None:
+    """Whether every floating-point tensor in a module's output (tensor, or dicts / lists of
+    them) is finite: a 0-dim bool tensor on their device (no host sync), None if it has none."""
+    flags = [t.detach().isfinite().all() for t in _tensors(output) if t.is_floating_point()]
+    return torch.stack(flags).all() if flags else None
+
+
+def teacher_parts(teacher: torch.nn.Module) -> list:
+    """The teacher modules whose outputs the guard checks: the teacher, its direct children (the
+    parts a distiller calls, e.g. a detector's backbone) and their children outside the backbone
+    (KD on RoI logits calls the teacher's box head and predictor directly)."""
+    backbone = getattr(teacher, "backbone", None)
+    return [teacher, *teacher.children(), *(grandchild for child in teacher.children()
+                                             if child is not backbone
+                                             for grandchild in child.children())]
+
+
 class _Handles:
     """Removes every hook the guard installed."""
 
@@ -107,10 +124,8 @@ class _Handles:
 def install_nan_guard(model: torch.nn.Module, output_dir: str | None = None) -> _Handles:
     """Check every training forward's loss dict of `model` (DDP-wrapped or not).
 
-    When the model has a `teacher` module, forward hooks on it, its direct children (the parts a
-    distiller calls, e.g. a detector's backbone) and their children outside the backbone (KD on
-    RoI logits calls the teacher's box head and predictor directly) record whether their
-    outputs were finite, so that a non-finite loss says whether the teacher produced it.
+    When the model has a `teacher` module, forward hooks on its `teacher_parts` record whether
+    their outputs were finite, so that a non-finite loss says whether the teacher produced it.
     `output_dir`: see `check_finite_losses`. Returns an object whose `remove()` removes the
     hooks.
     """
@@ -123,10 +138,8 @@ def install_nan_guard(model: torch.nn.Module, output_dir: str | None = None) -> 
         state["teacher_finite"] = None
 
     def teacher_hook(module, inputs, output):
-        flags = [t.detach().isfinite().all() for t in _tensors(output)
-                 if t.is_floating_point()]
-        if flags:  # a device tensor: no host sync unless a loss is non-finite
-            finite = torch.stack(flags).all()
+        finite = outputs_finite(output)
+        if finite is not None:
             previous = state["teacher_finite"]
             state["teacher_finite"] = finite if previous is None else previous & finite
 
@@ -137,11 +150,7 @@ def install_nan_guard(model: torch.nn.Module, output_dir: str | None = None) -> 
 
     if isinstance(teacher, torch.nn.Module):
         handles.append(inner.register_forward_pre_hook(reset))
-        backbone = getattr(teacher, "backbone", None)
-        parts = [teacher, *teacher.children()]
-        parts += [grandchild for child in teacher.children() if child is not backbone
-                  for grandchild in child.children()]
-        for part in parts:
+        for part in teacher_parts(teacher):
             handles.append(part.register_forward_hook(teacher_hook))
     handles.append(inner.register_forward_hook(hook))
     return _Handles(handles)
