@@ -124,6 +124,27 @@ def test_dkd_needs_an_rcnn_student(teachers):
         build_model(_cfg(teachers, "retina", ["dkd"]))
 
 
+@pytest.mark.parametrize("extra", [["MODEL.KD.LOSS_WEIGHT", "1.0"], []],
+                         ids=["kd", "dkd"])
+def test_kd_on_roi_logits_refuses_a_teacher_without_roi_heads(teachers, extra):
+    (_, _), (t_yaml, t_w) = teachers  # a RetinaNet teacher for an R-CNN student
+    cfg = _cfg(teachers, "rcnn", [] if extra else ["dkd"], extra)
+    cfg.MODEL.TEACHER.CONFIG_FILE, cfg.MODEL.TEACHER.WEIGHTS = str(t_yaml), str(t_w)
+    with pytest.raises(ValueError, match="KD on RoI logits .* the teacher has RetinaNet"):
+        build_model(cfg)
+
+
+def test_a_method_with_weight_0_is_off_and_names_are_listed_once(teachers):
+    cfg = _cfg(teachers, "rcnn", ["reviewkd", "cwd"])
+    cfg.MODEL.TRANSFER.WEIGHTS = [0.0, 1.0]  # reviewkd off: its MID_CHANNELS must not count
+    model = build_model(cfg)
+    assert list(model.distill.regressors) == []
+    assert set(_step(model.train(), _batch())) >= {"loss_cwd"}
+    cfg.MODEL.TRANSFER.NAMES, cfg.MODEL.TRANSFER.WEIGHTS = ["fgd", "fgd"], [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"MODEL.TRANSFER.NAMES .* lists \['fgd'\] more than"):
+        build_model(cfg)
+
+
 @pytest.mark.parametrize("kind", ["rcnn", "retina"])
 def test_resume_restores_learned_modules_and_export_drops_them(teachers, kind, tmp_path):
     names = ["mgd", "fgd", "reviewkd"]

@@ -109,7 +109,12 @@ def distill_config(cfg) -> dict:
     if len(names) != len(weights):
         raise ValueError(f"MODEL.TRANSFER.NAMES {names} and MODEL.TRANSFER.WEIGHTS {weights} "
                          "must have the same length")
-    transfer_args, module_args, warmup_iters = _method_args(cfg, names)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # one loss_<name> and one set of modules per name: a second would replace it
+        raise ValueError(f"MODEL.TRANSFER.NAMES {names} lists {repeated} more than once")
+    # the arguments of the losses that are on: a weight-0 entry is dropped, its modules too
+    transfer_args, module_args, warmup_iters = _method_args(
+        cfg, [n for n, w in zip(names, weights) if float(w) != 0])
     d = cfg.MODEL.DISTILL
     return {
         "student_features": list(d.STUDENT_FEATURES),

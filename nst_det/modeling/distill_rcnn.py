@@ -61,7 +61,8 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
         super().__init__(**kwargs)
         self._init_distill(distill)
         if distill.uses_logits:
-            check_kd_heads(self.roi_heads, distill.teacher.roi_heads)
+            # a teacher without RoI heads (e.g. a RetinaNet) is named by its own type
+            check_kd_heads(self.roi_heads, getattr(distill.teacher, "roi_heads", distill.teacher))
         if distill.needs("target") and not isinstance(self.roi_heads, StandardROIHeads):
             raise ValueError(
                 "a loss on RoI logits with targets (e.g. dkd) needs the sampled proposals' "
