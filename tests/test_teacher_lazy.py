@@ -241,6 +241,10 @@ def test_lazy_teacher_opts_and_own_preprocessing(tmp_path):
     cfg.MODEL.TEACHER.OPTS = ["model.input_format=L"]  # no conversion from grey to RGB
     with pytest.raises(ValueError, match="only RGB <-> BGR"):
         build_model(cfg)
+    cfg.MODEL.TEACHER.OPTS = []
+    py.write_text(TINY_LAZY.replace('input_format="RGB",', ""))  # unknown: it might want BGR
+    with pytest.raises(ValueError, match="has no input_format.*model.input_format"):
+        build_model(cfg)
 
 
 def test_lazy_teacher_loads_strictly(tmp_path):

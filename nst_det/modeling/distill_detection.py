@@ -132,7 +132,11 @@ class DetectorDistillMixin:
         """
         mine = getattr(self, "input_format", None)
         theirs = getattr(teacher, "input_format", None)
-        if mine is None or theirs is None or mine == theirs:
+        if theirs is None and mine is not None:  # e.g. a LazyConfig that leaves it out
+            raise ValueError(f"the teacher ({type(teacher).__name__}) has no input_format, so "
+                             f"whether it reads the student's {mine!r} images is unknown: set "
+                             "model.input_format ('RGB' or 'BGR') in its LazyConfig")
+        if mine is None or mine == theirs:
             return False
         if {mine, theirs} == {"RGB", "BGR"}:
             return True
