@@ -92,6 +92,32 @@ def test_unknown_node_lists_available_nodes(classifiers):
         build_classifier("mobilenet_v9", 5)
 
 
+def test_only_channels_first_maps_are_nodes_and_fixed_size_models_are_named(classifiers):
+    channels = classifiers["convnext_tiny"].feature_channels
+    # inside a ConvNeXt block the map is permuted to [B, h, w, C]: its "channels" would be h
+    assert channels["features.1"] == 96 and "features.1.0.block.2" not in channels
+    # block.0 (a conv) and block.6 (the permute back) are maps; block.1-5 are channels-last
+    assert [n for n in channels if n.startswith("features.1.0.block.")] == [
+        "features.1.0.block.0", "features.1.0.block.6"]
+    assert channels["features.1.0.block.6"] == 96
+    with pytest.raises(ValueError, match="VisionTransformer: its feature nodes cannot be probed"):
+        build_classifier("vit_b_16", 5)
+
+
+def test_frozen_prefixes_freeze_whole_blocks_with_their_bn_statistics():
+    b = TorchvisionBackbone("mobilenet_v3_small", ["features.11"], "BN",
+                            ["features.0", "features.1."]).train()
+    frozen = {n.split(".")[1] for n, p in b.named_parameters() if not p.requires_grad}
+    assert frozen == {"0", "1"}  # not features.10 and .11: whole components only
+    stem_bn, later_bn = b.get_submodule("features.0.1"), b.get_submodule("features.2.block.0.1")
+    before = stem_bn.running_mean.clone(), later_bn.running_mean.clone()
+    b(torch.randn(2, 3, 64, 64))
+    assert torch.equal(stem_bn.running_mean, before[0])  # frozen block: fixed statistics
+    assert not torch.equal(later_bn.running_mean, before[1])  # trained block: BN still learns
+    with pytest.raises(ValueError, match=r"FROZEN_PREFIXES .*\['feature.0'\] match no"):
+        TorchvisionBackbone("mobilenet_v3_small", ["features.3"], "BN", ["feature.0"])
+
+
 def test_conversion_keeps_torchvision_keys_and_checks_strictly(classifiers):
     state = classifiers["mobilenet_v3_large"].state_dict()
     assert detect_family(state) == "torchvision"

@@ -76,21 +76,33 @@ def available_nodes(model: nn.Module) -> List[str]:
 def node_shapes(model: nn.Module) -> Dict[str, ShapeSpec]:
     """{node name: ShapeSpec(channels, stride)} of every node with a [B, C, h, w] map output.
 
-    Measured on one probe image (eval mode, no grad); a module path has the shape of the last
-    leaf node inside it (torchvision's rule for prefixes).
+    Measured on two probe images of different heights (eval mode, no grad): a map's channels
+    stay and its height follows the input's, which tells a channels-last [B, h, w, C] output
+    (Swin, inside ConvNeXt blocks) from a map. A module path has the shape of the last leaf
+    node inside it (torchvision's rule for prefixes).
     """
     leaves = _leaf_nodes(model)
     was_training = model.training
-    extractor = create_feature_extractor(model.eval(), {n: n for n in leaves})
-    with torch.no_grad():
-        param = next(model.parameters())
-        out = extractor(torch.zeros(1, 3, _PROBE, _PROBE, dtype=param.dtype, device=param.device))
-    model.train(was_training)
+    param = next(model.parameters())
+    try:
+        extractor = create_feature_extractor(model.eval(), {n: n for n in leaves})
+        with torch.no_grad():
+            out, taller = (extractor(torch.zeros(1, 3, h, _PROBE, dtype=param.dtype,
+                                                 device=param.device))
+                           for h in (_PROBE, _PROBE * 3 // 2))
+    except Exception as e:  # e.g. ViT, MaxViT, Inception-v3: a fixed or minimum input size
+        raise ValueError(f"{type(model).__name__}: its feature nodes cannot be probed with "
+                         f"{_PROBE}-pixel images ({type(e).__name__}: {e}); torchvision models "
+                         "that need a fixed input size are not supported") from None
+    finally:
+        model.train(was_training)
     shapes = {}
     for leaf in leaves:
-        t = out[leaf]
+        t, t2 = out[leaf], taller[leaf]
         if not (torch.is_tensor(t) and t.dim() == 4) or t.shape[-2:].numel() == 1:
             continue  # not a map, or globally pooled
+        if t2.shape[1] != t.shape[1] or t2.shape[2] * 2 != t.shape[2] * 3:
+            continue  # not [B, C, h, w]: channels-last, or not a map of the image
         stride = 2 ** round(math.log2(_PROBE / t.shape[-2]))
         spec = ShapeSpec(channels=t.shape[1], stride=stride)
         parts = leaf.split(".")
@@ -102,8 +114,7 @@ def node_shapes(model: nn.Module) -> Dict[str, ShapeSpec]:
         parts = leaf.split(".")
         for i in range(1, len(parts) + 1):
             last[".".join(parts[:i])] = leaf
-    return {k: v for k, v in shapes.items()
-            if out[last[k]].dim() == 4 and out[last[k]].shape[-2:].numel() > 1}
+    return {k: v for k, v in shapes.items() if last[k] in shapes}
 
 
 def check_nodes(names: Sequence[str], shapes: Dict[str, ShapeSpec], arch: str, what: str):

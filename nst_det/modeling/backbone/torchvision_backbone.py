@@ -49,8 +49,10 @@ class TorchvisionBackbone(Backbone):
         out_features: node names to return (see `nst_det.modeling.torchvision_graph`).
         norm: "FrozenBN" (every BatchNorm2d becomes detectron2's FrozenBatchNorm2d, the usual
             choice for detection fine-tuning with small batches) or "BN" (kept trainable).
-        frozen_prefixes: parameters whose names start with one of these are not trained
-            (e.g. ["features.0", "features.1"] for the stem of a MobileNet).
+        frozen_prefixes: module paths (or parameter names) whose parameters are not trained,
+            matched by whole components ("features.1" is not "features.10"), e.g.
+            ["features.0", "features.1"] for the stem of a MobileNet; their BatchNorms become
+            FrozenBatchNorm2d as detectron2's FREEZE_AT makes them (statistics fixed too).
     Shapes:
         [B, 3, H, W] -> {node: [B, C, ceil(H / stride), ceil(W / stride)]} (output_shape()).
     """
@@ -66,14 +68,27 @@ class TorchvisionBackbone(Backbone):
         model = build_torchvision_model(arch)
         shapes = node_shapes(model)
         check_nodes(out_features, shapes, arch, "MODEL.TORCHVISION.OUT_FEATURES")
+        frozen = [p.rstrip(".") for p in frozen_prefixes]
         if norm == "FrozenBN":
             model = FrozenBatchNorm2d.convert_frozen_batchnorm(model)
+        else:  # frozen blocks keep their BN statistics too
+            for path in [p for p in frozen if p in dict(model.named_modules())]:
+                parent, _, child = path.rpartition(".")
+                setattr(model.get_submodule(parent), child,
+                        FrozenBatchNorm2d.convert_frozen_batchnorm(model.get_submodule(path)))
         graph = feature_extractor(model, {n: n for n in out_features})
         self._graph = (graph,)  # executed; its submodules are ours (same objects)
         adopt_children(self, graph)
+        matched = set()
         for name, p in self.named_parameters():
-            if name.startswith(tuple(frozen_prefixes)):
+            hits = {f for f in frozen if name == f or name.startswith(f + ".")}
+            matched |= hits
+            if hits:
                 p.requires_grad_(False)
+        if set(frozen) - matched:
+            raise ValueError(f"MODEL.TORCHVISION.FROZEN_PREFIXES {list(frozen_prefixes)}: "
+                             f"{sorted(set(frozen) - matched)} match no parameter of the "
+                             f"{arch} backbone (module paths such as 'features.0')")
         self._out_features = list(out_features)
         self._out_feature_channels = {f: shapes[f].channels for f in out_features}
         self._out_feature_strides = {f: shapes[f].stride for f in out_features}
