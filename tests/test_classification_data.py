@@ -28,6 +28,26 @@ def test_missing_imagefolder_is_a_clear_error(tmp_path):
         load_imagefolder(str(tmp_path / "nowhere"))
 
 
+def test_imagefolder_lists_sub_folders_as_torchvision_and_refuses_an_empty_class(tmp_path):
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    for rel in ("a/x.png", "b/batch1/x.png", "b/y.png", "b/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".png"):
+            Image.new("RGB", (4, 4)).save(tmp_path / rel)
+        else:
+            (tmp_path / rel).write_text("not an image")
+    dicts, classes = load_imagefolder(str(tmp_path))
+    reference = ImageFolder(str(tmp_path))
+    assert classes == reference.classes == ["a", "b"]
+    assert [(d["file_name"], d["label"]) for d in dicts] == reference.samples
+    assert [d["image_id"] for d in dicts] == [0, 1, 2]
+    (tmp_path / "c").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"without images \['c'\]"):
+        load_imagefolder(str(tmp_path))
+
+
 def test_mapper_train_and_test_sizes(tmp_path):
     register_toy_imagefolder("tiny_cls_map", str(tmp_path / "cls"), seed=2, train_per_class=1,
                              val_per_class=1, size=40)

@@ -119,6 +119,18 @@ def test_converted_student_gives_same_backbone_features(
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-4)
 
 
+def test_the_tool_refuses_to_write_over_its_input(tmp_path, monkeypatch):
+    src = tmp_path / "model_final.pth"
+    _save_as_trainer_checkpoint(_student("resnet18"), src)
+    before = src.read_bytes()
+    (tmp_path / "link.pth").symlink_to(src)  # the same file under another name
+    for out in (src, tmp_path / "link.pth"):
+        monkeypatch.setattr(sys, "argv", ["convert_student_to_d2.py", str(src), str(out)])
+        with pytest.raises(SystemExit, match="would replace their source"):
+            runpy.run_path(str(REPO / "tools" / "convert_student_to_d2.py"), run_name="__main__")
+    assert src.read_bytes() == before
+
+
 def test_torchvision_state_dict_converts_and_head_is_dropped():
     state = _student("resnet18").state_dict()
     converted, skipped = convert_student(state)

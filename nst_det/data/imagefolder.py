@@ -31,25 +31,28 @@ TOY_CLS = {"seed": 0, "train_per_class": 200, "val_per_class": 60, "size": 48}
 
 
 def load_imagefolder(root: str) -> tuple[list[dict], list[str]]:
-    """List `<root>/<class>/<image>` files.
+    """List `<root>/<class>/<image>` files, images in sub-folders of a class folder included
+    (as torchvision's ImageFolder, following links).
 
     Returns:
-        (dataset dicts sorted by class then file name, sorted class names).
+        (dataset dicts sorted by class, then folder and file name; sorted class names).
     Raises:
-        FileNotFoundError: `root` is missing or has no class folder with images.
+        FileNotFoundError: `root` is missing, or a class folder holds no image.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"ImageFolder root not found: {root!r} (see datasets/README.md)")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    dicts = []
+    dicts, empty = [], []
     for label, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMG_EXTENSIONS))
-        for f in files:
-            dicts.append({"file_name": os.path.join(folder, f), "image_id": len(dicts),
-                          "label": label})
-    if not dicts:
-        raise FileNotFoundError(f"no images under {root!r} (expected <root>/<class>/<image>)")
+        files = [os.path.join(folder, f)
+                 for folder, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True))
+                 for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
+        empty += [name] if not files else []
+        dicts += [{"file_name": f, "image_id": len(dicts) + i, "label": label}
+                  for i, f in enumerate(files)]
+    if empty or not classes:
+        raise FileNotFoundError(f"{root!r}: class folders without images {empty} (expected "
+                                f"<root>/<class>/<image>, extensions {IMG_EXTENSIONS})")
     return dicts, classes
 
 

@@ -226,6 +226,10 @@ def classifier_file_to_d2(src: str, dst: str, family: str | None = None,
     """
     from .classification.weights import read_classifier_file
 
+    # (the training checkpoint, its head and optimizer state, would be lost)
+    if os.path.exists(src) and os.path.exists(dst) and os.path.samefile(src, dst):
+        raise ValueError(f"the detectron2 weights would replace their source {src}: give "
+                         "another output file")
     state, not_student = read_classifier_file(src, what)
     family = student_family(state, family, arch)
     converted, skipped = convert_student(state, family, arch)
