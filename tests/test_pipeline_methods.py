@@ -3,6 +3,7 @@ and the report's methods table from fabricated stage records."""
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from nst_det.pipeline.calibrate import (
     weights_from,
 )
 from nst_det.pipeline.methods import (
+    CALIBRATION,
     DETECTION,
     METHODS,
     add_method_stages,
@@ -34,7 +36,9 @@ from nst_det.pipeline.plan import (
     Stage,
     build_plan,
 )
+from nst_det.pipeline.records import STAGE_FILE, definition
 from nst_det.pipeline.report_methods import methods_section
+from nst_det.pipeline.run import PipelineRunner
 
 REPO = Path(__file__).resolve().parents[1]
 NST_CONFIG = str(REPO / TOY_CONFIGS.det_student_nst)
@@ -70,7 +74,8 @@ def test_method_stages_differ_from_the_distillation_stage_only_by_the_loss(tmp_p
     assert len(stages) == len(plan) + 2 + 2 * 2
     for method, slug in (("nst_poly", "nst_poly"), ("kd+nst", "kd_nst")):
         calib = by_name[f"calibrate_{slug}"]
-        assert calib.kind == "calibrate" and calib.inputs == {"method": method}
+        assert calib.kind == "calibrate"
+        assert calib.inputs == {"method": method, "rule": CALIBRATION}
         for seed in (0, 1):
             run, base = by_name[f"det_method_{slug}_s{seed}"], by_name[f"det_plain_detnst_s{seed}"]
             assert run.config == str(tmp_path / f"calibrate_{slug}" / "method.yaml")
@@ -79,11 +84,38 @@ def test_method_stages_differ_from_the_distillation_stage_only_by_the_loss(tmp_p
             assert run.opts == [*same, "OUTPUT_DIR", run.out_dir]
             assert set(run.after) == {*base.after, calib.name}
             assert run.meta == {"stage": "det", "role": "method", "method": method, "seed": seed}
-    # calibrations one after the other; the report waits for every method run
-    assert "calibrate_nst_poly" in by_name["calibrate_kd_nst"].after
+    # a calibration reads no other calibration; the report waits for every method run
+    assert by_name["calibrate_kd_nst"].after == by_name["det_plain_detnst_s0"].after
     assert "det_method_kd_nst_s1" in by_name["report"].after
     assert stages[-1].kind == "report"
     assert add_method_stages(plan, []) is plan
+
+
+def test_another_method_list_keeps_the_finished_method_runs_and_a_new_rule_redoes_them(
+        tmp_path, monkeypatch):
+    plan = build_plan(str(tmp_path), TOY_SCALES["ci"], TOY_CONFIGS)
+    for stage in add_method_stages(plan, ["nst_poly", "kd+nst"]):  # all finished, as recorded
+        os.makedirs(stage.out_dir, exist_ok=True)
+        with open(os.path.join(stage.out_dir, STAGE_FILE), "w") as f:
+            json.dump({"name": stage.name, "metrics": {}, "seconds": 1.0, "run_id": stage.name,
+                       "inputs": {n: n for n in stage.after},
+                       "definition": definition(stage, str(tmp_path))}, f)
+
+    def states(methods):
+        runner = PipelineRunner(add_method_stages(plan, methods), {}, root=str(tmp_path))
+        return {name: state for name, (state, _, _) in runner.states().items()}
+
+    assert {n: s for n, s in states(["nst_poly", "kd+nst"]).items() if s != "done"} == {}
+    # kd+nst's calibration once followed nst_poly's: dropping or adding a method redid it;
+    # now only the summaries, which read every training run, are redone
+    assert {n for n, state in states(["kd+nst"]).items() if state != "done"} == {
+        "export", "report"}
+    grown = states(["nst_poly", "sp", "kd+nst"])
+    assert {n for n, state in grown.items() if state != "done"} == {
+        "calibrate_sp", "det_method_sp_s0", "export", "report"}
+    monkeypatch.setitem(CALIBRATION, "fraction", 0.5)  # another rule: the weights are redone
+    assert {n for n, state in states(["kd+nst"]).items() if state != "done"} == {
+        "calibrate_kd_nst", "det_method_kd_nst_s0", "export", "report"}
 
 
 def test_the_detection_methods_are_on_the_methods_axis():

@@ -110,13 +110,40 @@ def test_selected_stages_are_the_named_ones_and_what_they_read(tmp_path):
     (["--weight-grid"], "--weight-grid picks the loss weight of each of --methods"),  # ignored
 ])
 def test_bad_pipeline_arguments_are_refused_by_name(args, says, capsys):
+    tool = _run_pipeline_tool()
+    assert tool.parse_args(["--seeds", "2,0,1", "--jobs", "3"]).seeds == (2, 0, 1)
+    with pytest.raises(SystemExit):
+        tool.parse_args(args)
+    assert says in capsys.readouterr().err
+
+
+def _run_pipeline_tool():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("nst_run_pipeline",
                                                   REPO / "tools" / "run_pipeline.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.parse_args(["--seeds", "2,0,1", "--jobs", "3"]).seeds == (2, 0, 1)
-    with pytest.raises(SystemExit):
-        tool.parse_args(args)
-    assert says in capsys.readouterr().err
+    return tool
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--toy-students", "retinanet", "--methods", "dkd"], "method 'dkd' has no retinanet"),
+    (["--paper", "--methods", "nst_poly", "--weight-grid"], "--weight-grid needs a validation"),
+])
+def test_options_that_do_not_fit_the_plan_are_named_without_a_traceback(args, says, tmp_path,
+                                                                       monkeypatch):
+    tool = _run_pipeline_tool()
+    monkeypatch.setattr(tool, "exit_on_sigterm", lambda: None)  # pytest's own handler stays
+    with pytest.raises(SystemExit, match=says):  # a ValueError's traceback before
+        tool.main(["--output", str(tmp_path), "--status", *args])
+
+
+def test_local_stages_see_the_gpu_at_one_gpu(monkeypatch):
+    tool = _run_pipeline_tool()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    # submitit's local executor hides the GPUs of a job given none: --num-gpus 1 gave none
+    assert tool.cluster_settings(tool.parse_args([])).gpus == {"default": 1}
+    assert tool.cluster_settings(tool.parse_args(["--num-gpus", "2"])).gpus == {"default": 2}
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert tool.cluster_settings(tool.parse_args([])).gpus == {}

@@ -158,7 +158,7 @@ def test_what_reads_a_stage_run_again_is_redone(tmp_path):
 def test_jobs_overlap_independent_stages_respect_dependencies_and_limit(tmp_path):
     a, b = (_stage(tmp_path, n, sleep=4) for n in "ab")
     c = _stage(tmp_path, "c", after=["a"], sleep=0)
-    d = _stage(tmp_path, "d", sleep=0)  # a third training stage: waits for a free job slot
+    d = _stage(tmp_path, "d", "calibrate", sleep=0)  # a calibration: waits for a job slot too
     _runner([a, b, c, d], jobs=2).run()
     when = _events(tmp_path)
     assert when["start", "b"] < when["end", "a"] and when["start", "a"] < when["end", "b"]

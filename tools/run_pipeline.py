@@ -208,7 +208,7 @@ def cluster_settings(args) -> ClusterSettings:
     if args.num_gpus > 1:  # detectron2's flag: processes (GPUs) per training stage
         tasks = {"default": args.num_gpus, **tasks}
     gpus = pick("gpus")
-    if args.cluster == "local" and args.num_gpus > 1 and not gpus:
+    if args.cluster == "local" and not gpus:  # (submitit hides the GPUs of a job given none)
         import torch
 
         gpus = {"default": args.num_gpus} if torch.cuda.is_available() else {}
@@ -246,18 +246,15 @@ def main(argv=None):
     stages = build_plan(args.output, scale,
                         PAPER_CONFIGS if args.paper else TOY_PLANS[args.toy_students],
                         train_opts=amp_opts(args.amp, args.paper))
-    stages = add_method_stages(stages, parse_methods(args.methods),
-                               weight_grid=args.weight_grid, controls=args.controls)
-    if args.methods_only:
-        try:
+    try:  # options that do not fit the plan (e.g. dkd on RetinaNet) are named, no traceback
+        stages = add_method_stages(stages, parse_methods(args.methods),
+                                   weight_grid=args.weight_grid, controls=args.controls)
+        if args.methods_only:
             stages = methods_benchmark_only(stages)
-        except ValueError as e:
-            sys.exit(str(e))
-    if args.stages:
-        try:
+        if args.stages:
             stages = select_stages(stages, [n.strip() for n in args.stages.split(",")])
-        except ValueError as e:
-            sys.exit(str(e))
+    except ValueError as e:
+        sys.exit(str(e))
     handlers = {
         "calibrate": calibrate_stage,
         "export": lambda stage: export_stage(stage, stages),

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 
 from ..utils.atomic import atomic_write
-from .methods import CALIBRATION, loss_keys, method_opts
+from .methods import loss_keys, method_opts
 from .plan import Stage
 
 __all__ = ["calibrate_stage", "weights_from", "opts_to_yaml", "method_loss_step",
@@ -192,7 +192,7 @@ def calibrate_stage(stage: Stage) -> dict:
     from ..config import load_config
     from ..engine import TRAINER_REGISTRY
 
-    method = stage.inputs["method"]
+    method, rule = stage.inputs["method"], stage.inputs["rule"]  # the rule the plan recorded
     cfg = load_config(stage.config, stage.opts)
     cfg.freeze()
     os.makedirs(stage.out_dir, exist_ok=True)
@@ -203,10 +203,10 @@ def calibrate_stage(stage: Stage) -> dict:
     model.train()
     keys = loss_keys(method)
     data = iter(trainer_cls.build_train_loader(cfg))
-    detection, raw, recorded = measure(model, itertools.islice(data, CALIBRATION["batches"]),
+    detection, raw, recorded = measure(model, itertools.islice(data, rule["batches"]),
                                        keys)
     del data
-    weights = weights_from(detection, raw, CALIBRATION["fraction"])
+    weights = weights_from(detection, raw, rule["fraction"])
     loss_ms = time_method_loss(model, recorded)
     opts = method_opts(method, weights, stage.inputs.get("detector"))
     with atomic_write(os.path.join(stage.out_dir, "method.yaml"), "w") as f:
@@ -214,7 +214,7 @@ def calibrate_stage(stage: Stage) -> dict:
     record = {
         "method": method, "rule": "weight = fraction * mean detection loss / mean loss at "
         "weight 1, over the first batches of the initial model (no optimizer step)",
-        **{k: CALIBRATION[k] for k in ("fraction", "batches")},
+        **{k: rule[k] for k in ("fraction", "batches")},
         "detection_loss": detection, "loss_at_weight_1": raw, "weights": weights,
         "loss_ms": loss_ms,
         "loss_ms_inputs": {name: _shapes(args) for name, (args, _) in recorded.items()},

@@ -227,19 +227,21 @@ def add_method_stages(stages: list, methods: list, seeds=None, weight_grid: bool
         test = (ast.literal_eval(opts["DATASETS.TEST"]) if "DATASETS.TEST" in opts
                 else reference_cfg.DATASETS.TEST)
         minival = grid.minival_name(test[0]) if weight_grid else ""
-    new, previous = [], []
+    new = []
     for method in methods:
         slug = method_slug(method)
         calib_dir = os.path.join(out_root, f"calibrate_{slug}")
         base_opts = _without(reference.opts, ("OUTPUT_DIR",))
-        inputs = {"method": method, **({"detector": detector} if method in DETECTION else {})}
-        # one calibration at a time (each loads student and teacher): chained, not side by side
+        # the rule is part of the stage's definition: a changed rule redoes the calibration
+        inputs = {"method": method, "rule": dict(CALIBRATION),
+                  **({"detector": detector} if method in DETECTION else {})}
+        # `after` holds only what it reads (the runner redoes a stage when one of those ran
+        # again); --jobs, not a chain, keeps calibrations from crowding the machine
         new.append(Stage(
             f"calibrate_{slug}", "calibrate", calib_dir, reference.config,
             [*base_opts, *method_opts(method, detector=detector), "OUTPUT_DIR", calib_dir],
-            inputs=inputs, after=[*reference.after, *previous],
+            inputs=inputs, after=list(reference.after),
             meta={"stage": "det", "role": "calibration", "method": method}))
-        previous = [f"calibrate_{slug}"]
         # the config the method's seeds train from, and the stages that write it
         config, chosen_by = os.path.join(calib_dir, "method.yaml"), [f"calibrate_{slug}"]
         if weight_grid:

@@ -4,9 +4,9 @@ The plan is data (`plan.Stage`), handed to existing launchers: each unfinished s
 submitit job (`worker.StageJob`). On SLURM the plan is submitted at once, each stage `afterok`
 the unfinished stages it reads, and SLURM cancels the dependents of a failed one. Locally,
 `graphlib.TopologicalSorter` releases a stage once the stages it reads have finished; ready
-stages start in plan order, at most `jobs` training stages at a time. A stage is finished when
-its record (`stage.json`) exists, the stages it reads are the runs it recorded and its
-definition is the one recorded, so a rerun redoes only what is unfinished or stale: training
+stages start in plan order, at most `jobs` training or calibration stages at a time. A stage is
+finished when its record (`stage.json`) exists, the stages it reads are the runs it recorded and
+its definition is the one recorded, so a rerun redoes only what is unfinished or stale: training
 resumes from its last checkpoint, or, for a stale stage, starts afresh beside the previous run.
 One local run at a time works in a plan's folders (a file lock, and no job of an earlier run).
 """
@@ -36,7 +36,8 @@ __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
 
 JOB_FILE = "job.json"  # in a stage's submitit folder: the last job submitted for it
 LOCK_FILE = ".pipeline.lock"  # in the plan's root folder: held by the local run using it
-HEAVY = ("train", "evaluate")  # the kinds --jobs limits (others are short, single-threaded)
+TRAINING = ("train", "evaluate")  # the kinds that get a training stage's processes and GPUs
+HEAVY = (*TRAINING, "calibrate")  # the kinds --jobs limits (others are short, single-threaded)
 # for the ETA (2-core CPU): seconds per iteration until a stage of the kind reports its pace,
 # and a stage's seconds besides its iterations (start-up, evaluation, writing)
 PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
@@ -134,7 +135,7 @@ class PipelineRunner:
             os.rename(stage.out_dir, aside)
             print(f"{self._labels[stage.name]} redone from scratch (it or what it reads changed); "
                   f"its previous run moved to {aside}", flush=True)
-        kind = stage.meta.get("stage", "other") if stage.kind in HEAVY else "other"
+        kind = stage.meta.get("stage", "other") if stage.kind in TRAINING else "other"
         executor, threads = stage_executor(self.settings, kind, self._job_folder(stage),
                                            f"nst_det:{stage.name}", after_ids)
         work = StageJob(stage, self.handlers.get(stage.kind),

@@ -207,14 +207,11 @@ def pipeline(ctx) -> dict:
     if ctx["tiny"]:
         stages = [replace(s, after=[a for a in s.after if a in TINY_PIPELINE])
                   for s in stages if s.name in TINY_PIPELINE]
-    settings, note = rp.cluster_settings(args), ""
-    if ctx["device"].startswith("cuda") and not settings.gpus:
-        # run_pipeline gives local stages GPUs only for --num-gpus > 1, and submitit's local
-        # executor then sets CUDA_VISIBLE_DEVICES="" for every stage: on one GPU the stages
-        # would not see it. The check gives each stage GPU 0 and reports that it had to.
-        settings = replace(settings, gpus={"default": 1})
-        note = ("tools/run_pipeline.py gives local stages no GPU at --num-gpus 1 (submitit: "
-                "CUDA_VISIBLE_DEVICES=''); this run gave each stage GPU 0")
+    settings = rp.cluster_settings(args)
+    if ctx["device"].startswith("cuda") and settings.gpus != {"default": 1}:
+        raise RuntimeError(f"tools/run_pipeline.py gives the local stages GPUs {settings.gpus} "
+                           "at --num-gpus 1 on a GPU machine, not {'default': 1}: submitit "
+                           "hides the GPU from a job given none")
     handlers = {"export": lambda stage: export_stage(stage, stages),
                 "report": lambda stage: write_report(stages, stage.out_dir)}
     start = time.perf_counter()
@@ -236,9 +233,8 @@ def pipeline(ctx) -> dict:
         raise RuntimeError(f"export not verified: {export}")
     report = out / "report.md"
     m = {"stages": len(stages), "wall_s": round(wall, 1), "ap50": ap50, "export": export,
-         "report": str(report) if report.is_file() else None, "output": str(out),
-         "note": note}
-    rows = [[n, f"AP50 {v:.1f}"] for n, v in ap50.items()] + ([["note", note]] if note else [])
+         "report": str(report) if report.is_file() else None, "output": str(out)}
+    rows = [[n, f"AP50 {v:.1f}"] for n, v in ap50.items()]
     return {"summary": f"{len(stages)} stages on {ctx['device']} in {wall:.0f} s; export "
                        f"({export['student']}) checkpoint + ONNX verified"
                        f"{'; report.md written' if m['report'] else ''}",
