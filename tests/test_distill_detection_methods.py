@@ -134,6 +134,16 @@ def test_kd_on_roi_logits_refuses_a_teacher_without_roi_heads(teachers, extra):
         build_model(cfg)
 
 
+def test_reviewkd_needs_its_pairs_finest_first(teachers):
+    cfg = _cfg(teachers, "rcnn", ["reviewkd"])
+    assert cfg.MODEL.DISTILL.STUDENT_FEATURES == ["p2", "p3", "p4", "p5", "p6"]
+    build_model(cfg)
+    cfg.MODEL.DISTILL.STUDENT_FEATURES = cfg.MODEL.DISTILL.TEACHER_FEATURES = [
+        "p6", "p5", "p4", "p3", "p2"]
+    with pytest.raises(ValueError, match=r"'reviewkd'.*finest first \(student strides \[64"):
+        build_model(cfg)
+
+
 def test_a_method_with_weight_0_is_off_and_names_are_listed_once(teachers):
     cfg = _cfg(teachers, "rcnn", ["reviewkd", "cwd"])
     cfg.MODEL.TRANSFER.WEIGHTS = [0.0, 1.0]  # reviewkd off: its MID_CHANNELS must not count

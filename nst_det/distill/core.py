@@ -253,6 +253,12 @@ class DistillationCore(nn.Module):
                     "MODEL.DISTILL.STUDENT_FEATURES / TEACHER_FEATURES differ: pair features of "
                     "one width (e.g. FPN levels of the same MODEL.FPN.OUT_CHANNELS), or use a "
                     "loss with an adapter (fitnet, mgd, fgd, defeat)")
+            strides = [p.student_stride for p in self.feature_pairs]
+            if t.all_pairs and strides != sorted(strides):  # it fuses coarse to fine by position
+                raise ValueError(
+                    f"MODEL.TRANSFER.NAMES has {t.name!r}, which fuses the pairs' levels along "
+                    "their order: list MODEL.DISTILL.STUDENT_FEATURES / TEACHER_FEATURES finest "
+                    f"first (student strides {strides})")
             if t.module_arg is None:
                 continue
             build = get_transfer_loss(t.name).build_module
