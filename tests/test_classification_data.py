@@ -63,6 +63,10 @@ def test_mapper_train_and_test_sizes(tmp_path):
     assert test_out["image"].shape == (3, 32, 32)
     again = ClassificationDatasetMapper(cfg, is_train=False)(d)
     assert torch.equal(test_out["image"], again["image"])  # deterministic at test time
+    cfg.INPUT.CLS.TEST_RESIZE = 28  # a crop larger than the image was padded with black
+    with pytest.raises(ValueError, match="INPUT.CLS.TEST_RESIZE 28 is smaller than "
+                                         "INPUT.CLS.TEST_CROP_SIZE 32"):
+        ClassificationDatasetMapper(cfg, is_train=False)
 
 
 def test_topk_evaluator():

@@ -41,6 +41,10 @@ class ClassificationDatasetMapper:
             if c.HFLIP:
                 steps.append(T.RandomHorizontalFlip())
         else:
+            if c.TEST_RESIZE < c.TEST_CROP_SIZE:  # CenterCrop would pad the image with zeros
+                raise ValueError(f"INPUT.CLS.TEST_RESIZE {c.TEST_RESIZE} is smaller than "
+                                 f"INPUT.CLS.TEST_CROP_SIZE {c.TEST_CROP_SIZE}: the crop is "
+                                 "taken from the resized image (e.g. 256 -> 224)")
             steps = [T.Resize(c.TEST_RESIZE, antialias=True), T.CenterCrop(c.TEST_CROP_SIZE)]
         return {"is_train": is_train, "image_format": cfg.INPUT.FORMAT,
                 "transform": T.Compose(steps)}
