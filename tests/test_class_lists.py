@@ -134,6 +134,55 @@ def test_a_test_set_written_on_its_first_load_is_written_then_checked(tiny_voc, 
     assert (dirname / "ImageSets" / "Main" / "test.txt").is_file()
 
 
+def test_a_coco_test_set_written_on_its_first_load_is_written_then_checked(tiny_voc, tmp_path):
+    """The shipped toy COCO config refused its own test set on a fresh data root: the json is
+    written when the set is first loaded, and the COCO check did not load it."""
+    from nst_det.data.toy_coco import register_toy_coco
+
+    _, test = register_toy_coco(f"lazy_coco_{next(_names)}", str(tmp_path / "VOC2007"),
+                                str(tmp_path / "json"), seed=2, num_trainval=2, num_test=2)
+    assert not (tmp_path / "json").exists()
+    cfg = make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out")], data=(tiny_voc[0], test))
+    DetectionTrainer(cfg)
+    assert (tmp_path / "json" / "instances_test.json").is_file()
+
+
+def test_a_test_set_nst_det_cannot_evaluate_is_refused_before_training(tiny_voc, tmp_path):
+    name = f"lvis_like_{next(_names)}"  # e.g. an LVIS set: its evaluation failed after training
+    DatasetCatalog.register(name, lambda: DatasetCatalog.get(tiny_voc[1]))
+    MetadataCatalog.get(name).set(evaluator_type="lvis",
+                                  thing_classes=MetadataCatalog.get(tiny_voc[1]).thing_classes)
+    try:
+        cfg = make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(tmp_path / "out")],
+                       data=(tiny_voc[0], name))
+        with pytest.raises(NotImplementedError, match=rf"{name}' has evaluator_type 'lvis'"):
+            DetectionTrainer(cfg)
+        assert not (tmp_path / "out" / "model_final.pth").exists()
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_a_classifier_refuses_a_detection_set_before_training(tiny_voc, tmp_path):
+    classes = sorted(MetadataCatalog.get(tiny_voc[1]).thing_classes)  # ImageFolder's order
+    _imagefolder(tmp_path / "train", classes)
+    train = register_imagefolder(f"folder_train_{next(_names)}", str(tmp_path / "train"))
+    boxes = f"voc_sorted_{next(_names)}"  # a detection set naming the same classes
+    DatasetCatalog.register(boxes, lambda: DatasetCatalog.get(tiny_voc[1]))
+    MetadataCatalog.get(boxes).set(thing_classes=classes, evaluator_type="pascal_voc")
+    try:
+        cfg = load_config(str(CLS_TOY), ["MODEL.CLASSIFIER.NUM_CLASSES", str(len(classes)),
+                                         "DATASETS.TRAIN", f"('{train}',)"])
+        DatasetCatalog.get(train)
+        # the class lists agree; its records have boxes, no label: a KeyError after training
+        with pytest.raises(ValueError, match=rf"\['{boxes}'\]: record .* has no 'label'"):
+            ClassificationTrainer.check_test_set(cfg, boxes)
+    finally:
+        for name in (train, boxes):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
 # ---- every set a model trains or is evaluated on numbers its classes as the model does ----
 
 def _coco_trainer_cfg(tmp_path, tool_export, mutate_test=None, opts=()):

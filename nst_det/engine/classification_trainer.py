@@ -24,6 +24,12 @@ __all__ = ["ClassificationTrainer"]
 def _dataset_dicts(cfg, names) -> list[dict]:
     """The dicts of `names`, checked against cfg.MODEL.CLASSIFIER.NUM_CLASSES."""
     dicts = get_detection_dataset_dicts(names, filter_empty=False)
+    unlabelled = next((d for d in dicts if "label" not in d), None)
+    if unlabelled is not None:  # e.g. a detection set
+        raise ValueError(f"{list(names)}: record {unlabelled.get('file_name')!r} has no 'label': "
+                         "a classifier trains and is evaluated on image-level labels, an "
+                         "ImageFolder set (imagenet_*, toy_cls_*, or one registered with "
+                         "nst_det.data.imagefolder.register_imagefolder)")
     top = max(d["label"] for d in dicts)
     if top >= cfg.MODEL.CLASSIFIER.NUM_CLASSES:
         raise ValueError(f"{names} has label {top} but MODEL.CLASSIFIER.NUM_CLASSES is "
@@ -61,6 +67,13 @@ class ClassificationTrainer(ReliableTrainer):
     @classmethod
     def num_classes(cls, cfg) -> tuple[int, str]:
         return cfg.MODEL.CLASSIFIER.NUM_CLASSES, "MODEL.CLASSIFIER.NUM_CLASSES"
+
+    @classmethod
+    def check_test_set(cls, cfg, dataset_name: str) -> None:
+        """ReliableTrainer's class-list check, and that the set's records have labels in range
+        (before training, not at its first evaluation)."""
+        super().check_test_set(cfg, dataset_name)
+        _dataset_dicts(cfg, [dataset_name])
 
     @classmethod
     def build_train_records(cls, cfg):

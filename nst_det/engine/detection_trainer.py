@@ -9,7 +9,7 @@ from detectron2.utils import comm
 
 from ..data.coco_checked import check_coco_evaluable
 from ..data.voc_checked import check_voc_evaluable
-from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric
+from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric, evaluator_type
 from ..modeling.teacher import build_teacher_cfg, is_lazy_config, resolve_teacher_config
 from ..utils.dist import unwrap_ddp
 from .best_checkpoint import ResumableBestCheckpointer
@@ -72,15 +72,15 @@ class DetectionTrainer(ReliableTrainer):
 
     @classmethod
     def check_test_set(cls, cfg, dataset_name: str) -> None:
-        """ReliableTrainer's class-list check, and that the evaluation can read every annotation
-        of the set: detectron2's VOC evaluation (`check_voc_evaluable`) or pycocotools'
-        (`check_coco_evaluable`)."""
+        """ReliableTrainer's class-list check, that nst_det evaluates the set's evaluator_type,
+        and that the evaluation can read every annotation of the set: detectron2's VOC
+        evaluation (`check_voc_evaluable`) or pycocotools' (`check_coco_evaluable`)."""
         super().check_test_set(cfg, dataset_name)
-        meta = MetadataCatalog.get(dataset_name)
-        if meta.get("evaluator_type") == "pascal_voc":
-            DatasetCatalog.get(dataset_name)  # a generated set (the toy ones) is written on load
+        kind, meta = evaluator_type(dataset_name), MetadataCatalog.get(dataset_name)
+        DatasetCatalog.get(dataset_name)  # a generated set (the toy ones) is written on load
+        if kind == "pascal_voc":
             check_voc_evaluable(meta.dirname, meta.split)
-        elif meta.get("evaluator_type") == "coco" and meta.get("json_file"):
+        elif meta.get("json_file"):
             check_coco_evaluable(meta.json_file)
 
     @staticmethod

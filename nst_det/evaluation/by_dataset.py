@@ -13,7 +13,8 @@ from detectron2.evaluation import COCOEvaluator
 
 from .voc_per_class import PerClassVOCEvaluator
 
-__all__ = ["build_dataset_evaluator", "compiled_ops_available", "default_best_metric"]
+__all__ = ["build_dataset_evaluator", "compiled_ops_available", "default_best_metric",
+           "evaluator_type"]
 
 
 def compiled_ops_available() -> bool:
@@ -31,7 +32,7 @@ def build_dataset_evaluator(dataset_name: str, output_dir: str | None = None):
     Raises:
         NotImplementedError: an evaluator_type nst_det does not evaluate (named, with the set).
     """
-    kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    kind = evaluator_type(dataset_name)
     if kind == "pascal_voc":
         return PerClassVOCEvaluator(dataset_name)
     if kind == "coco":
@@ -45,10 +46,17 @@ def build_dataset_evaluator(dataset_name: str, output_dir: str | None = None):
         # detectron2's fast COCOeval is a compiled op; pycocotools' own COCOeval gives the same AP
         return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_dir,
                              use_fast_impl=compiled_ops_available())
-    raise NotImplementedError(
-        f"data set {dataset_name!r} has evaluator_type {kind!r}; nst_det evaluates 'coco' and "
-        "'pascal_voc' data sets (register yours with DATASETS.COCO or DATASETS.VOC)"
-    )
+
+
+def evaluator_type(dataset_name: str) -> str:
+    """The set's metadata evaluator_type, "coco" or "pascal_voc", the detection evaluations
+    nst_det runs. Raises NotImplementedError naming the set for any other."""
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type")
+    if kind not in ("coco", "pascal_voc"):
+        raise NotImplementedError(
+            f"data set {dataset_name!r} has evaluator_type {kind!r}; nst_det evaluates 'coco' "
+            "and 'pascal_voc' data sets (register yours with DATASETS.COCO or DATASETS.VOC)")
+    return kind
 
 
 def default_best_metric(dataset_name: str) -> str:
