@@ -142,34 +142,47 @@ def test_an_evaluation_leaves_the_global_random_state_as_it_found_it(tmp_path, t
 
 def test_a_resumed_run_keeps_the_best_model_of_before_its_interruption(tmp_path, tiny_voc):
     """detectron2's BestCheckpointer kept its best metric in memory only: the first evaluation
-    after a resume replaced model_best.pth, however much worse it was."""
+    after a resume replaced model_best.pth, however much worse it was. The trainer's checkpoint
+    of an iteration is written before that iteration's evaluation, so it cannot hold it."""
     from detectron2.utils.events import EventStorage
 
     from nst_det.engine.best_checkpoint import ResumableBestCheckpointer
 
-    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "4"],
-                   data=tiny_voc[:2], output_dir=tmp_path / "out")
+    out = tmp_path / "out"
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER", "8",
+                                 "TEST.EVAL_PERIOD", "2"], data=tiny_voc[:2], output_dir=out)
 
-    def best_hook(trainer):
+    def at(iteration, trainer, ap50=None):
+        """The best hook of `trainer` at `iteration`: its start, or an evaluation's end."""
         (hook,) = [h for h in trainer._hooks if isinstance(h, ResumableBestCheckpointer)]
+        trainer.iter = iteration
+        if ap50 is None:
+            hook.before_train()
+        else:
+            with torch.no_grad():  # trained since the last evaluation (unchanged weights would
+                next(trainer.model.parameters()).add_(0.1)  # share model_best's file)
+            with EventStorage(iteration) as trainer.storage:
+                trainer.storage.put_scalar("bbox/AP50", ap50, smoothing_hint=False)
+                hook.after_step()
         return hook
 
+    def best_file_iteration():
+        return torch.load(out / "model_best.pth", weights_only=False)["iteration"]
+
     first = DetectionTrainer(cfg)
-    best_hook(first).best_metric, best_hook(first).best_iter = 1.212, 1  # its iteration-1 eval
-    state = first.state_dict()  # what its checkpoint holds
-    resumed = DetectionTrainer(cfg)
-    resumed.load_state_dict(state)
-    hook = best_hook(resumed)
-    assert (hook.best_metric, hook.best_iter) == (1.212, 1)
-    resumed.iter = 3  # the final evaluation, worse than the best
-    with EventStorage(3) as resumed.storage:
-        resumed.storage.put_scalar("bbox/AP50", 0.0, smoothing_hint=False)
-        hook.after_train()
-    assert not (tmp_path / "out" / "model_best.pth").exists()  # the best stays the earlier one
-    with EventStorage(3) as resumed.storage:
-        resumed.storage.put_scalar("bbox/AP50", 5.0, smoothing_hint=False)
-        hook.after_train()
-    assert (tmp_path / "out" / "model_best.pth").exists() and hook.best_iter == 3
+    at(0, first)
+    at(1, first, 1.212)  # evaluated after its checkpoint: only the record file knows it
+    at(3, first, 2.5)  # a better one, then the run is killed after iteration 3's evaluation
+    assert best_file_iteration() == 3
+    resumed = DetectionTrainer(cfg)  # from iteration 1's checkpoint: 2, 3, ... run again
+    hook = at(2, resumed)
+    assert (hook.best_iter, hook.best_metric) == (1, 1.212)
+    at(3, resumed, 0.5)  # worse than the best before iteration 2: model_best is kept
+    assert best_file_iteration() == 3 and hook.best_iter == 1
+    at(5, resumed, 1.5)
+    assert best_file_iteration() == 5 and (hook.best_iter, hook.best_metric) == (5, 1.5)
+    again = at(0, DetectionTrainer(cfg))  # a fresh run in the same folder forgets the record
+    assert again.best_metric is None and not json.loads((out / "model_best.json").read_text())
 
 
 def test_kd_from_a_teacher_trained_on_the_classes_in_another_order_is_refused(

@@ -101,7 +101,8 @@ class DetectionTrainer(ReliableTrainer):
         extra = []
         if comm.is_main_process():
             extra.append(ResumableBestCheckpointer(self.cfg.TEST.EVAL_PERIOD, self.checkpointer,
-                                                   self.best_metric(self.cfg)))
+                                                   self.best_metric(self.cfg),
+                                                   record_dir=self.cfg.OUTPUT_DIR))
         model = unwrap_ddp(self.model)
         teacher = getattr(model, "teacher", None)
         theirs = getattr(getattr(teacher, "roi_heads", teacher), "num_classes", None)
