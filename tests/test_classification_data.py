@@ -84,7 +84,7 @@ def test_topk_evaluator():
 def test_topk_counts_ties_and_non_finite_logits_against_the_image():
     """A collapsed head (constant logits) scored 100% (a tie went to the label), and so did NaN
     logits (every comparison with NaN is False): the model the report would publish."""
-    ev = ClassificationEvaluator("x", topk=(1, 2, 3))
+    ev = ClassificationEvaluator("x", topk=(1, 2, 3, 4))
     ev.reset()
     constant, nan = torch.zeros(3), torch.full((3,), float("nan"))
     tie = torch.tensor([2.0, 2.0, 0.0])  # the label ties one other class: top-2, not top-1
@@ -94,3 +94,4 @@ def test_topk_counts_ties_and_non_finite_logits_against_the_image():
     assert res["top1"] == 0.0  # no image has its label alone on top
     assert res["top2"] == pytest.approx(20.0)  # the tie only
     assert res["top3"] == pytest.approx(80.0)  # all but the NaN image
+    assert res["top4"] == pytest.approx(80.0)  # k above the 3 classes: still not the NaN image

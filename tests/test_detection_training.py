@@ -207,3 +207,46 @@ def test_kd_from_a_teacher_trained_on_the_classes_in_another_order_is_refused(
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_expected_results_are_verified_on_the_first_test_set_and_after_eval_only(
+        tmp_path, tiny_voc):
+    """--eval-only ignored TEST.EXPECTED_RESULTS (detectron2's train_net verifies them), and
+    with several test sets the verification ended on a bare KeyError after training."""
+    from nst_det.engine.train_or_evaluate import train_or_evaluate
+
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "TEST.EXPECTED_RESULTS",
+                                 "[['bbox', 'AP50', 99.0, 0.1]]"], data=tiny_voc[:2],
+                   output_dir=tmp_path / "out")
+    with pytest.raises(SystemExit):  # a random detector is far from AP50 99
+        train_or_evaluate(cfg, eval_only=True)
+    cfg.DATASETS.TEST = (tiny_voc[1], tiny_voc[1] + "_again")
+    results = {tiny_voc[1]: {"bbox": {"AP50": 99.05}}, cfg.DATASETS.TEST[1]: {"bbox": {}}}
+    DetectionTrainer.verify_expected(cfg, results)  # the first set's: met
+    results[tiny_voc[1]]["bbox"]["AP50"] = 50.0
+    with pytest.raises(SystemExit):
+        DetectionTrainer.verify_expected(cfg, results)
+    cfg.TEST.EXPECTED_RESULTS = [["segm", "AP", 1.0, 0.1]]
+    with pytest.raises(ValueError, match=r"names tasks \['segm'\].*reports \['bbox'\]"):
+        DetectionTrainer.verify_expected(cfg, results)
+
+
+def test_a_resume_past_max_iter_is_refused(tmp_path, tiny_voc):
+    """A checkpoint of iteration 5 resumed with SOLVER.MAX_ITER 4 'trained' from iteration 6 and
+    labelled its unchanged weights model_final of iteration 3."""
+    out = tmp_path / "out"
+
+    def trainer(max_iter):
+        return DetectionTrainer(make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "SOLVER.MAX_ITER",
+                                                       str(max_iter)], data=tiny_voc[:2],
+                                         output_dir=out))
+
+    first = trainer(8)
+    first.iter = 5
+    first.checkpointer.save("model_0000005", iteration=5)
+    with pytest.raises(ValueError, match=r"model_0000005.pth ended iteration 5, past "
+                                         r"SOLVER.MAX_ITER 4"):
+        trainer(4).resume_or_load(resume=True)
+    resumed = trainer(6)  # the last iteration was done: only the final evaluation is left
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 6

@@ -297,8 +297,23 @@ class ReliableTrainer(TrainerBase):
         if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
             if self.last_eval_results is None:
                 raise RuntimeError("TEST.EXPECTED_RESULTS is set but no evaluation ran")
-            verify_results(self.cfg, self.last_eval_results)
+            self.verify_expected(self.cfg, self.last_eval_results)
         return self.last_eval_results
+
+    @staticmethod
+    def verify_expected(cfg, results: dict) -> None:
+        """detectron2's `verify_results` of cfg.TEST.EXPECTED_RESULTS ([[task, metric, value,
+        tolerance], ...]) on the first test set's results (`test` nests several by set name):
+        it exits the process with 1 when one is off."""
+        if len(cfg.TEST.EXPECTED_RESULTS) == 0:
+            return
+        if len(cfg.DATASETS.TEST) > 1:
+            results = results[cfg.DATASETS.TEST[0]]
+        unknown = sorted({e[0] for e in cfg.TEST.EXPECTED_RESULTS} - set(results))
+        if unknown:
+            raise ValueError(f"TEST.EXPECTED_RESULTS names tasks {unknown}; the evaluation of "
+                             f"{cfg.DATASETS.TEST[0]} reports {sorted(results)}")
+        verify_results(cfg, results)
 
     def state_dict(self):
         state = super().state_dict()  # iteration and the hooks' states
@@ -329,6 +344,11 @@ class ReliableTrainer(TrainerBase):
         # under NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY) has no trainer state, only `iteration`
         self.start_iter = int(extra.get("iteration", self.iter)) + 1 \
             if self.checkpointer.resumed_from else 0
+        if self.start_iter > self.max_iter:  # (== max_iter: killed between its last two saves)
+            raise ValueError(
+                f"{self.checkpointer.resumed_from} ended iteration {self.start_iter - 1}, past "
+                f"SOLVER.MAX_ITER {self.max_iter}: raise SOLVER.MAX_ITER to train on, or use "
+                "another OUTPUT_DIR to train afresh")
         if self.start_iter > 0:
             seed = self._resumed_data_seed
             if seed is None:

@@ -65,7 +65,10 @@ def train_or_evaluate(cfg, *, eval_only: bool = False, resume: bool = False,
         # that do not fill the model are an error, not a half-random model scored
         ReliableCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             weights, resume=resume, whole_model=True)
-        return trainer_cls.test(cfg, model) or {}
+        results = trainer_cls.test(cfg, model) or {}
+        if comm.is_main_process():  # as detectron2's train_net --eval-only
+            trainer_cls.verify_expected(cfg, results)
+        return results
     trainer = trainer_cls(cfg)
     trainer.register_hooks(list(hooks))
     trainer.resume_or_load(resume=resume)

@@ -12,6 +12,9 @@ from detectron2.utils import comm
 __all__ = ["ClassificationEvaluator"]
 
 
+_NEVER = 2**62  # the rank of an image with non-finite logits: outside every top-k
+
+
 class ClassificationEvaluator(DatasetEvaluator):
     """Single-crop top-k accuracy (%) over a dataset.
 
@@ -43,7 +46,7 @@ class ClassificationEvaluator(DatasetEvaluator):
             logits = out["logits"].detach().float()
             label = int(inp["label"])
             if not bool(torch.isfinite(logits).all()):  # NaN compares False: it would rank 0
-                self._ranks.append(len(logits))
+                self._ranks.append(_NEVER)
                 continue
             self._ranks.append(int((logits >= logits[label]).sum()) - 1)  # ties count against
 
