@@ -250,3 +250,24 @@ def test_a_resume_past_max_iter_is_refused(tmp_path, tiny_voc):
     resumed = trainer(6)  # the last iteration was done: only the final evaluation is left
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 6
+
+
+def test_best_metric_and_test_sets_are_checked_and_one_evaluator_is_accepted(tmp_path, tiny_voc):
+    from detectron2.modeling import build_model
+
+    from nst_det.evaluation import PerClassVOCEvaluator
+
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "NST_DET.BEST_METRIC", "ap50"],
+                   data=tiny_voc[:2], output_dir=tmp_path / "out")
+    # a key the evaluation does not report: model_best was never written, with a warning only
+    with pytest.raises(ValueError, match=r"BEST_METRIC 'ap50' is not reported.*'AP50'"):
+        DetectionTrainer.best_metric(cfg)
+    cfg.NST_DET.BEST_METRIC = "AP50-circle"
+    assert DetectionTrainer.best_metric(cfg) == "bbox/AP50-circle"
+    cfg.NST_DET.BEST_METRIC = ""
+    cfg.DATASETS.TEST = (tiny_voc[1], tiny_voc[1])  # results are keyed by set name
+    with pytest.raises(ValueError, match="names a set twice"):
+        DetectionTrainer(cfg)
+    cfg.DATASETS.TEST = (tiny_voc[1],)
+    model = build_model(cfg).eval()
+    assert "bbox" in DetectionTrainer.test(cfg, model, PerClassVOCEvaluator(tiny_voc[1]))

@@ -86,8 +86,15 @@ class DetectionTrainer(ReliableTrainer):
     @staticmethod
     def best_metric(cfg) -> str:
         """The metric BestCheckpointer tracks, as EvalHook flattens it (e.g. "bbox/AP50")."""
-        first = cfg.DATASETS.TEST[0]
-        metric = f"bbox/{cfg.NST_DET.BEST_METRIC or default_best_metric(first)}"
+        first, chosen = cfg.DATASETS.TEST[0], cfg.NST_DET.BEST_METRIC
+        if chosen:  # else BestCheckpointer only warns at each evaluation and saves nothing
+            coco = evaluator_type(first) == "coco"
+            summary = ("AP", "AP50", "AP75", *(("APs", "APm", "APl") if coco else ()))
+            if chosen not in summary and not chosen.startswith("AP-" if coco else "AP50-"):
+                raise ValueError(f"NST_DET.BEST_METRIC {chosen!r} is not reported for {first}: "
+                                 f"choose one of {list(summary)} or a per-class "
+                                 f"{'AP-' if coco else 'AP50-'}<class>")
+        metric = f"bbox/{chosen or default_best_metric(first)}"
         if len(cfg.DATASETS.TEST) > 1:  # ReliableTrainer.test then nests by dataset
             metric = f"{first}/{metric}"
         return metric

@@ -39,7 +39,12 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.evaluation import inference_on_dataset, print_csv_format, verify_results
+from detectron2.evaluation import (
+    DatasetEvaluator,
+    inference_on_dataset,
+    print_csv_format,
+    verify_results,
+)
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
@@ -98,6 +103,8 @@ class ReliableTrainer(TrainerBase):
         # the training sets are loaded now: their class lists and the test sets' are checked
         # before training, not at its first evaluation (nst_det.data.class_lists)
         check_class_lists(cfg.DATASETS.TRAIN, [], *self.num_classes(cfg))
+        if len(set(cfg.DATASETS.TEST)) < len(cfg.DATASETS.TEST):  # results are keyed by name
+            raise ValueError(f"DATASETS.TEST {list(cfg.DATASETS.TEST)} names a set twice")
         for name in cfg.DATASETS.TEST:
             self.check_test_set(cfg, name)
         self.nan_guard = install_nan_guard(model, cfg.OUTPUT_DIR)  # names its checkpoint
@@ -188,12 +195,15 @@ class ReliableTrainer(TrainerBase):
         """Evaluate `model` on every set of cfg.DATASETS.TEST.
 
         Args:
-            evaluators: one DatasetEvaluator per test set, or None for `build_evaluator`'s.
+            evaluators: one DatasetEvaluator per test set (one alone for one set), or None for
+                `build_evaluator`'s.
         Returns:
             the results dict of the only test set, or {set name: results} for several (the
             shape DefaultTrainer.test returns, which EvalHook and BestCheckpointer expect).
         """
         names = list(cfg.DATASETS.TEST)
+        if isinstance(evaluators, DatasetEvaluator):  # as DefaultTrainer.test accepts it
+            evaluators = [evaluators]
         if evaluators is not None and len(evaluators) != len(names):
             raise ValueError(f"{len(evaluators)} evaluators for {len(names)} test sets {names}")
         # an evaluation draws from the global RNGs (a test loader's base seed): training goes on
