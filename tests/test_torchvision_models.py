@@ -157,6 +157,23 @@ def test_fpn_and_c4_style_backbones_from_config():
     assert c4.output_shape()["features.12"] == ShapeSpec(channels=112, stride=16)
 
 
+def test_freeze_at_without_frozen_prefixes_warns_that_nothing_is_frozen(caplog):
+    cfg = get_cfg()  # detectron2's default FREEZE_AT is 2
+    add_nst_config(cfg)
+    cfg.MODEL.TORCHVISION.ARCH, cfg.MODEL.TORCHVISION.OUT_FEATURES = "mobilenet_v3_small", [
+        "features.3"]
+    build = BACKBONE_REGISTRY.get("build_torchvision_backbone")
+    with caplog.at_level("WARNING"):
+        backbone = build(cfg, ShapeSpec(channels=3))
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert "FREEZE_AT 2 does not apply to the torchvision backbone" in caplog.text
+    caplog.clear()
+    cfg.MODEL.TORCHVISION.FROZEN_PREFIXES = ["features.0"]
+    with caplog.at_level("WARNING"):
+        build(cfg, ShapeSpec(channels=3))
+    assert "FREEZE_AT" not in caplog.text
+
+
 @pytest.fixture(scope="module")
 def teacher_file(module_tmp_path):
     torch.manual_seed(1)

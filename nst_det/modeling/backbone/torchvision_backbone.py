@@ -139,6 +139,10 @@ def build_torchvision_backbone(cfg, input_shape: ShapeSpec) -> TorchvisionBackbo
     if input_shape.channels != 3:
         raise ValueError(f"torchvision backbones take 3-channel images; got {input_shape.channels}")
     tv = cfg.MODEL.TORCHVISION
+    if cfg.MODEL.BACKBONE.FREEZE_AT > 0 and not tv.FROZEN_PREFIXES:
+        logger.warning(f"MODEL.BACKBONE.FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT} does not apply to "
+                       f"the torchvision backbone {tv.ARCH} (no ResNet stages): nothing is frozen; "
+                       "name modules in MODEL.TORCHVISION.FROZEN_PREFIXES, e.g. ['features.0']")
     return TorchvisionBackbone(tv.ARCH, tv.OUT_FEATURES, tv.NORM, tv.FROZEN_PREFIXES)
 
 
