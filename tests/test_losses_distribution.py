@@ -91,6 +91,18 @@ def test_diag_gaussian_kl_closed_form_and_direction():
     assert gaussian_w2_loss(x, x.clone()).item() == pytest.approx(0, abs=1e-12)
 
 
+def test_gaussian_kl_of_a_single_image_is_zero_not_gap_over_eps():
+    x, y = _rand(1, 5, seed=17).requires_grad_(), _rand(1, 5, seed=18)
+    loss = gaussian_kl_loss(x, y)  # no variance on either side: it was ~3e9
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    two = _rand(2, 5, seed=19)  # two images have a variance: the formula again
+    fit = [(v.mean(0), (v.var(0, correction=0) + 1e-8).sqrt()) for v in (two, 2 * two + 1)]
+    torch.testing.assert_close(gaussian_kl_loss(two, 2 * two + 1), diag_gaussian_kl(*fit[0],
+                                                                                     *fit[1]))
+
+
 def test_gaussian_losses_gradcheck_and_teacher_detached():
     x, y = _rand(6, 3, seed=13).requires_grad_(), _rand(6, 3, seed=14).requires_grad_()
     for fn in (gaussian_w2_loss, gaussian_kl_loss):

@@ -97,6 +97,12 @@ def gaussian_kl_loss(x_s: torch.Tensor, x_t: torch.Tensor, eps: float = _VAR_EPS
     Montesuma 2025 (arXiv 2504.01757); the direction (student first) follows the KD^2M
     reference code. Note it is the reverse of KD's KL(teacher || student).
 
+    A teacher dimension that is constant over the batch (a dead channel) has variance `eps`
+    only: its term is ~(student variance + mean gap^2) / (2 eps), which dominates the loss
+    (the KL to a point mass is infinite); `gaussian_w2` stays bounded there. A batch of one
+    image on either side has no variance at all: the loss is 0 then (as the class-conditional
+    losses' `min_count=2`).
+
     Args:
         x_s: [b, D] student features ([b, C, *spatial] is average-pooled to [b, C]).
         x_t: [b', D] teacher features (detached).
@@ -105,6 +111,8 @@ def gaussian_kl_loss(x_s: torch.Tensor, x_t: torch.Tensor, eps: float = _VAR_EPS
         Scalar KL divergence.
     """
     x_s, x_t = prepare_vectors(x_s, x_t, "gaussian_kl_loss")
+    if min(x_s.shape[0], x_t.shape[0]) < 2:  # every variance 0: KL ~ gap^2 / eps
+        return x_s.sum() * 0  # keeps the graph (and DDP's used-parameter set) intact
     return diag_gaussian_kl(*_fit(x_s, eps), *_fit(x_t, eps))
 
 

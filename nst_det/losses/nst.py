@@ -36,10 +36,10 @@ def nst_loss(
     samples, including the (constant, detached) teacher-teacher term, so the value is >= 0.
     The paper's lambda/2 weight is not applied here.
 
-    Alignment is the caller's job where it knows the geometry: DistillationRCNN aligns each
-    pair once with ``distill.align_pair`` (stride-aware pooling, padding crop), so
-    the maps arrive with equal sizes and nothing is pooled here. Only for callers that pass maps
-    of different sizes (e.g. the classification distiller's unaligned stages) is the mismatch
+    Alignment is the caller's job where it knows the geometry: the distillation core aligns
+    each pair once with ``distill.align_pair`` (stride-aware pooling, padding crop) for every
+    distilling model, classifier or detector, so the maps arrive with equal sizes and nothing
+    is pooled here. Only for a direct call with maps of different sizes is the mismatch
     resolved here, per dimension before flattening: in H and in W separately, the larger map is
     adaptive-average-pooled down to the smaller extent (so e.g. 38x50 vs 19x25, or Hs > Ht with
     Ws < Wt, all work; square maps are never assumed).
