@@ -180,6 +180,50 @@ def test_an_export_into_a_training_runs_folder_is_refused_before_any_write(
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
 
 
+def test_an_export_never_replaces_files_it_did_not_write(toy_detector, tmp_path):
+    """A folder holding a user's checkpoint and config (the very MODEL.WEIGHTS and --config-file
+    exported) had both replaced by the student-only ones."""
+    export_model = _load_tool("export_model")
+    mine = tmp_path / "mymodels"
+    mine.mkdir()
+    weights = Path(toy_detector[toy_detector.index("MODEL.WEIGHTS") + 1]).read_bytes()
+    files = {"model_final.pth": weights, "config.yaml": R18_TOY.read_bytes()}
+    for name, data in files.items():
+        (mine / name).write_bytes(data)
+    with pytest.raises(SystemExit, match=r"holds \['model_final.pth', 'config.yaml'\], not "
+                                         r"from an export"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
+                           "--output", str(mine), *toy_detector,
+                           "MODEL.WEIGHTS", str(mine / "model_final.pth")])
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == files
+    with pytest.raises(SystemExit, match="is a file: give a folder"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "onnx",
+                           "--output", str(mine / "config.yaml"), *toy_detector])
+    export = tmp_path / "export"  # an export folder is an export's to replace
+    for _ in range(2):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
+                           "--output", str(export), *toy_detector])
+
+
+def test_nothing_to_verify_on_and_unfit_weights_are_named(toy_detector, tmp_path, capsys):
+    export_model = _load_tool("export_model")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):  # verified on 0 images, the checkpoint export had passed
+        export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
+                           "--num-images", "0", "--output", str(out), *toy_detector])
+    assert "--num-images: '0': give a whole number >= 1" in capsys.readouterr().err
+    # weights of another class count: a bare RuntimeError from load_state_dict before
+    with pytest.raises(SystemExit, match=r"does not match the student .* shapes \(file vs "
+                                         r"model\) \['roi_heads.box_predictor.cls_score"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "onnx", "--output",
+                           str(out), *toy_detector, "MODEL.ROI_HEADS.NUM_CLASSES", "20"])
+    with pytest.raises(SystemExit, match="MODEL.MASK_ON / KEYPOINT_ON exports as --format "
+                                         "checkpoint"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "onnx", "--output",
+                           str(out), *toy_detector, "MODEL.MASK_ON", "True"])
+    assert not out.exists()
+
+
 def test_an_export_that_fails_verification_keeps_the_previous_export(
         toy_detector, tmp_path, monkeypatch):
     """Before, the failed export replaced the verified one (its verification.json saying

@@ -5,11 +5,11 @@
         MODEL.WEIGHTS output/.../model_final.pth
 
 The detector is rebuilt from the student-only config (no teacher is built or loaded), its weights
-are loaded strictly (teacher tensors, if any, are dropped and counted), the export is written
-atomically into --output, and the export's detections are compared with the eager model's on
-sample test images. `verification.json` and `export_info.json` are written next to the export.
-An export that fails the verification is not written (the folder keeps its previous export) and
-the exit code is non-zero.
+are loaded strictly (teacher and distillation-module tensors, if any, are dropped), the export is
+written atomically into --output, and the export's detections are compared with the eager
+model's on sample test images. `verification.json` and `export_info.json` are written next to
+the export. An export that fails the verification is not written (the folder keeps its previous
+export) and the exit code is non-zero.
 """
 
 import argparse
@@ -21,12 +21,19 @@ from nst_det.export.api import export_and_verify
 from nst_det.utils.atomic import exit_on_sigterm
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return int(text)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, metavar="FILE")
     parser.add_argument("--format", required=True, choices=["checkpoint", "torchscript", "onnx"])
     parser.add_argument("--output", required=True, help="folder to write the export into")
-    parser.add_argument("--num-images", type=int, default=3, help="test images to verify on")
+    parser.add_argument("--num-images", type=_positive, default=3,
+                        help="test images to verify on (>= 1)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     return parser.parse_args(argv)
 

@@ -69,6 +69,27 @@ def _mismatch(summary: dict) -> str:
             f"{summary['score_atol']}) from the eager model's")
 
 
+EXPORT_FILES = ("model_final.pth", "config.yaml", "model.ts", "model.onnx")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    """Raise ValueError unless out_dir is new, empty of what an export writes, or an export's:
+    a training run's model_final.pth and config.yaml, or a user's copies of them (perhaps the
+    very MODEL.WEIGHTS being exported), would be replaced."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"export folder {out_dir} is a file: give a folder")
+    for mark in TRAINING_RUN_FILES:
+        if os.path.isfile(os.path.join(out_dir, mark)):
+            raise ValueError(f"export folder {out_dir} is a training run's (it holds {mark}): "
+                             "the export would replace its model_final.pth and config.yaml. "
+                             "Choose another output folder")
+    held = [f for f in EXPORT_FILES if os.path.isfile(os.path.join(out_dir, f))]
+    if held and not os.path.isfile(os.path.join(out_dir, "export_info.json")):
+        raise ValueError(f"export folder {out_dir} holds {held}, not from an export (no "
+                         "export_info.json): the export would replace them. Choose another "
+                         "output folder")
+
+
 def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     """Write one export ("checkpoint" | "torchscript" | "onnx") of cfg's student into out_dir.
 
@@ -79,16 +100,21 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     previous export or files without `verification.json`, which readers treat as no export.
     Returns:
         the verification summary (see `verify`), with format, file and size_bytes added.
-    Raises ValueError, before anything is read or written, for a training run's folder, and
+    Raises ValueError, before anything is read or written, for a folder holding a training
+    run's or other files the export would replace (`_check_out_dir`), and
     ExportVerificationError, having written nothing, for an export unlike the eager model.
     """
-    for mark in TRAINING_RUN_FILES:  # its model_final.pth and config.yaml would be replaced
-        if os.path.isfile(os.path.join(out_dir, mark)):
-            raise ValueError(f"export folder {out_dir} is a training run's (it holds {mark}): "
-                             "the export would replace its model_final.pth and config.yaml. "
-                             "Choose another output folder")
+    _check_out_dir(out_dir)
+    if num_images < 1:
+        raise ValueError(f"the export is verified on test images: give 1 or more, not "
+                         f"{num_images}")
+    if fmt != "checkpoint" and (cfg.MODEL.MASK_ON or cfg.MODEL.KEYPOINT_ON):
+        raise ValueError(f"the {fmt} export traces boxes, scores and classes only: a model "
+                         "with MODEL.MASK_ON / KEYPOINT_ON exports as --format checkpoint")
     model = load_student_detector(cfg)
     images = sample_images(cfg, num_images)
+    if not images:
+        raise ValueError(f"test set {cfg.DATASETS.TEST[0]} has no images to verify the export on")
     with atomic_file_set(out_dir, MARKER) as staging:
         if fmt == "checkpoint":
             final_weights = os.path.join(os.path.abspath(out_dir), "model_final.pth")

@@ -155,10 +155,17 @@ def load_student_detector(cfg: CfgNode) -> torch.nn.Module:
     model = build_model(student_config(cfg))
     state = {k: v for k, v in state.items()
              if not k.startswith(TEACHER_KEY_PREFIXES + DISTILL_ONLY_PREFIXES)}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    # (load_state_dict would raise a bare RuntimeError on these, strict or not)
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
         raise KeyError(
             f"{weights} does not match the student of {cfg.MODEL.META_ARCHITECTURE}: "
-            f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}"
+            f"missing {missing[:10]}, unexpected {unexpected[:10]}, shapes (file vs model) "
+            f"{shapes[:10]} (e.g. another NUM_CLASSES or backbone than the weights')"
         )
+    model.load_state_dict(state, strict=True)
     return model.eval()
