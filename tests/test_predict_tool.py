@@ -83,3 +83,44 @@ def test_an_exported_configs_class_names_come_from_its_export_info(tmp_path):
                       "MODEL.WEIGHTS", str(export / "model_final.pth")]) == 0
     found = json.loads((tmp_path / "out" / "detections.json").read_text())[0]["detections"]
     assert found and {d["class_name"] for d in found} <= set(names)
+
+
+def test_an_unreadable_input_is_named_before_any_write(tmp_path, predict):
+    _image(tmp_path / "in" / "a.png", 50)
+    (tmp_path / "in" / "c.jpg").write_text("not an image")  # a drawing and a traceback before
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--input .*c.jpg: not a readable image .* nothing "
+                                         r"was written"):
+        predict("--input", str(tmp_path / "in"), "--output", str(out))
+    assert not out.exists()
+    with pytest.raises(SystemExit, match="--output .*a.png is a file: give a folder"):
+        predict("--input", str(tmp_path / "in" / "a.png"), "--output",
+                str(tmp_path / "in" / "a.png"))
+
+
+def test_an_exported_model_unlike_its_record_is_refused(tmp_path, monkeypatch):
+    """A model file copied short went to onnxruntime / torch.jit and ended on a traceback."""
+    spec = importlib.util.spec_from_file_location("nst_predict3", REPO / "tools" / "predict.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from nst_det.export import file_sha256
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"the verified bytes")
+    (export / "verification.json").write_text(json.dumps({"passed": True}))
+    info = {"format": "onnx", "file": "model.onnx", "size_bytes": 18, "input_format": "RGB",
+            "sha256": file_sha256(export / "model.onnx"), "min_size_test": 96,
+            "max_size_test": 160, "class_names": ["a"]}
+    (export / "export_info.json").write_text(json.dumps(info))
+    monkeypatch.setattr(tool, "onnx_runner", lambda path: "runner")
+    args = tool.parse_args(["--model", str(export / "model.onnx"), "--input", "x.jpg",
+                            "--output", str(tmp_path / "out")])
+    assert tool.build_runner(args)[0] == "runner"  # the recorded bytes
+    (export / "model.onnx").write_bytes(b"the verified byte")  # cut short
+    with pytest.raises(SystemExit, match=r"model.onnx is not the file its export verified "
+                                         r"\(17 bytes, export_info.json records 18"):
+        tool.build_runner(args)
+    (export / "model.onnx").write_bytes(b"THE verified bytes")  # same size, other bytes
+    with pytest.raises(SystemExit, match="is not the file its export verified"):
+        tool.build_runner(args)

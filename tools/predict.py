@@ -23,7 +23,14 @@ from PIL import Image
 from nst_det.checkpoint.weights_file import WeightsFileError
 from nst_det.config import load_config
 from nst_det.data.from_config import thing_classes
-from nst_det.export import eager_runner, onnx_runner, preprocess, rescale_boxes, torchscript_runner
+from nst_det.export import (
+    eager_runner,
+    file_sha256,
+    onnx_runner,
+    preprocess,
+    rescale_boxes,
+    torchscript_runner,
+)
 from nst_det.export.student import load_student_detector
 from nst_det.utils.atomic import atomic_write
 
@@ -54,6 +61,12 @@ def list_images(inputs):
             sys.exit(f"--input {item}: no such file or folder")
     if not files:
         sys.exit(f"--input {inputs}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    for path in files:  # before anything is written: a text file named .jpg, a broken PNG
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError) as e:
+            sys.exit(f"--input {path}: not a readable image ({e}); nothing was written")
     return files
 
 
@@ -94,6 +107,11 @@ def build_runner(args):
             sys.exit(f"{args.model}: its folder's export_info.json describes a {info['format']} "
                      f"export, {info['file']}: give that file to --model (a .onnx or .ts file), "
                      "or a checkpoint export's config.yaml to --config-file")
+        size, recorded = os.path.getsize(args.model), info.get("sha256")  # (older: size only)
+        if size != info["size_bytes"] or (recorded and recorded != file_sha256(args.model)):
+            sys.exit(f"{args.model} is not the file its export verified ({size} bytes, "
+                     f"export_info.json records {info['size_bytes']} and its sha256): copied "
+                     "short or changed since; copy the export folder again or export again")
         runner = onnx_runner(args.model) if args.model.endswith(".onnx") else torchscript_runner(
             args.model
         )
@@ -125,6 +143,8 @@ def draw(image_rgb, detections, class_names):
 def main(argv=None):
     args = parse_args(argv)
     runner, input_format, min_size, max_size, class_names = build_runner(args)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        sys.exit(f"--output {args.output} is a file: give a folder")
     files = list_images(args.input)
     names = drawn_names(files, args.output)
     os.makedirs(args.output, exist_ok=True)

@@ -36,7 +36,8 @@ def sample_images(cfg, count):
     ]
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The hex sha256 of a file's bytes (recorded in export_info.json, checked by readers)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -142,7 +143,7 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
                 f"the {fmt} export of {cfg.MODEL.WEIGHTS} does not match the eager model on "
                 f"{len(images)} test images ({_mismatch(summary)}). Nothing was written to "
                 f"{out_dir}; its previous export, if any, is kept", summary)
-        digest = _sha256(path)  # binds both records to these very bytes
+        digest = file_sha256(path)  # binds both records to these very bytes
         summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path),
                        sha256=digest)
         info = {
