@@ -58,8 +58,12 @@ def test_torchvision_student_export_matches_eager(mnv3_detector, tmp_path, fmt):
     summary = json.loads((out / "verification.json").read_text())
     assert rc == 0 and summary["passed"], summary
     assert summary["total_detections"] > 0
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["score_thresh_test"] == 0.0  # SMALL's MODEL.ROI_HEADS.SCORE_THRESH_TEST
     if fmt != "checkpoint":
+        assert info["needs_nst_det"] == []  # a traced model runs without nst_det
         return
+    assert info["needs_nst_det"]  # its torchvision backbone
     state = torch.load(out / "model_final.pth", weights_only=True)["model"]
     assert not [k for k in state if k.startswith(("distill.", "teacher"))]
     assert "backbone.bottom_up.features.15.block.0.0.weight" in state  # torchvision's names

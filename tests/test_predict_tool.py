@@ -98,7 +98,7 @@ def test_an_unreadable_input_is_named_before_any_write(tmp_path, predict):
                 str(tmp_path / "in" / "a.png"))
 
 
-def test_an_exported_model_unlike_its_record_is_refused(tmp_path, monkeypatch):
+def test_an_exported_model_unlike_its_record_is_refused(tmp_path, monkeypatch, capsys):
     """A model file copied short went to onnxruntime / torch.jit and ended on a traceback."""
     spec = importlib.util.spec_from_file_location("nst_predict3", REPO / "tools" / "predict.py")
     tool = importlib.util.module_from_spec(spec)
@@ -111,12 +111,16 @@ def test_an_exported_model_unlike_its_record_is_refused(tmp_path, monkeypatch):
     (export / "verification.json").write_text(json.dumps({"passed": True}))
     info = {"format": "onnx", "file": "model.onnx", "size_bytes": 18, "input_format": "RGB",
             "sha256": file_sha256(export / "model.onnx"), "min_size_test": 96,
-            "max_size_test": 160, "class_names": ["a"]}
+            "max_size_test": 160, "class_names": ["a"], "score_thresh_test": 0.05}
     (export / "export_info.json").write_text(json.dumps(info))
     monkeypatch.setattr(tool, "onnx_runner", lambda path: "runner")
     args = tool.parse_args(["--model", str(export / "model.onnx"), "--input", "x.jpg",
                             "--output", str(tmp_path / "out")])
     assert tool.build_runner(args)[0] == "runner"  # the recorded bytes
+    assert "warning" not in capsys.readouterr().out
+    args.score_thresh = 0.01  # below what the traced model keeps: said, not silently ignored
+    tool.build_runner(args)
+    assert "--score-thresh 0.01 is below the 0.05 traced into" in capsys.readouterr().out
     (export / "model.onnx").write_bytes(b"the verified byte")  # cut short
     with pytest.raises(SystemExit, match=r"model.onnx is not the file its export verified "
                                          r"\(17 bytes, export_info.json records 18"):

@@ -115,6 +115,10 @@ def build_runner(args):
         runner = onnx_runner(args.model) if args.model.endswith(".onnx") else torchscript_runner(
             args.model
         )
+        floor = info.get("score_thresh_test", 0.0)
+        if args.score_thresh < floor:
+            print(f"[predict] warning: --score-thresh {args.score_thresh} is below the "
+                  f"{floor} traced into {args.model}: no detection scores below {floor}")
         return (runner, info["input_format"], info["min_size_test"], info["max_size_test"],
                 info["class_names"])
     try:

@@ -157,8 +157,13 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
             "class_names": list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes",
                                                                               [])),
             "parameters": sum(p.numel() for p in model.parameters()),
-            # parts of the model that only `import nst_det` registers (else: stock detectron2)
-            "needs_nst_det": nst_det_parts(cfg),
+            # the scores below it were dropped inside the traced model (predict's floor)
+            "score_thresh_test": (cfg.MODEL.RETINANET.SCORE_THRESH_TEST
+                                  if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE
+                                  else cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
+            # parts of a checkpoint export that only `import nst_det` registers (else: stock
+            # detectron2 builds it); a traced model needs neither
+            "needs_nst_det": nst_det_parts(cfg) if fmt == "checkpoint" else [],
         }
         with atomic_write(os.path.join(staging, "export_info.json"), "w") as f:
             json.dump(info, f, indent=2)
