@@ -41,3 +41,14 @@ def test_a_figure_stopped_while_written_leaves_the_previous_one_whole(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         forest_plot(rows, str(path))
     assert path.read_bytes() == before and _temps(tmp_path) == []
+
+
+def test_linking_a_name_to_the_file_it_already_is_leaves_no_temporary(tmp_path):
+    from nst_det.utils.atomic import atomic_link, atomic_write
+
+    best, final = tmp_path / "model_best.pth", tmp_path / "model_final.pth"
+    with atomic_write(best, "w") as f:
+        f.write("weights")
+    assert atomic_link(best, final) and atomic_link(final, best)  # already one file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_best.pth", "model_final.pth"]
+    assert best.read_text() == final.read_text() == "weights"

@@ -125,6 +125,24 @@ def test_corrupt_jpeg_names_the_file_or_is_skipped_and_counted(voc, tmp_path, da
     assert skipped_images(str(log)) == [str(image)]
 
 
+def test_a_fresh_run_does_not_report_an_earlier_runs_skipped_images(tiny_voc, tmp_path, caplog):
+    from _detection_common import R18_FPN_TOY, make_cfg
+
+    from nst_det.engine import DetectionTrainer
+    from nst_det.engine.reliable import _report_skipped_images
+
+    cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "NST_DET.SKIP_BAD_IMAGES", "True"],
+                   data=tiny_voc[:2], output_dir=tmp_path / "out")
+    log = tmp_path / "out" / "skipped_images.rank0.txt"
+    trainer = DetectionTrainer(cfg)
+    log.write_text("a.jpg: bad\na.jpg: bad\nb.jpg: bad\n")  # 3 loads of 2 images, this run's
+    with caplog.at_level("WARNING"):
+        _report_skipped_images(trainer)
+    assert "Skipped 2 unreadable training images" in caplog.text  # images, not loads
+    DetectionTrainer(cfg).resume_or_load(resume=False)  # a fresh run in the same folder
+    assert not log.exists()
+
+
 def test_unknown_config_key_is_named(tmp_path):
     from nst_det.config import load_config
 
@@ -242,6 +260,28 @@ def test_records_with_class_ids_beyond_num_classes_or_outside_the_image(tmp_path
         check_detection_records(record([0, 0, 85, 50]), 3, key)
     with pytest.raises(DetectionDataError, match="inverted or has zero area"):
         check_detection_records(record([10, 10, 0, 5], mode=BoxMode.XYWH_ABS), 3, key)
+    import numpy as np  # a loader built with pandas/numpy: detectron2 takes its ids
+
+    check_detection_records(record([0, 0, 8, 5], cat=np.int64(2)), 3, key)
+    with pytest.raises(DetectionDataError, match="category_id np.int64\\(3\\), outside"):
+        check_detection_records(record([0, 0, 8, 5], cat=np.int64(3)), 3, key)
+    with pytest.raises(DetectionDataError, match="category_id True"):
+        check_detection_records(record([0, 0, 8, 5], cat=True), 3, key)
+
+
+def test_a_samples_seeding_leaves_the_gpus_generators_alone(monkeypatch):
+    """torch.manual_seed reseeded every CUDA generator per sample, and nothing restored it: with
+    DATALOADER.NUM_WORKERS 0 a GPU run's RoI sampling drew from a stream the last sample set."""
+    from nst_det.data.resumable import _seeded_rngs
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls.append)
+    before = torch.get_rng_state()
+    with _seeded_rngs(12345):
+        seeded = torch.rand(3)
+    assert calls == [] and torch.equal(torch.get_rng_state(), before)
+    with _seeded_rngs(12345):
+        assert torch.equal(torch.rand(3), seeded)  # the sample's own CPU stream, as before
 
 
 def test_odd_length_override_list_says_a_value_is_missing():

@@ -129,13 +129,17 @@ def test_a_different_spec_replaces_the_set_and_leftovers_are_removed(tmp_path):
     make_toy_imagefolder(root, seed=0, train_per_class=2, val_per_class=1, size=32)
     assert (root / SPEC_FILE).stat().st_ino == first_spec
     # a temp folder a hard-killed writer left behind is removed by the next writer
-    leftover = tmp_path / ".cls.abc123.tmp"
+    leftover = tmp_path / ".cls.abc123de.tmp"  # the name mkdtemp gives a writer of cls
     (leftover / "train").mkdir(parents=True)
+    # a live writer of another set, cls.v2 (under its own lock): it was removed too
+    other = tmp_path / ".cls.v2.abc123de.tmp"
+    (other / "train").mkdir(parents=True)
     make_toy_imagefolder(root, seed=0, train_per_class=3, val_per_class=1, size=32)
     assert json.loads((root / SPEC_FILE).read_text())["per_class"] == {"train": 3, "val": 1}
     assert len(list((root / "train").rglob("*.jpg"))) == 5 * 3
-    assert not leftover.exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["cls"]
+    assert not leftover.exists() and (other / "train").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [".cls.v2.abc123de.tmp",
+                                                                          "cls"]
 
 
 def test_a_folder_that_is_not_a_toy_set_is_never_replaced(tmp_path):

@@ -117,6 +117,26 @@ def test_a_damaged_pkl_is_not_called_a_refused_pickle(tmp_path):
     assert "run code" not in str(info.value)
 
 
+def test_a_damaged_pth_is_not_called_a_refused_pickle(tmp_path):
+    """A legacy torch file with one byte flipped, or random bytes after a pickle's 0x80, were
+    'pickled Python objects besides tensors ... save with torch.save(model.state_dict())'."""
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": nn.Linear(3, 2).state_dict()}, legacy,
+               _use_new_zipfile_serialization=False)
+    data = bytearray(legacy.read_bytes())
+    data[109] ^= 0xFF  # an opcode no writer makes (torch: "Unsupported operand")
+    flipped = tmp_path / "flipped.pth"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match=r"flipped.pth: its pickled data is damaged, or it "
+                                               "is not a PyTorch weights file. Copy or download"):
+        load_weights_file(flipped, "MODEL.WEIGHTS")
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(b"\x80" + bytes((i * 7919) % 251 for i in range(1000)))
+    with pytest.raises(WeightsFileError) as info:
+        load_weights_file(noise, "MODEL.WEIGHTS")
+    assert "torch.save(model)" not in str(info.value) and "noise.pth" in str(info.value)
+
+
 # ---- each path that reads weights ------------------------------------------------------------
 
 DAMAGES = ["missing", "truncated", "random", "whole_model"]

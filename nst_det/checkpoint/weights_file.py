@@ -89,8 +89,9 @@ def _unpickling_error(what: str, path: str, e: Exception, kind: str):
     if kind == "pkl":  # pickle.load refuses nothing: the file is damaged
         return _fail(what, path, f"it cannot be read as a pickle ({type(e).__name__}: {text}): "
                      "it is damaged, or not a .pkl weights file", _recopy(what))
-    if "Weights only load failed" in text or isinstance(e, pickle.UnpicklingError):
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found or ("Weights only load failed" in text or isinstance(e, pickle.UnpicklingError)) \
+            and not re.search(r"Unsupported operand|invalid load key", text):
         which = f" ({found.group(1)})" if found else ""
         return _fail(
             what, path, "it holds pickled Python objects besides tensors" + which + ", such as a "
@@ -98,6 +99,10 @@ def _unpickling_error(what: str, path: str, e: Exception, kind: str):
             "are refused",
             "Save the weights with torch.save(model.state_dict(), path) where the file was made, "
             f"or point {what} at a checkpoint written by nst_det or detectron2")
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        # opcodes no writer makes (torch: "Unsupported operand"): the bytes are damaged
+        return _fail(what, path, "its pickled data is damaged, or it is not a PyTorch weights "
+                     "file", _recopy(what))
     return _fail(what, path, f"it cannot be read as PyTorch weights ({type(e).__name__})",
                  _refit(what))
 

@@ -12,6 +12,8 @@ with VOC metadata (dirname, split, thing_classes) whose loader fails is re-read 
 
 from __future__ import annotations
 
+import numbers
+
 from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import BoxMode
 
@@ -46,7 +48,9 @@ def check_detection_records(records: list, num_classes: int, classes_key: str) -
         height, width = record.get("height"), record.get("width")
         for ann in record.get("annotations", []):
             cat = ann.get("category_id")
-            if not isinstance(cat, int) or not 0 <= cat < num_classes:
+            # (numpy integers too, which detectron2 takes: a pandas-made loader gives them)
+            if not isinstance(cat, numbers.Integral) or isinstance(cat, bool) \
+                    or not 0 <= cat < num_classes:
                 raise DetectionDataError(
                     f"{where}: an object has category_id {cat!r}, outside 0..{num_classes - 1} "
                     f"({classes_key}={num_classes}). Set {classes_key} to the data set's class "

@@ -56,11 +56,12 @@ class ResumableTrainingSampler(Sampler):
 
 @contextlib.contextmanager
 def _seeded_rngs(seed: int):
-    """Seed python/numpy/torch RNGs for one sample, then restore the caller's states."""
+    """Seed python/numpy/torch's CPU RNGs for one sample, then restore the caller's states
+    (the CPU generator only: torch.manual_seed would also reseed every GPU's, unrestored)."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:

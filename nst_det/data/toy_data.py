@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -144,9 +145,12 @@ def _read_spec(spec_path: Path):
 
 
 def _remove_leftovers(final: Path) -> None:
-    """Remove temp folders a killed writer left beside `final` (called with the lock held)."""
+    """Remove temp folders a killed writer left beside `final` (called with the lock held):
+    exactly the names `_materialise`'s mkdtemp gives, not another set's (`.VOC2007.v2.x.tmp`
+    is VOC2007.v2's, whose own lock we do not hold)."""
+    mine = re.compile(re.escape(f".{final.name}.") + r"[a-z0-9_]{8}\.(tmp|old)")
     for stale in final.parent.glob(f".{final.name}.*"):
-        if stale.is_dir() and not stale.is_symlink():
+        if mine.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -51,7 +51,7 @@ from fvcore.nn.precise_bn import get_bn_modules
 
 from ..data.class_lists import check_class_lists
 from ..data.record_check import load_train_records
-from ..data.resumable import build_resumable_train_loader
+from ..data.resumable import build_resumable_train_loader, skipped_images
 from ..utils.dist import build_ddp_model
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpointer import ReliableCheckpointer
@@ -74,11 +74,10 @@ def _report_skipped_images(trainer) -> None:
     """At the end of training, say how many bad images were skipped and where they are listed."""
     path = _skip_log_path(trainer.cfg)
     if path and os.path.exists(path):
-        with open(path) as f:
-            lines = f.read().splitlines()
         logger.warning(
-            f"Skipped {len(lines)} unreadable training image loads (NST_DET.SKIP_BAD_IMAGES); "
-            f"the files are listed in {path}"
+            f"Skipped {len(skipped_images(path))} unreadable training images "
+            f"(NST_DET.SKIP_BAD_IMAGES), each met once per epoch and per loading worker: they "
+            f"are listed in {path}"
         )
 
 
@@ -354,6 +353,9 @@ class ReliableTrainer(TrainerBase):
         # under NST_DET.FINAL_CHECKPOINT_WEIGHTS_ONLY) has no trainer state, only `iteration`
         self.start_iter = int(extra.get("iteration", self.iter)) + 1 \
             if self.checkpointer.resumed_from else 0
+        skip_log = _skip_log_path(self.cfg)
+        if self.start_iter == 0 and skip_log and os.path.exists(skip_log):
+            os.remove(skip_log)  # an earlier run's, in this OUTPUT_DIR: this one starts afresh
         if self.start_iter > self.max_iter:  # (== max_iter: killed between its last two saves)
             raise ValueError(
                 f"{self.checkpointer.resumed_from} ended iteration {self.start_iter - 1}, past "

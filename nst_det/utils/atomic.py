@@ -183,6 +183,8 @@ def atomic_link(src: str | os.PathLike, path: str | os.PathLike) -> bool:
     except OSError:  # e.g. a file system without hard links
         return False
     os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):  # path was already src: rename did nothing
+        os.unlink(tmp)
     _fsync_dir(path.parent)
     return True
 
