@@ -121,6 +121,13 @@ def test_url_without_digest_cached_by_host_and_path(server, cache):
     assert open(local, "rb").read() == data
 
 
+def test_a_cached_path_stays_in_the_cache(cache):
+    for url in ("detectron2://../../etc/x.pkl", "https://h/../../x/model.pth"):
+        assert os.path.realpath(cached_path(url)).startswith(os.path.realpath(cache) + os.sep)
+    assert cached_path("detectron2://COCO-Detection/m.pkl") == os.path.join(
+        cache, "detectron2", "COCO-Detection", "m.pkl")
+
+
 def test_urls_differing_in_their_query_are_two_files(server, cache):
     """Hosts such as Google Drive name the file in the query (uc?export=download&id=...)."""
     one, two = (_torch_bytes({"w": torch.full((2,), v)}) for v in (1.0, 2.0))

@@ -82,8 +82,8 @@ def _download_url(path: str) -> str:
 def cached_path(path: str) -> str:
     """Where the cache keeps the file of the URL `path` (whether or not it is there yet)."""
     if path.startswith(DETECTRON2_PREFIX):
-        rel = path[len(DETECTRON2_PREFIX):].lstrip("/")
-        return os.path.join(cache_dir(), "detectron2", *rel.split("/"))
+        rel = [p for p in path[len(DETECTRON2_PREFIX):].split("/") if p not in ("", ".", "..")]
+        return os.path.join(cache_dir(), "detectron2", *rel)  # (.. would leave the cache)
     parsed = urllib.parse.urlparse(path)
     name = os.path.basename(parsed.path)
     if not name:
