@@ -274,3 +274,47 @@ def test_the_capacity_gap_leaves_a_nan_seed_out_as_the_table_does(tmp_path):
                if "Capacity gap" in line)
     plain = statistics.mean(records[f"det_plain_s{s}"]["metrics"]["bbox"]["AP50"] for s in (1, 2))
     assert f"the plain R-18 student's {plain:.1f}" in gap and "nan" not in gap
+
+
+def test_a_teacher_that_learned_nothing_is_not_called_a_too_easy_task(tmp_path):
+    """At CI scale every AP is 0: the report called the task 'too easy for a teacher to help'."""
+    from nst_det.pipeline.report import write_report
+
+    stages, records = _fabricate(tmp_path, VOC_KEYS)
+    for name, record in records.items():
+        if "bbox" in record["metrics"]:
+            record["metrics"]["bbox"]["AP50"] = 0.0
+            (tmp_path / name / "stage.json").write_text(json.dumps(record))
+    write_report(stages, str(tmp_path))
+    gap = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if "Capacity gap" in line)
+    assert "the teacher has not learned the task at this schedule" in gap
+    assert "too easy" not in gap
+
+
+def test_each_run_of_a_figure_has_a_colour_of_its_own(tmp_path, monkeypatch):
+    """Two seeds make 13 detection runs: matplotlib's 10-colour cycle drew the teacher and a
+    student alike, with nothing in the legend to tell them apart."""
+    from matplotlib.axes import Axes
+
+    from nst_det.pipeline import figures
+
+    drawn = {}
+
+    def recording(real):
+        def record(ax, *args, **kw):
+            drawn.setdefault(id(ax), {})[kw.get("label")] = kw.get("color")
+            return real(ax, *args, **kw)
+        return record
+
+    for method in ("plot", "bar"):
+        monkeypatch.setattr(Axes, method, recording(getattr(Axes, method)))
+    runs = {f"run_{i}": [{"iteration": 1, "total_loss": 1.0, "bbox/AP50": float(i)}]
+            for i in range(13)}
+    figures.curves({"cls": runs["run_0"]}, runs, str(tmp_path), "curves.png")
+    figures.per_class_ap({n: {"AP50-cat": 1.0} for n in runs}, str(tmp_path), "bars.png")
+    per_axes = [colours for colours in drawn.values() if len(colours) == 13]
+    assert len(per_axes) == 3  # loss, AP50 and the per-class bars
+    for colours in per_axes:
+        assert None not in colours.values()
+        assert len({tuple(c) for c in colours.values()}) == 13

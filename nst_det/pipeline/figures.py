@@ -45,21 +45,34 @@ def _write_png(fig, path: str) -> None:
         fig.savefig(f, format="png", dpi=90)
 
 
+def run_colours(names) -> dict:
+    """name -> a colour of its own (matplotlib's 10-colour cycle repeats from the 11th run)."""
+    import matplotlib
+
+    names = list(names)
+    palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    if len(names) > 20:
+        palette = matplotlib.colormaps["turbo"].resampled(len(names))
+    return {name: palette(i) for i, name in enumerate(names)}
+
+
 def curves(cls_runs: dict, det_runs: dict, out_dir: str, path: str) -> str:
     """Loss curves of the classification runs and loss + AP50 curves of the detection runs;
     each dict: run name -> its metrics.json rows (detectron2's per-iteration scalars)."""
     fig, axes = _figure(1, 3, figsize=(15, 4))
+    colour = run_colours(cls_runs)
     for name, rows in cls_runs.items():
         loss = [r for r in rows if "total_loss" in r]
         axes[0].plot([r["iteration"] for r in loss], [r["total_loss"] for r in loss], ".-",
-                     label=name)
+                     label=name, color=colour[name])
+    colour = run_colours(det_runs)
     for name, rows in det_runs.items():
         loss = [r for r in rows if "total_loss" in r]
         axes[1].plot([r["iteration"] for r in loss], [r["total_loss"] for r in loss], ".-",
-                     label=name)
+                     label=name, color=colour[name])
         ap = [r for r in rows if "bbox/AP50" in r]
         axes[2].plot([r["iteration"] for r in ap], [r["bbox/AP50"] for r in ap], "o-",
-                     label=name)
+                     label=name, color=colour[name])
     for ax, title in zip(axes, ("classification pretraining: loss",
                                 "detection: total loss", "detection: AP50")):
         ax.set_title(title)
@@ -75,10 +88,11 @@ def per_class_ap(bbox: dict, out_dir: str, path: str) -> str:
     classes = sorted({k[5:] for b in bbox.values() for k in b if k.startswith("AP50-")})
     fig, ax = _figure(figsize=(12, 4))
     if classes:
-        width = 0.8 / len(bbox)
+        width, colour = 0.8 / len(bbox), run_colours(bbox)
         for i, (name, b) in enumerate(bbox.items()):
             ax.bar(np.arange(len(classes)) + i * width,
-                   [b.get(f"AP50-{c}", 0.0) for c in classes], width, label=name)
+                   [b.get(f"AP50-{c}", 0.0) for c in classes], width, label=name,
+                   color=colour[name])
         ax.set_xticks(np.arange(len(classes)) + 0.4, classes)
     ax.set_ylabel("AP50 (%)")
     ax.set_title("per-class AP50")

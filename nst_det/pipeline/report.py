@@ -157,7 +157,9 @@ class Report:
             mean = statistics.mean(base)
             lines.append(f"Capacity gap: the teacher detector's {main} is {teacher:.1f}, the plain "
                          f"{self.student_name()} student's {mean:.1f} ({teacher - mean:+.1f}); "
-                         + ("there is something to transfer." if teacher - mean > 1 else
+                         + ("the teacher has not learned the task at this schedule: the gap "
+                            "says nothing about transfer." if teacher <= 1 else
+                            "there is something to transfer." if teacher - mean > 1 else
                             "the task is too easy for a teacher to help at this scale."))
             if mean < 0.25 * teacher:
                 lines.append(f"The plain student is far from converged at this schedule (under "
