@@ -108,9 +108,10 @@ def build_runner(args):
                      f"export, {info['file']}: give that file to --model (a .onnx or .ts file), "
                      "or a checkpoint export's config.yaml to --config-file")
         size, recorded = os.path.getsize(args.model), info.get("sha256")  # (older: size only)
-        if size != info["size_bytes"] or (recorded and recorded != file_sha256(args.model)):
+        if size != info.get("size_bytes", size) or (recorded and recorded != file_sha256(
+                args.model)):
             sys.exit(f"{args.model} is not the file its export verified ({size} bytes, "
-                     f"export_info.json records {info['size_bytes']} and its sha256): copied "
+                     f"export_info.json records {info.get('size_bytes')} and its sha256): copied "
                      "short or changed since; copy the export folder again or export again")
         runner = onnx_runner(args.model) if args.model.endswith(".onnx") else torchscript_runner(
             args.model
