@@ -158,6 +158,16 @@ def test_a_test_set_nst_det_cannot_evaluate_is_refused_before_training(tiny_voc,
         with pytest.raises(NotImplementedError, match=rf"{name}' has evaluator_type 'lvis'"):
             DetectionTrainer(cfg)
         assert not (tmp_path / "out" / "model_final.pth").exists()
+        # with an evaluator of one's own, the set's evaluator_type does not matter
+        from detectron2.evaluation import DatasetEvaluator
+        from detectron2.modeling import build_model
+
+        class Mine(DatasetEvaluator):
+            def evaluate(self):
+                return {"bbox": {"AP50": 1.0}}
+
+        model = build_model(cfg).eval()
+        assert DetectionTrainer.test(cfg, model, Mine()) == {"bbox": {"AP50": 1.0}}
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)

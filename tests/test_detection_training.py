@@ -183,6 +183,12 @@ def test_a_resumed_run_keeps_the_best_model_of_before_its_interruption(tmp_path,
     assert best_file_iteration() == 5 and (hook.best_iter, hook.best_metric) == (5, 1.5)
     again = at(0, DetectionTrainer(cfg))  # a fresh run in the same folder forgets the record
     assert again.best_metric is None and not json.loads((out / "model_best.json").read_text())
+    # a checkpoint of the version before the record file held the best itself
+    (out / "model_best.json").unlink()
+    older = DetectionTrainer(cfg)
+    older.load_state_dict({**older.state_dict(), "hooks": {
+        "ResumableBestCheckpointer": {"best_metric": 2.5, "best_iter": 3}}})
+    assert (at(4, older).best_iter, at(4, older).best_metric) == (3, 2.5)
 
 
 def test_kd_from_a_teacher_trained_on_the_classes_in_another_order_is_refused(
@@ -264,6 +270,9 @@ def test_best_metric_and_test_sets_are_checked_and_one_evaluator_is_accepted(tmp
         DetectionTrainer.best_metric(cfg)
     cfg.NST_DET.BEST_METRIC = "AP50-circle"
     assert DetectionTrainer.best_metric(cfg) == "bbox/AP50-circle"
+    cfg.NST_DET.BEST_METRIC = "AP50-circel"  # not one of the set's classes
+    with pytest.raises(ValueError, match="'AP50-circel' is not reported"):
+        DetectionTrainer.best_metric(cfg)
     cfg.NST_DET.BEST_METRIC = ""
     cfg.DATASETS.TEST = (tiny_voc[1], tiny_voc[1])  # results are keyed by set name
     with pytest.raises(ValueError, match="names a set twice"):

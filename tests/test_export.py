@@ -205,6 +205,34 @@ def test_an_export_never_replaces_files_it_did_not_write(toy_detector, tmp_path)
                            "--output", str(export), *toy_detector])
 
 
+def test_a_first_export_stopped_while_moving_into_place_can_be_run_again(
+        toy_detector, tmp_path, monkeypatch):
+    """config.yaml moved in before export_info.json: a Ctrl-C between the two left a folder the
+    next export refused for ever ('not from an export')."""
+    from nst_det.utils import atomic
+
+    export_model = _load_tool("export_model")
+    out = tmp_path / "export"
+    real, moved = atomic.os.replace, []
+
+    def stop_after_the_first_move(src, dst):
+        if os.path.dirname(dst) == str(out):  # into place (not a write inside the staging)
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(os.path.basename(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", stop_after_the_first_move)
+    args = ["--config-file", str(R18_TOY), "--format", "checkpoint", "--output", str(out),
+            *toy_detector]
+    with pytest.raises(KeyboardInterrupt):
+        export_model.main(args)
+    assert moved == ["export_info.json"]  # what says whose files these are, first
+    monkeypatch.setattr(atomic.os, "replace", real)
+    assert export_model.main(args) == 0
+    assert json.loads((out / "verification.json").read_text())["passed"]
+
+
 def test_nothing_to_verify_on_and_unfit_weights_are_named(toy_detector, tmp_path, capsys):
     export_model = _load_tool("export_model")
     out = tmp_path / "out"

@@ -318,3 +318,5 @@ def test_each_run_of_a_figure_has_a_colour_of_its_own(tmp_path, monkeypatch):
     for colours in per_axes:
         assert None not in colours.values()
         assert len({tuple(c) for c in colours.values()}) == 13
+    many = figures.run_colours(range(25))  # beyond tab20: a continuous map
+    assert len({tuple(c) for c in many.values()}) == 25

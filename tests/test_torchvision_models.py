@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.layers import ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 
 from nst_det import add_nst_config
@@ -102,6 +102,8 @@ def test_only_channels_first_maps_are_nodes_and_fixed_size_models_are_named(clas
     assert channels["features.1.0.block.6"] == 96
     with pytest.raises(ValueError, match="VisionTransformer: its feature nodes cannot be probed"):
         build_classifier("vit_b_16", 5)
+    # unpadded convolutions: a map's height grows with the image's, not by exactly 3/2
+    assert build_classifier("squeezenet1_1", 5).feature_channels["features.12"] == 512
 
 
 def test_frozen_prefixes_freeze_whole_blocks_with_their_bn_statistics():
@@ -116,6 +118,10 @@ def test_frozen_prefixes_freeze_whole_blocks_with_their_bn_statistics():
     assert not torch.equal(later_bn.running_mean, before[1])  # trained block: BN still learns
     with pytest.raises(ValueError, match=r"FROZEN_PREFIXES .*\['feature.0'\] match no"):
         TorchvisionBackbone("mobilenet_v3_small", ["features.3"], "BN", ["feature.0"])
+    for norm in ("BN", "FrozenBN"):  # a prefix naming the BN itself: frozen, not refused
+        bn = TorchvisionBackbone("resnet18", ["layer1"], norm, ["conv1", "bn1"]).get_submodule(
+            "bn1")
+        assert isinstance(bn, FrozenBatchNorm2d)
 
 
 def test_conversion_keeps_torchvision_keys_and_checks_strictly(classifiers):

@@ -30,6 +30,7 @@ class ResumableBestCheckpointer(hooks.BestCheckpointer):
         super().__init__(*args, **kwargs)
         self._record = os.path.join(record_dir, RECORD_FILE)
         self._bests: list = []
+        self._in_checkpoint: list = []  # a checkpoint of 2026-12-06 held the best itself
 
     def before_train(self):
         start = self.trainer.iter  # 0 for a fresh run: an earlier run's record is dropped
@@ -37,6 +38,8 @@ class ResumableBestCheckpointer(hooks.BestCheckpointer):
         if start > 0 and os.path.isfile(self._record):
             with open(self._record) as f:
                 bests = json.load(f)
+        elif start > 0:
+            bests = self._in_checkpoint
         self._bests = [b for b in bests if b[0] < start]  # the later ones run again
         self.best_iter, self.best_metric = self._bests[-1] if self._bests else (None, None)
         self._write()
@@ -61,4 +64,6 @@ class ResumableBestCheckpointer(hooks.BestCheckpointer):
             json.dump(self._bests, f)
 
     def load_state_dict(self, state: dict) -> None:
-        """Checkpoints of 2026-12-06 hold the best here; the record file is read instead."""
+        """Checkpoints of 2026-12-06 hold the best here: used when there is no record file."""
+        if state.get("best_iter") is not None:
+            self._in_checkpoint = [[int(state["best_iter"]), float(state["best_metric"])]]

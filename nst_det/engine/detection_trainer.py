@@ -72,15 +72,15 @@ class DetectionTrainer(ReliableTrainer):
 
     @classmethod
     def check_test_set(cls, cfg, dataset_name: str) -> None:
-        """ReliableTrainer's class-list check, that nst_det evaluates the set's evaluator_type,
-        and that the evaluation can read every annotation of the set: detectron2's VOC
-        evaluation (`check_voc_evaluable`) or pycocotools' (`check_coco_evaluable`)."""
+        """ReliableTrainer's class-list check, and that the evaluation can read every annotation
+        of the set: detectron2's VOC evaluation (`check_voc_evaluable`) or pycocotools'
+        (`check_coco_evaluable`)."""
         super().check_test_set(cfg, dataset_name)
-        kind, meta = evaluator_type(dataset_name), MetadataCatalog.get(dataset_name)
+        meta = MetadataCatalog.get(dataset_name)
         DatasetCatalog.get(dataset_name)  # a generated set (the toy ones) is written on load
-        if kind == "pascal_voc":
+        if meta.get("evaluator_type") == "pascal_voc":
             check_voc_evaluable(meta.dirname, meta.split)
-        elif meta.get("json_file"):
+        elif meta.get("evaluator_type") == "coco" and meta.get("json_file"):
             check_coco_evaluable(meta.json_file)
 
     @staticmethod
@@ -90,7 +90,10 @@ class DetectionTrainer(ReliableTrainer):
         if chosen:  # else BestCheckpointer only warns at each evaluation and saves nothing
             coco = evaluator_type(first) == "coco"
             summary = ("AP", "AP50", "AP75", *(("APs", "APm", "APl") if coco else ()))
-            if chosen not in summary and not chosen.startswith("AP-" if coco else "AP50-"):
+            prefix, classes = "AP-" if coco else "AP50-", MetadataCatalog.get(first).get(
+                "thing_classes")
+            if chosen not in summary and not (chosen.startswith(prefix) and (
+                    classes is None or chosen[len(prefix):] in classes)):
                 raise ValueError(f"NST_DET.BEST_METRIC {chosen!r} is not reported for {first}: "
                                  f"choose one of {list(summary)} or a per-class "
                                  f"{'AP-' if coco else 'AP50-'}<class>")
@@ -104,6 +107,8 @@ class DetectionTrainer(ReliableTrainer):
         ret = super().build_hooks()
         if not self.cfg.DATASETS.TEST:
             return ret
+        for name in self.cfg.DATASETS.TEST:  # the evaluators EvalHook will build: one that
+            self.build_evaluator(self.cfg, name)  # cannot be (an LVIS set) fails before training
         at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)) + 1
         extra = []
         if comm.is_main_process():

@@ -116,7 +116,8 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     images = sample_images(cfg, num_images)
     if not images:
         raise ValueError(f"test set {cfg.DATASETS.TEST[0]} has no images to verify the export on")
-    with atomic_file_set(out_dir, MARKER) as staging:
+    # export_info.json first: an export stopped while moving into place is still known as one
+    with atomic_file_set(out_dir, MARKER, first="export_info.json") as staging:
         if fmt == "checkpoint":
             final_weights = os.path.join(os.path.abspath(out_dir), "model_final.pth")
             path, cfg_path = save_student_checkpoint(cfg, student_state_dict(model), staging,

@@ -77,9 +77,9 @@ def node_shapes(model: nn.Module) -> Dict[str, ShapeSpec]:
     """{node name: ShapeSpec(channels, stride)} of every node with a [B, C, h, w] map output.
 
     Measured on two probe images of different heights (eval mode, no grad): a map's channels
-    stay and its height follows the input's, which tells a channels-last [B, h, w, C] output
-    (Swin, inside ConvNeXt blocks) from a map. A module path has the shape of the last leaf
-    node inside it (torchvision's rule for prefixes).
+    and width stay and its height grows with the input's, which tells a channels-last
+    [B, h, w, C] output (Swin, inside ConvNeXt blocks) from a map. A module path has the shape
+    of the last leaf node inside it (torchvision's rule for prefixes).
     """
     leaves = _leaf_nodes(model)
     was_training = model.training
@@ -90,7 +90,7 @@ def node_shapes(model: nn.Module) -> Dict[str, ShapeSpec]:
             out, taller = (extractor(torch.zeros(1, 3, h, _PROBE, dtype=param.dtype,
                                                  device=param.device))
                            for h in (_PROBE, _PROBE * 3 // 2))
-    except Exception as e:  # e.g. ViT, MaxViT, Inception-v3: a fixed or minimum input size
+    except Exception as e:  # e.g. ViT, MaxViT: a fixed input size
         raise ValueError(f"{type(model).__name__}: its feature nodes cannot be probed with "
                          f"{_PROBE}-pixel images ({type(e).__name__}: {e}); torchvision models "
                          "that need a fixed input size are not supported") from None
@@ -101,8 +101,8 @@ def node_shapes(model: nn.Module) -> Dict[str, ShapeSpec]:
         t, t2 = out[leaf], taller[leaf]
         if not (torch.is_tensor(t) and t.dim() == 4) or t.shape[-2:].numel() == 1:
             continue  # not a map, or globally pooled
-        if t2.shape[1] != t.shape[1] or t2.shape[2] * 2 != t.shape[2] * 3:
-            continue  # not [B, C, h, w]: channels-last, or not a map of the image
+        if t2.shape[1] != t.shape[1] or t2.shape[3] != t.shape[3] or t2.shape[2] <= t.shape[2]:
+            continue  # not [B, C, h, w] (channels-last), or not a map of the image's height
         stride = 2 ** round(math.log2(_PROBE / t.shape[-2]))
         spec = ShapeSpec(channels=t.shape[1], stride=stride)
         parts = leaf.split(".")

@@ -50,9 +50,10 @@ def run_colours(names) -> dict:
     import matplotlib
 
     names = list(names)
+    if len(names) > 20:  # a continuous map, sampled evenly
+        turbo = matplotlib.colormaps["turbo"]
+        return {name: turbo(i / (len(names) - 1)) for i, name in enumerate(names)}
     palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-    if len(names) > 20:
-        palette = matplotlib.colormaps["turbo"].resampled(len(names))
     return {name: palette(i) for i, name in enumerate(names)}
 
 

@@ -217,9 +217,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file_set(folder: str | os.PathLike, marker: str) -> Iterator[Path]:
+def atomic_file_set(folder: str | os.PathLike, marker: str,
+                    first: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder inside `folder`; on success move its files into `folder`, the file
-    named `marker` last. Readers must treat the set as absent while `marker` is absent.
+    named `first` (if any: e.g. what says whose files these are) first and the one named
+    `marker` last. Readers must treat the set as absent while `marker` is absent.
 
     Before anything moves, the old `marker` is removed, so an interruption at any moment leaves
     either the previous complete set, or files without their marker: never new files under an
@@ -241,7 +243,7 @@ def atomic_file_set(folder: str | os.PathLike, marker: str) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / marker)
         _fsync_dir(folder)
-        for item in sorted(tmp.iterdir()):
+        for item in sorted(tmp.iterdir(), key=lambda p: (p.name != first, p.name)):
             if item.name != marker:
                 os.replace(item, folder / item.name)
         os.replace(tmp / marker, folder / marker)

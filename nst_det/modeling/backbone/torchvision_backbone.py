@@ -79,7 +79,7 @@ class TorchvisionBackbone(Backbone):
         graph = feature_extractor(model, {n: n for n in out_features})
         self._graph = (graph,)  # executed; its submodules are ours (same objects)
         adopt_children(self, graph)
-        matched = set()
+        matched = set(frozen) & set(dict(self.named_modules()))  # a FrozenBN has no parameters
         for name, p in self.named_parameters():
             hits = {f for f in frozen if name == f or name.startswith(f + ".")}
             matched |= hits
