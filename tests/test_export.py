@@ -162,47 +162,36 @@ def test_missing_weights_is_a_clear_error(tiny_voc, tmp_path):
                            "--output", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "no.pth")])
 
 
-def test_an_export_into_a_training_runs_folder_is_refused_before_any_write(
-        toy_detector, tmp_path):
+@pytest.mark.parametrize("marks, says", [
+    ({"last_checkpoint": b"model_final.pth"}, r"is a training run's \(it holds last_checkpoint\)"),
+    ({}, r"holds \['model_final.pth', 'config.yaml'\], not from an export"),
+], ids=["training_run", "users_copies"])
+def test_an_export_never_replaces_files_it_did_not_write(toy_detector, tmp_path, marks, says):
+    """A training run's folder, or one holding a user's copies of the checkpoint and config
+    being exported: the export replaced both with the student-only ones."""
     export_model = _load_tool("export_model")
-    run = tmp_path / "my_student_nst"  # what a training run leaves (its full checkpoint)
-    run.mkdir()
+    folder = tmp_path / "my_student_nst"
+    folder.mkdir()
     weights = Path(toy_detector[toy_detector.index("MODEL.WEIGHTS") + 1]).read_bytes()
-    files = {"last_checkpoint": b"model_final.pth", "model_final.pth": weights,
-             "config.yaml": R18_TOY.read_bytes()}
+    files = {**marks, "model_final.pth": weights, "config.yaml": R18_TOY.read_bytes()}
     for name, data in files.items():
-        (run / name).write_bytes(data)
-    with pytest.raises(SystemExit, match=r"export folder .*my_student_nst is a training run's "
-                                         r"\(it holds last_checkpoint\)"):
+        (folder / name).write_bytes(data)
+    with pytest.raises(SystemExit, match=f"export folder .*my_student_nst {says}"):
         export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
-                           "--output", str(run), *toy_detector,
-                           "MODEL.WEIGHTS", str(run / "model_final.pth")])
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+                           "--output", str(folder), *toy_detector,
+                           "MODEL.WEIGHTS", str(folder / "model_final.pth")])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
 
 
-def test_an_export_never_replaces_files_it_did_not_write(toy_detector, tmp_path):
-    """A folder holding a user's checkpoint and config (the very MODEL.WEIGHTS and --config-file
-    exported) had both replaced by the student-only ones."""
+def test_an_export_folder_is_the_next_exports_and_a_file_is_no_folder(toy_detector, tmp_path):
     export_model = _load_tool("export_model")
-    mine = tmp_path / "mymodels"
-    mine.mkdir()
-    weights = Path(toy_detector[toy_detector.index("MODEL.WEIGHTS") + 1]).read_bytes()
-    files = {"model_final.pth": weights, "config.yaml": R18_TOY.read_bytes()}
-    for name, data in files.items():
-        (mine / name).write_bytes(data)
-    with pytest.raises(SystemExit, match=r"holds \['model_final.pth', 'config.yaml'\], not "
-                                         r"from an export"):
-        export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
-                           "--output", str(mine), *toy_detector,
-                           "MODEL.WEIGHTS", str(mine / "model_final.pth")])
-    assert {p.name: p.read_bytes() for p in mine.iterdir()} == files
-    with pytest.raises(SystemExit, match="is a file: give a folder"):
-        export_model.main(["--config-file", str(R18_TOY), "--format", "onnx",
-                           "--output", str(mine / "config.yaml"), *toy_detector])
-    export = tmp_path / "export"  # an export folder is an export's to replace
-    for _ in range(2):
+    export = tmp_path / "export"
+    for _ in range(2):  # an export's files are the next export's to replace
         export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
                            "--output", str(export), *toy_detector])
+    with pytest.raises(SystemExit, match="is a file: give a folder"):
+        export_model.main(["--config-file", str(R18_TOY), "--format", "onnx",
+                           "--output", str(export / "config.yaml"), *toy_detector])
 
 
 def test_a_first_export_stopped_while_moving_into_place_can_be_run_again(
