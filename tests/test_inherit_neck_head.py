@@ -291,3 +291,18 @@ def test_retinanet_kd_on_a_teacher_with_other_anchor_shapes_is_refused(module_tm
     with pytest.raises(ValueError, match="KD on anchor logits needs the teacher's anchors; anchor "
                                          "boxes of level 0"):
         build_model(cfg)
+
+
+def test_a_student_backbone_without_bottom_up_is_refused_not_copied_whole():
+    """C4: the backbone is the ResNet itself, so without the check every tensor of it would be
+    'neck' and the teacher's bottom-up network would replace the student's."""
+    from types import SimpleNamespace
+
+    from nst_det.distill.inherit import inherit_neck_head
+
+    student = {"backbone": torch.nn.Conv2d(3, 4, 3), "roi_heads": torch.nn.Linear(4, 2)}
+    before = student["backbone"].weight.detach().clone()
+    teacher = SimpleNamespace(backbone=torch.nn.Conv2d(3, 4, 3), roi_heads=torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="Conv2d has no bottom_up"):
+        inherit_neck_head(student, teacher, ["roi_heads"])
+    assert torch.equal(student["backbone"].weight, before)

@@ -5,7 +5,8 @@ with prefix ``neck.`` / ``bbox_head.``) copy every non-backbone teacher weight i
 before training; their published one-stage numbers use it. In detectron2 terms the neck is the
 backbone minus its ``bottom_up`` network (an FPN's lateral / output convs and top block) and the
 heads are the meta-architecture's head modules (R-CNN: ``proposal_generator``, ``roi_heads``;
-RetinaNet: ``head``). The bottom-up network, the student's own, is never copied.
+RetinaNet: ``head``). The bottom-up network, the student's own, is never copied; a backbone
+without one (C4: the backbone is the ResNet itself) has no neck, and is refused.
 
 Unlike the references (mmcv's lenient `load_state_dict`), every student neck/head tensor must
 find a teacher tensor of its name and shape, or building fails; teacher tensors the student has
@@ -85,10 +86,18 @@ def inherit_neck_head(student: Mapping[str, nn.Module | None], teacher: nn.Modul
     Returns:
         The number of tensors copied.
     Raises:
-        ValueError: a student neck/head tensor has no teacher tensor of its name and shape (the
-            message names the first ones), or there is nothing to copy. Teacher tensors the
-            student lacks (e.g. a mask head) are not copied, and logged.
+        ValueError: the student's backbone has no `bottom_up` network (no neck: every tensor
+            of it would count as neck), a student neck/head tensor has no teacher tensor of its
+            name and shape (the message names the first ones), or there is nothing to copy.
+            Teacher tensors the student lacks (e.g. a mask head) are not copied, and logged.
     """
+    backbone = student.get("backbone")
+    if not hasattr(backbone, "bottom_up"):
+        raise ValueError(
+            "MODEL.DISTILL.INHERIT_TEACHER_NECK_HEAD copies the neck of an FPN-style backbone (the "
+            f"backbone without its bottom_up network); the student's {type(backbone).__name__} "
+            "has no bottom_up, so its whole bottom-up network would be replaced by the teacher's. "
+            "Turn it off for a C4 / single-level student")
     s_state = neck_head_state(student, heads)
     t_state = neck_head_state({n: getattr(teacher, n, None) for n in ("backbone", *heads)}, heads)
     problem = _mismatch(s_state, t_state)
