@@ -188,7 +188,8 @@ def add_nst_config(cfg: CN) -> None:
 
 def check_config_files(config_file: str) -> None:
     """Raise FileNotFoundError naming a config file that does not exist, with the file whose
-    `_BASE_` names it (resolved as detectron2 does: relative to the including file's folder)."""
+    `_BASE_` names it (resolved as detectron2 does: relative to the including file's folder),
+    and ValueError for files that include each other (detectron2 would recurse without end)."""
     import os
 
     import yaml
@@ -214,16 +215,21 @@ def check_config_files(config_file: str) -> None:
         if not isinstance(base, str) or "://" in base:
             return
         base = os.path.expanduser(base)
+        if os.path.realpath(path) in map(os.path.realpath, chain):
+            raise ValueError(f"config files include each other through _BASE_: {path} <- "
+                             f"{' <- '.join(chain)}. Remove one of those _BASE_ lines")
         chain.insert(0, path)
         path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
 
 
 def load_config(config_file: str, opts=(), *, opts_name: str = "command-line overrides",
-                more_datasets: dict | None = None) -> CN:
+                more_datasets: dict | None = None, register_data: bool = True) -> CN:
     """get_cfg() + add_nst_config + the file + `opts` (KEY VALUE ...), with errors that name them:
-    the one loader of student, teacher (opts_name "MODEL.TEACHER.OPTS") and saved configs. Then
-    the data sets of DATASETS.COCO / VOC are registered, after appending `more_datasets`
-    ({"COCO": [[name, json, image_root], ...], "VOC": [...]}, e.g. from the command line).
+    the one loader of student, teacher (opts_name "MODEL.TEACHER.OPTS") and saved configs. Then,
+    with `register_data`, the data sets of DATASETS.COCO / VOC are registered, after appending
+    `more_datasets` ({"COCO": [[name, json, image_root], ...], "VOC": [...]}, e.g. from the
+    command line). A teacher's config is loaded without: a teacher reads no data, and its
+    training run's sets may have moved or be elsewhere.
 
     yacs reports an unknown key as a bare KeyError or AssertionError; here the message also names
     the file (or `opts_name`) and the usual causes.
@@ -248,6 +254,8 @@ def load_config(config_file: str, opts=(), *, opts_name: str = "command-line ove
                 f"{source}: {e.args[0] if e.args else e}. Check the spelling against "
                 "detectron2's defaults and nst_det/config.py (add_nst_config)"
             ) from None
+    if not register_data:
+        return cfg
     from .data.from_config import register_datasets_from_config
 
     for key, entries in (more_datasets or {}).items():

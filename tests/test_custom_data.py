@@ -68,6 +68,23 @@ def test_coco_from_config_keys_registers_in_load_config(tmp_path, tool_export):
         register_datasets_from_config(other)
 
 
+def test_a_teachers_config_registers_none_of_its_data_sets(tmp_path):
+    """A training run's config.yaml names its data sets; as a teacher's config it must build
+    without them (the teacher reads no data; its sets may have moved away)."""
+    from nst_det.modeling.teacher import build_teacher_cfg
+
+    gone = tmp_path / "moved_away" / "VOC2007"  # no class list: registering it reads the folder
+    yaml, weights = write_teacher(tmp_path, ["DATASETS.VOC", repr([["teacher_only_voc", str(gone),
+                                                                    "trainval"]])])
+    cfg = get_cfg()
+    add_nst_config(cfg)
+    cfg.merge_from_file(str(R18_FPN_TOY))
+    cfg.merge_from_list([*TINY, *distill_opts(yaml, weights)])
+    tcfg = build_teacher_cfg(cfg)
+    assert tcfg.DATASETS.VOC[0][0] == "teacher_only_voc"
+    assert "teacher_only_voc" not in DatasetCatalog.list()
+
+
 def test_train_net_options_register_sets(tmp_path, tool_export, tiny_voc):
     train_net = load_train_net()
     coco, voc = unique("cli_coco"), unique("cli_voc")

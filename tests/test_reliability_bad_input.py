@@ -171,6 +171,11 @@ def test_missing_config_file_or_base_names_it_and_its_includer(tmp_path):
         load_config(str(leaf))
     middle.write_text(f"_BASE_: {R18_TOY}\nSEED: 3\n")  # fixed: loads
     assert load_config(str(leaf)).SEED == 3
+    middle.write_text("_BASE_: ../leaf.yaml\n")  # a cycle: detectron2 alone never ends
+    again = os.path.join(str(middle.parent), "../leaf.yaml")
+    with pytest.raises(ValueError, match=re.escape(
+            f"include each other through _BASE_: {again} <- {middle} <- {leaf}")):
+        load_config(str(leaf))
 
 
 def _trainer(cfg, train, out):

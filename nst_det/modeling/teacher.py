@@ -123,7 +123,8 @@ def build_teacher_cfg(cfg: CfgNode) -> CfgNode:
     if is_lazy_config(path):
         raise ValueError(f"teacher config {path} is a LazyConfig (.py) file, not a yacs config: "
                          "see build_lazy_teacher_cfg (build_teacher handles both)")
-    tcfg = load_config(path, cfg.MODEL.TEACHER.OPTS, opts_name="MODEL.TEACHER.OPTS")
+    tcfg = load_config(path, cfg.MODEL.TEACHER.OPTS, opts_name="MODEL.TEACHER.OPTS",
+                       register_data=False)
     if tcfg.MODEL.TEACHER.CONFIG_FILE:
         raise ValueError(
             f"teacher config {path} itself has a teacher (MODEL.TEACHER.CONFIG_FILE="
