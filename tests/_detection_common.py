@@ -87,14 +87,16 @@ def load_train_net():
     return module
 
 
-def distributed_worker(config_file: str, data_prefix: str, data_dir: str, num_images: tuple):
+def distributed_worker(config_file: str, data_prefix: str, data_dir: str, num_images: tuple,
+                       resume: bool = False):
     """Body of each launched process: register the tiny data set, then train_net's main()."""
     from nst_det.data.datasets import register_toy_voc
 
     register_toy_voc(data_prefix, data_dir, seed=1, num_trainval=num_images[0],
                      num_test=num_images[1])
     train_net = load_train_net()
-    args = train_net.default_argument_parser().parse_args(["--config-file", config_file])
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", config_file, *(["--resume"] if resume else [])])
     return train_net.launched_main(args)
 
 

@@ -7,8 +7,8 @@ build_hooks), and implement `build_train_mapper` (and `build_train_records` when
 not detection records). Then:
 - the training stream is position-seeded (nst_det.data.resumable): resuming after iteration k
   continues at exactly the batch an uninterrupted run would have used;
-- checkpoints also hold the optimizer, the LR scheduler, the python/numpy/torch RNG states and
-  the data seed;
+- checkpoints also hold the optimizer, the LR scheduler, the python/numpy/torch RNG states (of
+  every rank, rank_rng.py) and the data seed;
 - checkpoints are written atomically and resume skips corrupt files (ReliableCheckpointer);
 - a non-finite loss stops training before its step is applied (nan_guard);
 - several CPU processes (gloo) train with DDP as GPUs do (nst_det.utils.dist.build_ddp_model);
@@ -59,6 +59,7 @@ from .cpu_amp import TrainingAutocast
 from .final_checkpoint import FinalCheckpoint
 from .nan_guard import install_nan_guard
 from .precise_bn import ResumablePreciseBN
+from .rank_rng import GatherRngStates
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,9 @@ class ReliableTrainer(TrainerBase):
                 lambda start: self.build_train_loader(bn_cfg, self.data_loader.nst_data_seed,
                                                       start, records),
                 cfg.TEST.PRECISE_BN.NUM_ITER))
+        # every rank's RNG state for the checkpoint, gathered just before it is written
+        self._rank_rng = GatherRngStates(cfg.SOLVER.CHECKPOINT_PERIOD)
+        ret.append(self._rank_rng)
         # checkpoint before evaluating: a failing evaluation leaves the weights to debug with
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
@@ -331,13 +335,24 @@ class ReliableTrainer(TrainerBase):
         state["_trainer"] = self.step_trainer.state_dict()
         # also kept by the LRScheduler hook, but only for some scheduler classes in v0.6
         state["scheduler"] = self.scheduler.state_dict()
-        state["rng"] = capture_rng_state()
+        state["rng"] = capture_rng_state()  # rank 0's (a checkpoint of one process has only it)
+        per_rank = getattr(self, "_rank_rng", None)
+        per_rank = per_rank.states_at(self.iter) if per_rank else None
+        if per_rank is not None:
+            state["rng_per_rank"] = per_rank
         state["data_seed"] = self.data_loader.nst_data_seed
         return state
 
     def load_state_dict(self, state_dict):
         state = dict(state_dict)
         self._resumed_rng = state.pop("rng", None)
+        per_rank = state.pop("rng_per_rank", None)
+        if per_rank is not None and len(per_rank) == comm.get_world_size():
+            self._resumed_rng = per_rank[comm.get_rank()]  # this rank's own stream
+        elif comm.get_world_size() > 1:
+            logger.warning("the checkpoint holds no RNG state per rank of %d processes: every "
+                           "rank resumes with rank 0's, so the run differs from an "
+                           "uninterrupted one", comm.get_world_size())
         self._resumed_data_seed = state.pop("data_seed", None)
         super().load_state_dict(state)
         self.step_trainer.load_state_dict(state["_trainer"])
