@@ -85,6 +85,73 @@ def test_a_voc_test_set_its_evaluation_cannot_read_is_refused_before_evaluating(
         DetectionTrainer(cfg)
 
 
+def _ground_truth_ap50(name: str) -> float:
+    """AP50 of detectron2's VOC evaluation given the set's own ground truth as detections."""
+    import torch
+    from detectron2.evaluation import PascalVOCDetectionEvaluator
+    from detectron2.structures import Boxes, Instances
+
+    evaluator = PascalVOCDetectionEvaluator(name)
+    evaluator.reset()
+    for record in DatasetCatalog.get(name):
+        boxes = [a["bbox"] for a in record["annotations"]]
+        found = Instances((record["height"], record["width"]), scores=torch.ones(len(boxes)),
+                          pred_boxes=Boxes(torch.tensor(boxes).reshape(-1, 4)),
+                          pred_classes=torch.tensor([a["category_id"]
+                                                     for a in record["annotations"]]))
+        evaluator.process([{"image_id": record["image_id"]}], [{"instances": found}])
+    return evaluator.evaluate()["bbox"]["AP50"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda ids: ids + [""], r"line 5 \(''\) is blank"),  # voc_eval opens Annotations/.xml
+    (lambda ids: ids + ids[:1], "line 5 .* repeats an earlier line"),  # its objects count twice
+    (lambda ids: ["\ufeff" + ids[0]] + ids[1:], "line 1 .* byte-order mark"),
+])
+def test_a_voc_split_file_its_evaluation_misreads_is_refused(voc, edit, message):
+    """Lines the checked loader reads fine but detectron2's voc_eval reads raw (readlines)."""
+    split = voc / "ImageSets" / "Main" / "test.txt"
+    ids = split.read_text().split()
+    name = f"voc_split_{next(_names)}"
+    register_voc(name, str(voc), "test", _toy_classes(), 2007)
+    assert _ground_truth_ap50(name) == pytest.approx(100.0)
+    split.write_text("\n".join(edit(ids)) + "\n", encoding="utf-8")
+    assert len(load_voc_checked(str(voc), "test", _toy_classes())) >= 4  # it trains
+    with pytest.raises(VOCDataError, match=f"{re.escape(str(split))} {message}"):
+        check_voc_evaluable(str(voc), "test")
+    if "repeats" in message:  # the silent case: perfect detections lose AP (all repeated: ~55)
+        assert _ground_truth_ap50(name) < 99.0
+
+
+def test_a_voc_image_id_with_a_space_and_a_class_name_with_a_slash_are_refused(voc):
+    split = voc / "ImageSets" / "Main" / "test.txt"
+    first, *rest = split.read_text().split()
+    for folder, ext in (("Annotations", "xml"), ("JPEGImages", "jpg")):
+        (voc / folder / f"{first}.{ext}").rename(voc / folder / f"my {first}.{ext}")
+    split.write_text("\n".join([f"my {first}", *rest]) + "\n")
+    assert len(load_voc_checked(str(voc), "test", _toy_classes())) == 4  # it trains
+    with pytest.raises(VOCDataError, match=r"line 1 \('my .*'\) has a space"):
+        check_voc_evaluable(str(voc), "test")
+    split.write_text("\n".join(rest) + "\n")
+    check_voc_evaluable(str(voc), "test", _toy_classes())
+    for xml in (voc / "Annotations").glob("*.xml"):  # each class's detections go to <class>.txt
+        xml.write_text(xml.read_text().replace("<name>circle</name>", "<name>circle/ring</name>"))
+    classes = ["circle/ring" if c == "circle" else c for c in _toy_classes()]
+    name = f"voc_slash_{next(_names)}"
+    register_voc(name, str(voc), "test", classes, 2007)
+    cfg = make_cfg(R18_FPN_TOY, ["OUTPUT_DIR", str(voc.parent / "out")], data=(name, name))
+    with pytest.raises(VOCDataError, match="class name 'circle/ring' of .* holds a '/'"):
+        DetectionTrainer.test(cfg, model=None)  # --eval-only: before any inference
+
+
+def test_a_voc_class_name_with_spaces_around_it_is_refused(voc):
+    """The loader strips <name>; detectron2's parse_rec does not, and the class scores 0."""
+    xml = edit_voc_xml(voc, r"<name>(\w+)</name>", r"<name>\1 </name>", split="test")
+    assert len(load_voc_checked(str(voc), "test", _toy_classes())) == 4  # it trains
+    with pytest.raises(VOCDataError, match=f"{re.escape(str(xml))}: <name>.* </name> has spaces"):
+        check_voc_evaluable(str(voc), "test")
+
+
 def _toy_classes():
     from nst_det.data.toy_world import TOY_CLASSES
 

@@ -29,7 +29,7 @@ def _read_split(dirname: str, split: str) -> list[str]:
     path = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
     if not os.path.isfile(path):
         raise VOCDataError(f"split file {path} is missing: the '{split}' split needs it")
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # (a byte-order mark is not part of an id)
         ids = [line.strip() for line in f if line.strip()]
     if not ids:
         raise VOCDataError(f"split file {path} is empty: it should list one image id per line")
@@ -107,18 +107,58 @@ def load_voc_checked(dirname: str, split: str, class_names) -> list[dict]:
     return records
 
 
-def check_voc_evaluable(dirname: str, split: str) -> None:
-    """Raise VOCDataError naming the first annotation of the split that detectron2's VOC
-    evaluation cannot read. Its `parse_rec` needs, in every <object>, a <pose>, integer
-    <truncated> and <difficult>, and integer box coordinates: many tools leave those tags out or
-    write decimal coordinates, which train well but end the evaluation after training."""
-    for file_id in _read_split(dirname, split):
+def _evaluable_split(dirname: str, split: str) -> list[str]:
+    """The split's ids as detectron2's `voc_eval` reads them (`readlines`, each stripped), refused
+    when it would read a blank, repeated or space-holding id: it opens "Annotations/.xml" for a
+    blank line, counts a repeated image's objects twice (perfect detections then score ~55
+    AP50), and splits its detection lines on spaces."""
+    _read_split(dirname, split)  # the root and the file exist, and it lists ids
+    path = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        ids = [line.strip() for line in f.readlines()]
+    seen = set()
+    for number, file_id in enumerate(ids, 1):
+        problem = ""
+        if not file_id:
+            problem = "is blank"
+        elif len(file_id.split()) > 1:
+            problem = "has a space"
+        elif file_id.startswith("\ufeff"):
+            problem = "starts with a byte-order mark (the file was saved as UTF-8 with BOM)"
+        elif file_id in seen:
+            problem = "repeats an earlier line"
+        if problem:
+            raise VOCDataError(
+                f"{path} line {number} ({file_id!r}) {problem}; the VOC evaluation (detectron2's "
+                "voc_eval) needs one distinct image id per line, without spaces or blank lines")
+        seen.add(file_id)
+    return ids
+
+
+def check_voc_evaluable(dirname: str, split: str, class_names=()) -> None:
+    """Raise VOCDataError naming the first thing of the split that detectron2's VOC evaluation
+    cannot read, or would score wrongly: the split file's lines (`_evaluable_split`); a class
+    name with "/" (each class's detections go to a file of its name); and in every <object> a
+    <name> without surrounding spaces (compared unstripped: the class would score 0), a <pose>,
+    integer <truncated> and <difficult>, and integer box coordinates. Many tools leave those tags
+    out or write decimal coordinates, which train well but end the evaluation after training."""
+    for name in class_names:
+        if "/" in name:
+            raise VOCDataError(
+                f"class name {name!r} of {dirname} holds a '/': the VOC evaluation writes each "
+                "class's detections to a file of its name. Rename the class")
+    for file_id in _evaluable_split(dirname, split):
         xml_path = os.path.join(dirname, "Annotations", f"{file_id}.xml")
         try:
             objects = ET.parse(xml_path).findall("object")
         except (OSError, ET.ParseError) as e:
             raise VOCDataError(f"{xml_path} cannot be read ({e}). Fix or regenerate it") from None
         for obj in objects:
+            name = obj.findtext("name")
+            if name is not None and name != name.strip():
+                raise VOCDataError(
+                    f"{xml_path}: <name>{name}</name> has spaces around the class name; the VOC "
+                    "evaluation compares it unstripped, so that class would score 0. Remove them")
             box = obj.find("bndbox")
             for node, tag in [(obj, "truncated"), (obj, "difficult"),
                               *((box, k) for k in ("xmin", "ymin", "xmax", "ymax"))]:

@@ -79,7 +79,7 @@ class DetectionTrainer(ReliableTrainer):
         meta = MetadataCatalog.get(dataset_name)
         DatasetCatalog.get(dataset_name)  # a generated set (the toy ones) is written on load
         if meta.get("evaluator_type") == "pascal_voc":
-            check_voc_evaluable(meta.dirname, meta.split)
+            check_voc_evaluable(meta.dirname, meta.split, meta.get("thing_classes", []))
         elif meta.get("evaluator_type") == "coco" and meta.get("json_file"):
             check_coco_evaluable(meta.json_file)
 
