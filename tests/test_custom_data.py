@@ -130,6 +130,17 @@ def test_voc_class_list_disagreeing_with_annotations(tiny_voc):
 def test_voc_classes_found_needs_annotations(tmp_path):
     with pytest.raises(VOCDataError, match="holds no .xml annotations"):
         register_voc(unique("voc_empty"), str(tmp_path), "test")
+    with pytest.raises(VOCDataError, match=f"VOC folder {tmp_path / 'MyVOC'} does not exist"):
+        register_voc(unique("voc_typo"), str(tmp_path / "MyVOC"), "test")  # not "no .xml"
+
+
+def test_a_voc_entry_with_the_year_in_the_class_list_slot_is_named(tiny_voc):
+    cfg = load_config(str(R18_FPN_TOY), ["DATASETS.VOC", repr([["voc_year_slot", tiny_voc[2],
+                                                                 "test", 2007]])],
+                      register_data=False)
+    with pytest.raises(ValueError, match=r"'voc_year_slot': its class list \(the 4th item of a "
+                                         r"DATASETS.VOC entry\) is 2007"):
+        register_datasets_from_config(cfg)
 
 
 # ---- evaluation ----

@@ -61,12 +61,31 @@ def test_unknown_class_name(voc):
 
 @pytest.mark.parametrize("box, problem", [
     ("<xmin>50</xmin><ymin>50</ymin><xmax>40</xmax><ymax>60</ymax>", "inverted box"),
-    ("<xmin>50</xmin><ymin>50</ymin><xmax>50</xmax><ymax>60</ymax>", "zero-area box"),
+    ("<xmin>50</xmin><ymin>50</ymin><xmax>40.5</xmax><ymax>60</ymax>", "inverted box"),
     ("<xmin>50</xmin><ymin>50</ymin><xmax>5000</xmax><ymax>60</ymax>", "outside the"),
 ])
 def test_bad_boxes(voc, box, problem):
     xml = _edit_xml(voc, r"<xmin>.*?</ymax>", box)
     with pytest.raises(VOCDataError, match=re.escape(str(xml)) + ".*" + problem):
+        _load(voc)
+
+
+def test_a_one_pixel_wide_voc_box_loads_as_detectron2_loads_it(voc):
+    """VOC coordinates are inclusive: xmin == xmax is a box one pixel wide, not an empty one."""
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+    _edit_xml(voc, r"<xmin>.*?</ymax>",
+              "<xmin>50</xmin><ymin>50</ymin><xmax>50</xmax><ymax>60</ymax>")
+    ours = _load(voc)
+    theirs = load_voc_instances(str(voc), "trainval", TOY_CLASSES)
+    assert ours[0]["annotations"][0]["bbox"] == theirs[0]["annotations"][0]["bbox"] \
+        == [49.0, 49.0, 50.0, 60.0]
+
+
+def test_a_voc_image_size_that_is_not_a_whole_number_is_named(voc):
+    xml = _edit_xml(voc, r"<width>(\d+)</width>", r"<width>\1.0</width>")
+    with pytest.raises(VOCDataError,
+                       match=re.escape(str(xml)) + ": <width> is '\\d+\\.0', not a whole"):
         _load(voc)
 
 
@@ -227,10 +246,17 @@ def _d2_voc_trainer(voc, tmp_path):
         MetadataCatalog.remove(name)
 
 
-def test_d2_registered_voc_with_an_unknown_class_names_the_file(voc, tmp_path):
-    _edit_xml(voc, r"<name>\w+</name>", "<name>hexagon</name>")
+@pytest.mark.parametrize("pattern, replacement, message", [
+    (r"<name>\w+</name>", "<name>hexagon</name>", "unknown class 'hexagon'"),  # ValueError
+    (r"</annotation>", "", "is not valid XML"),  # detectron2: a bare ParseError
+    (r"<size>.*</size>", "", "<size> is missing"),  # IndexError
+    (r"<bndbox>.*?</bndbox>", "", "an <object> has no <bndbox>"),  # AttributeError
+])
+def test_d2_registered_voc_with_a_bad_annotation_names_the_file(voc, tmp_path, pattern,
+                                                                replacement, message):
     xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
-    with pytest.raises(VOCDataError, match=f"{xml}: unknown class 'hexagon'"):
+    xml.write_text(re.sub(pattern, replacement, xml.read_text(), count=1, flags=re.S))
+    with pytest.raises(VOCDataError, match=f"{xml}:? {message}"):
         _d2_voc_trainer(voc, tmp_path)
 
 

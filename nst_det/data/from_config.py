@@ -71,8 +71,12 @@ def voc_classes_found(dirname: str) -> list[str]:
     """The sorted class names used in dirname/Annotations/*.xml.
 
     Raises:
-        VOCDataError: no annotation folder or files, an unreadable file, or no object at all.
+        VOCDataError: no such folder, no annotation folder or files, an unreadable file, or no
+            object at all.
     """
+    if not os.path.isdir(dirname):
+        raise VOCDataError(f"VOC folder {dirname} does not exist (working directory "
+                           f"{os.getcwd()}). Check the path")
     folder = os.path.join(dirname, "Annotations")
     files = sorted(glob.glob(os.path.join(folder, "*.xml")))
     if not files:
@@ -117,6 +121,12 @@ def register_voc(name: str, dirname: str, split: str, classes=None, year=None) -
     """
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",") if c.strip()]
+    if classes and not (isinstance(classes, (list, tuple))
+                        and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"VOC set {name!r}: its class list (the 4th item of a DATASETS.VOC "
+                         f"entry) is {classes!r}; give a list of names or a comma-separated "
+                         "string, or '' to use the names found in the annotations, e.g. "
+                         "[name, dirname, split, '', 2007]")
     classes = list(classes or [])
     year = _voc_year(dirname, year)
     spec = ("voc", dirname, split, tuple(classes), year)

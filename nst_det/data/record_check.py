@@ -75,10 +75,13 @@ def load_train_records(names, num_classes: int, classes_key: str, filter_empty: 
         records = get_detection_dataset_dicts(names, filter_empty=filter_empty)
     except VOCDataError:
         raise
-    except ValueError as e:  # e.g. detectron2's VOC loader on a class not in its list
+    # detectron2's VOC loader on an unknown class (ValueError), malformed XML (ParseError, a
+    # SyntaxError), no <size> or no <bndbox> (IndexError, AttributeError)
+    except (ValueError, SyntaxError, LookupError, AttributeError) as e:
         for name in names:
             _explain_with_checked_loader(name)
-        raise DetectionDataError(f"loading the training sets {names} failed: {e}") from e
+        raise DetectionDataError(f"loading the training sets {names} failed: "
+                                 f"{type(e).__name__}: {e}") from e
     try:
         check_detection_records(records, num_classes, classes_key)
     except DetectionDataError as e:

@@ -43,6 +43,15 @@ def _text(node, tag: str, xml_path: str) -> str:
     return child.text.strip()
 
 
+def _whole(text: str, tag: str, xml_path: str) -> int:
+    """An image size in whole pixels (detectron2's loader reads it with int())."""
+    try:
+        return int(text)
+    except ValueError:
+        raise VOCDataError(f"{xml_path}: <{tag}> is {text!r}, not a whole number of pixels. "
+                           "Fix the <size> element") from None
+
+
 def _parse_box(obj, xml_path: str, width: int, height: int) -> list[float]:
     node = obj.find("bndbox")
     if node is None:
@@ -54,9 +63,8 @@ def _parse_box(obj, xml_path: str, width: int, height: int) -> list[float]:
     if x1 < x0 or y1 < y0:
         raise VOCDataError(f"{xml_path}: inverted box {[x0, y0, x1, y1]} (xmax < xmin or "
                            "ymax < ymin). Fix the annotation")
-    if x1 == x0 or y1 == y0:
-        raise VOCDataError(f"{xml_path}: zero-area box {[x0, y0, x1, y1]}. Fix or remove it")
-    # VOC coordinates are 1-based and inclusive: valid range is [1, width] x [1, height]
+    # VOC coordinates are 1-based and inclusive (xmin == xmax: one pixel wide); valid range is
+    # [1, width] x [1, height]
     if x0 < 0 or y0 < 0 or x1 > width + 1 or y1 > height + 1:
         raise VOCDataError(f"{xml_path}: box {[x0, y0, x1, y1]} lies outside the {width}x{height}"
                            " image. Fix the annotation (or the <size> element)")
@@ -88,7 +96,7 @@ def load_voc_checked(dirname: str, split: str, class_names) -> list[dict]:
         size = tree.find("size")
         if size is None:
             raise VOCDataError(f"{xml_path}: <size> is missing")
-        width, height = int(_text(size, "width", xml_path)), int(_text(size, "height", xml_path))
+        width, height = (_whole(_text(size, k, xml_path), k, xml_path) for k in ("width", "height"))
         annotations = []
         for obj in tree.findall("object"):
             name = _text(obj, "name", xml_path)
