@@ -52,3 +52,23 @@ def test_linking_a_name_to_the_file_it_already_is_leaves_no_temporary(tmp_path):
     assert atomic_link(best, final) and atomic_link(final, best)  # already one file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_best.pth", "model_final.pth"]
     assert best.read_text() == final.read_text() == "weights"
+
+
+def test_a_long_legal_file_name_is_written_and_its_temporary_left_behind_is_swept(tmp_path):
+    """The temporary adds host, pid and random characters to the name: cut short, it stays within
+    NAME_MAX (a 240-byte name failed with ENAMETOOLONG), and is still known as a temporary."""
+    import os
+
+    from nst_det.utils.atomic import _temp_prefix, atomic_link, atomic_write, remove_stale_temps
+
+    name = "d\u00e9tection_" + "x" * 225 + ".jpg"  # 240 bytes in UTF-8
+    assert len(name.encode()) == 240
+    path = tmp_path / name
+    with atomic_write(path, "w") as f:
+        f.write("image")
+    assert atomic_link(path, tmp_path / ("y" * 250))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "y" * 250])
+    # a writer killed mid-write left this (its pid is gone): the next write sweeps it
+    left = tmp_path / f"{_temp_prefix(path)}abcdefgh.tmp".replace(f".{os.getpid()}.", ".999999.")
+    left.write_text("half")
+    assert len(left.name.encode()) <= 255 and remove_stale_temps(tmp_path) == [left]

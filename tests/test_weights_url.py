@@ -201,6 +201,51 @@ def test_missing_server_and_missing_file_name_the_url(server, cache):
     assert _cached_files(cache) == []
 
 
+def _folders(cache):
+    """The cache's folders besides .locks/."""
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
+                  if p.is_dir() and ".locks" not in p.parts)
+
+
+def test_a_url_urllib_cannot_send_names_the_url_and_leaves_no_folders(server, cache):
+    url = f"{server.url}/mod\u00e8le/w.pth"  # non-ASCII: urllib raised a bare UnicodeEncodeError
+    with pytest.raises(WeightsDownloadError, match=f"cannot download MODEL.WEIGHTS={url} "
+                                                   r"\(UnicodeEncodeError"):
+        resolve_weights(url, "MODEL.WEIGHTS")
+    with pytest.raises(WeightsDownloadError, match=r"MODEL.WEIGHTS=http://\[::1/w.pth is not a "
+                                                   "valid URL"):
+        resolve_weights("http://[::1/w.pth", "MODEL.WEIGHTS")
+    assert _folders(cache) == [] and _cached_files(cache) == []
+
+
+def test_an_unwritable_cache_is_named_with_what_to_do(server, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(remote.CACHE_ENV, str(blocker / "cache"))  # (root ignores permissions)
+    url = f"{server.url}/w/model.pth"
+    with pytest.raises(WeightsDownloadError, match=f"cannot download MODEL.WEIGHTS={url}: the "
+                       f"weights cache {blocker / 'cache'} cannot be written .*{remote.CACHE_ENV}"):
+        resolve_weights(url, "MODEL.WEIGHTS")
+
+
+def test_a_full_disk_is_a_disk_full_error_not_a_network_error(server, cache, monkeypatch):
+    import contextlib
+    import errno
+
+    from nst_det.utils.atomic import DiskFullError
+
+    @contextlib.contextmanager
+    def full(path, *args, **kwargs):  # what atomic_write raises on ENOSPC
+        raise DiskFullError(errno.ENOSPC, f"No space left on device while writing {path}")
+        yield
+
+    server.files["/w/model.pth"] = _torch_bytes({"w": torch.ones(2)})
+    monkeypatch.setattr(remote, "atomic_write", full)
+    with pytest.raises(DiskFullError, match="No space left"):
+        resolve_weights(f"{server.url}/w/model.pth", "MODEL.WEIGHTS")
+    assert _folders(cache) == []
+
+
 def test_detectron2_zoo_path_downloads_from_the_zoo(server, cache, monkeypatch):
     monkeypatch.setattr(remote, "DETECTRON2_URL", f"{server.url}/detectron2/")
     zoo = pickle.dumps({"model": {"w": [1.0, 2.0]}, "__author__": "torchvision"})

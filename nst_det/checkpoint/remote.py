@@ -42,7 +42,7 @@ import urllib.request
 import torch
 from filelock import FileLock
 
-from ..utils.atomic import atomic_write
+from ..utils.atomic import DiskFullError, atomic_write
 from .weights_file import WeightsFileError, check_weights_file
 
 __all__ = ["WeightsDownloadError", "cache_dir", "cached_path", "is_url", "resolve_weights"]
@@ -124,13 +124,14 @@ def _fetch(url: str, dest: str, key: str) -> None:
                         " check the URL (or the network's proxy)")
                 f.flush()
                 _check_whole(f.name, dest, url, key)
-    except WeightsDownloadError:
+    except (WeightsDownloadError, DiskFullError):  # (a full disk is not the network's fault)
         raise
     except urllib.error.HTTPError as e:
         raise WeightsDownloadError(
             f"cannot download {key}={url}: HTTP {e.code} {e.reason}. Check the URL") from None
-    # refused, unreachable, timeout, cut off (a chunked body: IncompleteRead), a bad answer
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+    # refused, unreachable, timeout, cut off (a chunked body: IncompleteRead), a bad answer, a
+    # URL urllib cannot send (non-ASCII: UnicodeEncodeError, a ValueError)
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise WeightsDownloadError(
             f"cannot download {key}={url} ({type(e).__name__}: {reason}). Check the URL and the "
@@ -170,20 +171,40 @@ def resolve_weights(path: str, key: str = "weights") -> str:
     """
     if not path or not is_url(path):
         return path
-    dest = cached_path(path)
+    try:
+        dest = cached_path(path)
+    except ValueError as e:  # urlparse: e.g. an unclosed [ of an IPv6 host
+        raise WeightsDownloadError(f"{key}={path} is not a valid URL ({e})") from None
     if os.path.isfile(dest):
         return dest
     # lock files live apart (.locks/), so a failed download leaves nothing beside the weights
     locks = os.path.join(cache_dir(), ".locks")
-    os.makedirs(locks, exist_ok=True)
     lock_name = hashlib.sha256(dest.encode()).hexdigest()[:16] + ".lock"
-    with FileLock(os.path.join(locks, lock_name)):
+    try:
+        os.makedirs(locks, exist_ok=True)
+        lock = FileLock(os.path.join(locks, lock_name))
+        lock.acquire()
+    except OSError as e:
+        raise _cache_unwritable(e, path, key) from None
+    try:
         if not os.path.isfile(dest):  # another process may have downloaded it while we waited
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
             try:
+                try:
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                except OSError as e:
+                    raise _cache_unwritable(e, path, key) from None
                 _fetch(_download_url(path), dest, key)
-            except WeightsDownloadError:
+            except BaseException:
                 with contextlib.suppress(OSError):  # the folders made for it, when left empty
                     os.removedirs(os.path.dirname(dest))
                 raise
+    finally:
+        lock.release()
     return dest
+
+
+def _cache_unwritable(error: OSError, path: str, key: str) -> WeightsDownloadError:
+    return WeightsDownloadError(
+        f"cannot download {key}={path}: the weights cache {cache_dir()} cannot be written "
+        f"({type(error).__name__}: {error}). Make it writable, or set {CACHE_ENV} to a folder "
+        "that is")

@@ -64,7 +64,13 @@ def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
 
 
 def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{_HOST}.{os.getpid()}."
+    """`.<name>.<host>.<pid>.`, the name cut short so that the temporary's whole name (this, 8
+    random characters and a suffix of up to 8) stays within NAME_MAX (255 bytes) when `path`'s
+    does."""
+    tail = f".{_HOST}.{os.getpid()}."
+    room = 255 - 1 - len(tail.encode()) - 16
+    name = path.name.encode()[:max(1, room)].decode(errors="ignore")
+    return f".{name}{tail}"
 
 
 _OWN_TEMP = re.compile(r"^\..+\." + re.escape(_HOST) + r"\.(\d+)\.[^.]*\.(tmp|old)$")
