@@ -285,3 +285,22 @@ def test_training_stopped_at_each_kind_of_write_leaves_no_temp_and_resumes(tmp_p
     whole = torch.load(tmp_path / "uninterrupted" / "model_final.pth", weights_only=True)["model"]
     assert resumed.keys() == whole.keys()
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_a_writer_in_another_pid_namespace_leaves_a_live_writers_temporary_alone(tmp_path):
+    """Containers sharing a host name but not their pids: this process's pid does not exist in
+    the other namespace, so its live temporary looked like a dead writer's and was removed."""
+    import shutil
+
+    probe = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True) \
+        if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("needs `unshare --pid` (util-linux, as root): run as CI does")
+    other = ("import sys\nfrom nst_det.utils.atomic import atomic_write\n"
+             "with atomic_write(sys.argv[1], 'w') as f:\n    f.write('x')\n")
+    with atomic_write(tmp_path / "model_final.pth") as f:
+        f.write(b"half")
+        subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c", other,
+                        str(tmp_path / "metrics.json")], check=True)
+        assert os.path.exists(f.name)  # still being written here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "model_final.pth"]

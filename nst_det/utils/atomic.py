@@ -26,7 +26,21 @@ from typing import IO, Iterator
 
 from .process import process_running
 
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+def _pid_space() -> str:
+    """The host name, and the pid namespace when there is one to read, in a temporary's name: its
+    writer's pid is checked alive only in the writer's own namespace (containers that share a
+    host name, e.g. the host's network, but not their pids took each other's live writers for
+    dead ones, and removed their temporaries mid-write)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+    try:
+        namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))  # "pid:[4026531836]"
+    except OSError:  # not Linux, or no /proc
+        namespace = ""
+    return f"{host}-{namespace}" if namespace else host
+
+
+_HOST = _pid_space()
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -85,8 +99,9 @@ def remove_stale_temps(folder: str | os.PathLike, *, below: bool = False, exclud
                        any_writer: bool = False) -> list[Path]:
     """Remove the temporaries that interrupted writers left in `folder`; returns what went.
 
-    By default only this host's temporaries whose writer process is gone (a live writer's, or
-    another machine's on a shared file system, are left alone): safe beside other writers, so
+    By default only this host's (and pid namespace's) temporaries whose writer process is gone
+    (a live writer's, or another machine's or container's on a shared file system, are left
+    alone): safe beside other writers, so
     every write calls it on its own folder. `below`: the sub-folders too, except those in
     `exclude` (and what is below them). `any_writer`: every temporary whoever wrote it,
     submitit's `*.save_tmp` included, for a folder one process owns (a pipeline stage's folder
