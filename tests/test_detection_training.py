@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -241,6 +242,31 @@ def test_kd_from_a_teacher_trained_on_the_classes_in_another_order_is_refused(
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+@pytest.mark.parametrize("classes", ["cross,star,square,triangle,circle", ""])
+def test_kd_from_a_teacher_whose_own_config_declares_its_set_compares_its_classes(
+        tmp_path, tiny_voc, classes):
+    """A teacher's config registers none of its sets (they may have moved), so the class list of
+    a set declared only there is read from its DATASETS.VOC entry (given, or found in the
+    folder): KD against it was no longer compared."""
+    from detectron2.data import DatasetCatalog
+
+    voc = tmp_path / "VOC2007"
+    shutil.copytree(tiny_voc[2], voc)
+    if not classes:  # the names found in the folder: rename two classes there
+        for xml in (voc / "Annotations").glob("*.xml"):
+            xml.write_text(xml.read_text().replace("<name>circle</name>", "<name>zz</name>"))
+    name = f"teacher_only_{tmp_path.name}"
+    teacher = write_teacher(tmp_path, ["DATASETS.VOC", repr([[name, str(voc), "trainval",
+                                                              classes]]),
+                                       "DATASETS.TRAIN", f"('{name}',)"], name="declared")
+    cfg = make_cfg(NST_TOY, distill_opts(*teacher, kd=1.0) + ["MODEL.WEIGHTS", ""],
+                   data=tiny_voc[:2], output_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"its training set names its classes \['(cross|cross',"
+                                         r" 'square|square)'"):
+        DetectionTrainer(cfg)
+    assert name not in DatasetCatalog.list()
 
 
 def test_expected_results_are_verified_on_the_first_test_set_and_after_eval_only(

@@ -1,8 +1,9 @@
 """Data sets named in the config (DATASETS.COCO, DATASETS.VOC): registered without code.
 
 `register_datasets_from_config(cfg)` runs wherever a config is loaded (`nst_det.config.
-load_config`), so every entry point (training, evaluation, the pipeline's stage processes,
-tools/predict.py, tools/export_model.py) can name these sets in DATASETS.TRAIN / DATASETS.TEST:
+load_config`; a teacher's config excepted), so every entry point (training, evaluation, the
+pipeline's stage processes, tools/predict.py, tools/export_model.py) can name these sets in
+DATASETS.TRAIN / DATASETS.TEST:
 
     DATASETS.COCO: [[name, json_file, image_root], ...]
         detectron2's `register_coco_instances`, its loader swapped for `load_coco_checked`
@@ -33,8 +34,8 @@ from detectron2.data.datasets import register_coco_instances
 from .coco_checked import load_coco_checked
 from .voc_checked import VOCDataError, load_voc_checked
 
-__all__ = ["register_coco", "register_datasets_from_config", "register_voc", "thing_classes",
-           "voc_classes_found"]
+__all__ = ["configured_classes", "register_coco", "register_datasets_from_config", "register_voc",
+           "thing_classes", "voc_classes_found"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,28 @@ def register_datasets_from_config(cfg) -> list[str]:
         register_voc(*entry)
         names.append(entry[0])
     return names
+
+
+def configured_classes(cfg, name: str) -> list[str] | None:
+    """The class names of data set `name` as `cfg` knows them without registering anything:
+    the registered set's, else its DATASETS.VOC entry's list (or the names found in its folder,
+    when that can be read), else None (e.g. an unregistered COCO set: its json holds them). For
+    a config whose sets are not registered, such as a teacher's."""
+    if name in DatasetCatalog.list() and MetadataCatalog.get(name).get("thing_classes"):
+        return list(MetadataCatalog.get(name).thing_classes)
+    for entry in _entries(cfg.DATASETS.VOC, "DATASETS.VOC", (3, 4, 5)):
+        if entry[0] != name:
+            continue
+        classes = entry[3] if len(entry) > 3 else None
+        if isinstance(classes, str):
+            classes = [c.strip() for c in classes.split(",") if c.strip()]
+        if classes:
+            return list(classes)
+        try:
+            return voc_classes_found(entry[1])
+        except VOCDataError:  # the folder moved or is elsewhere: unknown here
+            return None
+    return None
 
 
 def thing_classes(name: str) -> list[str]:

@@ -8,6 +8,7 @@ from detectron2.engine import hooks
 from detectron2.utils import comm
 
 from ..data.coco_checked import check_coco_evaluable
+from ..data.from_config import configured_classes
 from ..data.voc_checked import check_voc_evaluable
 from ..evaluation.by_dataset import build_dataset_evaluator, default_best_metric, evaluator_type
 from ..modeling.teacher import build_teacher_cfg, is_lazy_config, resolve_teacher_config
@@ -53,14 +54,15 @@ class DetectionTrainer(ReliableTrainer):
         """Raise when a teacher whose class logits are distilled (KD, DKD) was trained on a set
         that names its classes otherwise than the training sets (the count is checked when the
         model is built): logit i would be another class on each side. A yacs teacher's
-        DATASETS.TRAIN is compared when its class list is known without loading it."""
+        DATASETS.TRAIN is compared when its class list is known without loading it
+        (`configured_classes`: its config registers none of its sets)."""
         distill = getattr(unwrap_ddp(self.model), "distill", None)
         if distill is None or not distill.uses_logits or \
                 is_lazy_config(resolve_teacher_config(self.cfg.MODEL.TEACHER.CONFIG_FILE)):
             return
-        theirs = next((MetadataCatalog.get(n).get("thing_classes") for n in
-                       build_teacher_cfg(self.cfg).DATASETS.TRAIN if n in DatasetCatalog.list()
-                       and MetadataCatalog.get(n).get("thing_classes")), None)
+        tcfg = build_teacher_cfg(self.cfg)
+        theirs = next(filter(None, (configured_classes(tcfg, n) for n in tcfg.DATASETS.TRAIN)),
+                      None)
         mine = MetadataCatalog.get(self.cfg.DATASETS.TRAIN[0]).get("thing_classes") \
             if self.cfg.DATASETS.TRAIN else None
         if theirs and mine and list(theirs) != list(mine):
