@@ -58,6 +58,8 @@ def test_a_long_legal_file_name_is_written_and_its_temporary_left_behind_is_swep
     """The temporary adds host, pid and random characters to the name: cut short, it stays within
     NAME_MAX (a 240-byte name failed with ENAMETOOLONG), and is still known as a temporary."""
     import os
+    import subprocess
+    import sys
 
     from nst_det.utils.atomic import _temp_prefix, atomic_link, atomic_write, remove_stale_temps
 
@@ -69,6 +71,8 @@ def test_a_long_legal_file_name_is_written_and_its_temporary_left_behind_is_swep
     assert atomic_link(path, tmp_path / ("y" * 250))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "y" * 250])
     # a writer killed mid-write left this (its pid is gone): the next write sweeps it
-    left = tmp_path / f"{_temp_prefix(path)}abcdefgh.tmp".replace(f".{os.getpid()}.", ".999999.")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left = tmp_path / f"{_temp_prefix(path)}abcdefgh.tmp".replace(f".{os.getpid()}.", f".{dead}.")
     left.write_text("half")
     assert len(left.name.encode()) <= 255 and remove_stale_temps(tmp_path) == [left]

@@ -137,12 +137,15 @@ def test_temporaries_of_dead_writers_are_removed_by_the_next_write(tmp_path):
     stale_dir = tmp_path / f".export.{host}.{dead_pid}.abcd1234.tmp"
     live = tmp_path / f".model_final.pth.{host}.{os.getpid()}.abcd1234.tmp"
     elsewhere = tmp_path / f".model_final.pth.otherhost.{dead_pid}.abcd1234.tmp"
-    for p in (stale, live, elsewhere):
+    # named by an earlier version (the host without its pid namespace): still this host's
+    earlier = tmp_path / f".model_0000004.pth.{atomic._OLD_HOST}.{dead_pid}.abcd1234.tmp"
+    for p in (stale, live, elsewhere, earlier):
         p.write_bytes(b"partial")
     (stale_dir / "sub").mkdir(parents=True)
     with atomic_write(tmp_path / "last_checkpoint", "w") as f:
         f.write("model_final.pth")
     assert not stale.exists() and not stale_dir.exists()  # a killed writer's: removed
+    assert not earlier.exists()
     assert live.exists() and elsewhere.exists()  # a running writer's, another machine's: kept
 
 

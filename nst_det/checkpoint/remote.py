@@ -130,8 +130,8 @@ def _fetch(url: str, dest: str, key: str) -> None:
         raise WeightsDownloadError(
             f"cannot download {key}={url}: HTTP {e.code} {e.reason}. Check the URL") from None
     # refused, unreachable, timeout, cut off (a chunked body: IncompleteRead), a bad answer, a
-    # URL urllib cannot send (non-ASCII: UnicodeEncodeError, a ValueError)
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+    # URL urllib cannot send (non-ASCII: UnicodeEncodeError)
+    except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeError) as e:
         reason = getattr(e, "reason", e)
         raise WeightsDownloadError(
             f"cannot download {key}={url} ({type(e).__name__}: {reason}). Check the URL and the "

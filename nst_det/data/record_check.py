@@ -77,7 +77,7 @@ def load_train_records(names, num_classes: int, classes_key: str, filter_empty: 
         raise
     # detectron2's VOC loader on an unknown class (ValueError), malformed XML (ParseError, a
     # SyntaxError), no <size> or no <bndbox> (IndexError, AttributeError)
-    except (ValueError, SyntaxError, LookupError, AttributeError) as e:
+    except (ValueError, SyntaxError, IndexError, AttributeError) as e:
         for name in names:
             _explain_with_checked_loader(name)
         raise DetectionDataError(f"loading the training sets {names} failed: "

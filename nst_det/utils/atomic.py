@@ -3,11 +3,13 @@
 Pattern: write to a temporary sibling, flush + fsync, then os.replace() onto the final name (an
 atomic rename on POSIX within one file system), then fsync the folder so the rename is durable.
 
-A temporary sibling is named `.<name>.<host>.<pid>.<random>.tmp`. An exception (Ctrl-C included,
-and SIGTERM once `exit_on_sigterm` is installed) removes it; a process killed outright cannot, so
-the next write to the same name removes the temporaries of writers on this host that are no
-longer running. A full disk is reported as `DiskFullError` naming the file (torch.save would
-otherwise end on an unrelated "unexpected pos" RuntimeError).
+A temporary sibling is named `.<name>.<host>-<pid namespace>.<pid>.<random>.tmp`. An exception
+(Ctrl-C included, and SIGTERM once `exit_on_sigterm` is installed) removes it; a process killed
+outright cannot, so the next write in that folder removes the temporaries of writers of this host
+and pid namespace that are no longer running (and those named `.<name>.<host>.<pid>...` by
+earlier versions). Another machine's or container's are left alone: whether their writer still
+runs cannot be seen from here. A full disk is reported as `DiskFullError` naming the file
+(torch.save would otherwise end on an unrelated "unexpected pos" RuntimeError).
 """
 
 from __future__ import annotations
@@ -27,20 +29,20 @@ from typing import IO, Iterator
 from .process import process_running
 
 
-def _pid_space() -> str:
-    """The host name, and the pid namespace when there is one to read, in a temporary's name: its
-    writer's pid is checked alive only in the writer's own namespace (containers that share a
-    host name, e.g. the host's network, but not their pids took each other's live writers for
-    dead ones, and removed their temporaries mid-write)."""
+def _writer_names() -> tuple[str, str]:
+    """(this writer's host name and pid namespace, the host name alone) for temporaries' names:
+    a writer's pid is checked alive only in its own namespace (containers that share a host
+    name, e.g. the host's network, but not their pids took each other's live writers for dead
+    ones, and removed their temporaries mid-write). Earlier versions wrote the host alone."""
     host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
     try:
         namespace = re.sub(r"\D", "", os.readlink("/proc/self/ns/pid"))  # "pid:[4026531836]"
     except OSError:  # not Linux, or no /proc
         namespace = ""
-    return f"{host}-{namespace}" if namespace else host
+    return (f"{host}-{namespace}" if namespace else host), host
 
 
-_HOST = _pid_space()
+_HOST, _OLD_HOST = _writer_names()
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -87,7 +89,8 @@ def _temp_prefix(path: Path) -> str:
     return f".{name}{tail}"
 
 
-_OWN_TEMP = re.compile(r"^\..+\." + re.escape(_HOST) + r"\.(\d+)\.[^.]*\.(tmp|old)$")
+_OWN_TEMP = re.compile(r"^\..+\.(?:" + "|".join(map(re.escape, dict.fromkeys((_HOST, _OLD_HOST))))
+                       + r")\.(\d+)\.[^.]*\.(tmp|old)$")
 
 
 def _is_temp(name: str) -> bool:
