@@ -53,7 +53,8 @@ def _tensors(output):
 
 def check_finite_losses(loss_dict: dict, teacher_finite: torch.Tensor | bool | None = None,
                         output_dir: str | None = None) -> None:
-    """Raise FloatingPointError if any loss is NaN/inf, naming the iteration and the losses.
+    """Raise FloatingPointError if any loss is NaN/inf, naming the iteration and the losses (on
+    every rank, with several processes: each names the ranks that saw them).
 
     Args:
         teacher_finite: whether every output of the teacher in this forward was finite (None:
@@ -71,8 +72,19 @@ def check_finite_losses(loss_dict: dict, teacher_finite: torch.Tensor | bool | N
     if not bool(finite):
         shown = {k: (float(v.detach().float().sum()) if torch.is_tensor(v) else v)
                  for k, v in loss_dict.items()}
-        bad = [k for k, v in shown.items() if isinstance(v, float) and not math.isfinite(v)]
-        named = ", ".join(f"{k} = {shown[k]}" for k in bad) or "on another rank"
+        bad = {k: v for k, v in shown.items() if isinstance(v, float) and not math.isfinite(v)}
+        seen = [(comm.get_rank(), bad, None if teacher_finite is None else bool(teacher_finite))]
+        if comm.get_world_size() > 1:  # every rank is here (the verdict was reduced): each
+            seen = comm.all_gather(seen[0])  # names what its ranks saw, not only its own log
+        seen = [s for s in seen if s[1]]
+        several = comm.get_world_size() > 1
+        named = "; ".join(", ".join(f"{k} = {v}" for k, v in losses.items())
+                          + (f" on rank {rank}" if several else "") for rank, losses, _ in seen)
+        bad = sorted({k for _, losses, _ in seen for k in losses})
+        flags = [flag for _, _, flag in seen if flag is not None]
+        teacher_finite = all(flags) if flags else None
+        if several:
+            shown = f"rank {comm.get_rank()}'s: {shown}"
         if teacher_finite is None:
             teacher = ""
         elif bool(teacher_finite):

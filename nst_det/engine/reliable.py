@@ -52,10 +52,11 @@ from fvcore.nn.precise_bn import get_bn_modules
 from ..data.class_lists import check_class_lists
 from ..data.record_check import load_train_records
 from ..data.resumable import build_resumable_train_loader, skipped_images
-from ..utils.dist import build_ddp_model
+from ..utils.dist import broadcast_buffers, build_ddp_model
 from ..utils.rng import capture_rng_state, restore_rng_state
 from .checkpointer import ReliableCheckpointer
 from .cpu_amp import TrainingAutocast
+from .eval_hook import TrainingEvalHook
 from .final_checkpoint import FinalCheckpoint
 from .nan_guard import install_nan_guard
 from .precise_bn import ResumablePreciseBN
@@ -64,21 +65,33 @@ from .rank_rng import GatherRngStates
 logger = logging.getLogger(__name__)
 
 
-def _skip_log_path(cfg) -> str | None:
+def _skip_log_path(cfg, rank: int | None = None) -> str | None:
     if not cfg.NST_DET.SKIP_BAD_IMAGES:
         return None
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    return os.path.join(cfg.OUTPUT_DIR, f"skipped_images.rank{comm.get_rank()}.txt")
+    rank = comm.get_rank() if rank is None else rank
+    return os.path.join(cfg.OUTPUT_DIR, f"skipped_images.rank{rank}.txt")
 
 
 def _report_skipped_images(trainer) -> None:
-    """At the end of training, say how many bad images were skipped and where they are listed."""
+    """At the end of training, say how many bad images were skipped and where they are listed:
+    after a finished run of several processes, rank 0 (the log and console one reads) says it
+    for every rank; after a failure each rank for its own (no collective: the others may not
+    have come this far)."""
     path = _skip_log_path(trainer.cfg)
-    if path and os.path.exists(path):
+    if not path:
+        return
+    counts = [len(skipped_images(path)) if os.path.exists(path) else 0]
+    if comm.get_world_size() > 1 and trainer.iter >= trainer.max_iter:
+        counts = comm.all_gather(counts[0])
+        if not comm.is_main_process():
+            return
+    files = [_skip_log_path(trainer.cfg, rank) if len(counts) > 1 else path
+             for rank, count in enumerate(counts) if count]
+    if files:
         logger.warning(
-            f"Skipped {len(skipped_images(path))} unreadable training images "
-            f"(NST_DET.SKIP_BAD_IMAGES), each met once per epoch and per loading worker: they "
-            f"are listed in {path}"
+            f"Skipped {sum(counts)} unreadable training images (NST_DET.SKIP_BAD_IMAGES), each "
+            f"met once per epoch and per loading worker: they are listed in {', '.join(files)}"
         )
 
 
@@ -255,13 +268,16 @@ class ReliableTrainer(TrainerBase):
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
             ret.append(FinalCheckpoint(self.checkpointer))  # resumed after the last periodic save
-        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
+        ret.append(TrainingEvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate))
         if comm.is_main_process():  # last, so that the evaluation's metrics are written
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         ret.append(hooks.CallbackHook(after_train=_report_skipped_images))
         return ret
 
     def _evaluate(self):
+        # the model saved is rank 0's, BN statistics included; DDP does not broadcast buffers
+        # and each rank's differ: the others evaluate their shards with rank 0's
+        broadcast_buffers(self.model)
         self.last_eval_results = self.test(self.cfg, self.model)
         return self.last_eval_results
 

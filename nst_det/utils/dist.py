@@ -29,6 +29,15 @@ def build_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
     return DistributedDataParallel(model, **kwargs)
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Set every rank's buffers (BN running statistics, ...) of `model` to rank 0's; a no-op
+    in one process. Every rank must call it (a collective)."""
+    if comm.get_world_size() == 1:
+        return
+    for buffer in unwrap_ddp(model).buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def unwrap_ddp(model: nn.Module) -> nn.Module:
     """The module inside a (Distributed)DataParallel wrapper, or `model` itself."""
     return model.module if isinstance(model, (DistributedDataParallel, nn.DataParallel)) \
