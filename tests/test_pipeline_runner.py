@@ -197,6 +197,69 @@ def test_a_failed_stage_stops_its_dependents_and_names_itself(tmp_path):
     assert re.search(rf"bad\s+failed\s+{job_id}\s+\S+_log.err", table)
 
 
+@pytest.mark.slow
+def test_a_stale_stage_whose_redo_fails_is_failed_not_its_previous_run(tmp_path):
+    """Only a training stage was moved aside: a stale calibration whose redo failed kept its
+    previous stage.json, read as this run's, and the students trained from its old config."""
+    _finished(_stage(tmp_path, "cls", stage="cls"), run_id="new", inputs={})
+    calibrate = _finished(_stage(tmp_path, "calibrate", "calibrate", after=["cls"]),
+                          run_id="r_cal", inputs={"cls": "old"})  # stale: cls ran again
+    det = _stage(tmp_path, "det", after=["calibrate"])
+    cls = _stage(tmp_path, "cls", stage="cls")
+    runner = _runner([cls, calibrate, det], calibrate=failing)
+    with pytest.raises(RuntimeError, match="stage calibrate failed .* not run because of it: det"):
+        runner.run()
+    assert not any(name == "det" for _, name in _events(tmp_path))
+    assert runner.states()["calibrate"][0] == "failed"
+
+
+def started_once(stage):
+    """A stand-in training stage that resumes what an earlier job of it left (as run_stage
+    resumes from the last checkpoint) and, marked `stops`, stops halfway while CRASH exists."""
+    partial = Path(stage.out_dir) / "partial.txt"
+    _log_event(stage, "resumed" if partial.exists() else "fresh")
+    partial.write_text("half the iterations")
+    if stage.meta.get("stops") and (Path(stage.out_dir).parent / "CRASH").exists():
+        raise RuntimeError("stopped halfway")
+    return {}
+
+
+@pytest.mark.slow
+def test_an_unfinished_training_stage_resumes_only_from_the_same_inputs(tmp_path):
+    """Removing a stage's folder to redo it while a stage reading it was halfway: the reader
+    resumed the weights trained from the removed run, and recorded the new run as its input."""
+    cls = _stage(tmp_path, "cls", stage="cls")
+    det = _stage(tmp_path, "det", after=["cls"], stops=True)
+    crash = tmp_path / "stages" / "CRASH"
+    crash.parent.mkdir(parents=True)
+    crash.write_text("")
+    with pytest.raises(RuntimeError, match="stage det failed"):
+        _runner([cls, det], train=started_once).run()
+    crash.unlink()
+    _runner([cls, det], train=started_once).run()  # the same inputs: it resumes
+    assert ("resumed", "det") in _events(tmp_path)
+    (tmp_path / "stages" / "events.log").unlink()
+    crash.write_text("")
+    (Path(det.out_dir) / STAGE_FILE).unlink()  # as if it had stopped halfway this time
+    (Path(cls.out_dir) / STAGE_FILE).unlink()  # ... and cls is redone
+    with pytest.raises(RuntimeError, match="stage det failed"):
+        _runner([cls, det], train=started_once).run()
+    crash.unlink()
+    (Path(cls.out_dir) / STAGE_FILE).unlink()  # redone once more: det's half run is stale
+    (tmp_path / "stages" / "events.log").unlink()
+    _runner([cls, det], train=started_once).run()
+    assert ("fresh", "det") in _events(tmp_path) and ("resumed", "det") not in _events(tmp_path)
+    assert [p.name for p in (tmp_path / "stages").glob("det.superseded-*/partial.txt")]
+
+
+def test_a_damaged_stage_record_is_named(tmp_path):
+    stage = _finished(_stage(tmp_path, "det"))
+    record = Path(stage.out_dir) / STAGE_FILE
+    record.write_text(record.read_text()[:20])
+    with pytest.raises(ValueError, match=f"stage record {record} is damaged .* remove it"):
+        _runner([stage]).status()
+
+
 def test_stages_waiting_for_unknown_stages_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not in the plan"):
         _runner([_stage(tmp_path, "x", after=["missing"])])

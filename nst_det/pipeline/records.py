@@ -14,6 +14,9 @@ from .plan import Stage
 
 STAGE_FILE = "stage.json"
 PROGRESS_FILE = "progress.json"  # a training stage's iteration count and speed, for the runner
+# what a stage's job started from (its inputs' run ids, its definition): a training stage that
+# did not finish resumes only from a run of the same inputs and definition
+STARTED_FILE = "started.json"
 SUMMARY_KINDS = ("export", "report")  # stages that summarise every training run
 
 
@@ -23,7 +26,11 @@ def stage_result(stage: Stage) -> dict | None:
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:  # (written atomically: damaged by hand or by the disk)
+            raise ValueError(f"stage record {path} is damaged ({e}): remove it, and the next "
+                             "run does the stage again") from None
 
 
 def finished_results(stages) -> dict:
@@ -34,6 +41,12 @@ def finished_results(stages) -> dict:
 def runs_of(stages) -> dict:
     """name -> run id of each of `stages` (None: not finished, or finished before run ids)."""
     return {s.name: (stage_result(s) or {}).get("run_id") for s in stages}
+
+
+def started_from(inputs, stage_definition: dict) -> dict:
+    """What a stage's job starts from (`STARTED_FILE`): the run ids of `inputs`, the stages it
+    reads, and its `definition`."""
+    return {"inputs": runs_of(inputs), "definition": stage_definition}
 
 
 def definition(stage: Stage, root: str) -> dict:

@@ -29,7 +29,15 @@ from tabulate import tabulate
 from ..utils.atomic import atomic_write, remove_stale_temps
 from .cluster import SLURM_ACTIVE, ClusterSettings, local_job_alive, squeue, stage_executor
 from .plan import Stage
-from .records import PROGRESS_FILE, STAGE_FILE, SUMMARY_KINDS, definition, stage_result
+from .records import (
+    PROGRESS_FILE,
+    STAGE_FILE,
+    STARTED_FILE,
+    SUMMARY_KINDS,
+    definition,
+    stage_result,
+    started_from,
+)
 from .worker import StageJob
 
 __all__ = ["STAGE_FILE", "PipelineRunner", "stage_result"]
@@ -129,17 +137,22 @@ class PipelineRunner:
                 f"{os.path.join(stage.out_dir, 'log.txt')}")
 
     def _submit(self, stage: Stage, after_ids=()):
-        if stage.kind == "train" and stage_result(stage) is not None:  # finished, now stale:
-            # it would resume from the previous run's weights; that run is kept beside it
+        inputs = [self._by_name[n] for n in stage.after]
+        started = _read_json(os.path.join(stage.out_dir, STARTED_FILE))
+        # a finished stage submitted is stale, and so is a training run started from other
+        # inputs or another definition: it would resume the previous run's weights (kept aside)
+        if stage.kind == "train" and (stage_result(stage) is not None or started not in (
+                None, started_from(inputs, definition(stage, self.root)))):
             aside = f"{os.path.normpath(stage.out_dir)}.superseded-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(stage.out_dir, aside)
             print(f"{self._labels[stage.name]} redone from scratch (it or what it reads changed); "
                   f"its previous run moved to {aside}", flush=True)
+        elif stage_result(stage) is not None:  # stale: a failed redo must not read as finished
+            os.remove(os.path.join(stage.out_dir, STAGE_FILE))
         kind = stage.meta.get("stage", "other") if stage.kind in TRAINING else "other"
         executor, threads = stage_executor(self.settings, kind, self._job_folder(stage),
                                            f"nst_det:{stage.name}", after_ids)
-        work = StageJob(stage, self.handlers.get(stage.kind),
-                        [self._by_name[n] for n in stage.after], threads=threads,
+        work = StageJob(stage, self.handlers.get(stage.kind), inputs, threads=threads,
                         others=[s.out_dir for s in self.stages if s is not stage],
                         definition=definition(stage, self.root))
         # a local job's processes inherit this environment at submission (submitit's `setup`

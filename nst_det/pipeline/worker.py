@@ -23,7 +23,7 @@ from detectron2.utils import comm
 from ..utils.atomic import atomic_write, exit_on_sigterm, remove_stale_temps
 from ..utils.dist import init_from_submitit, release_process_group
 from .plan import Stage
-from .records import PROGRESS_FILE, STAGE_FILE, runs_of
+from .records import PROGRESS_FILE, STAGE_FILE, STARTED_FILE, runs_of, started_from
 
 __all__ = ["StageJob", "run_stage"]
 
@@ -97,6 +97,8 @@ class StageJob(submitit.helpers.Checkpointable):
         if env.global_rank == 0:  # this job owns the folder: what a hard kill left goes
             os.makedirs(stage.out_dir, exist_ok=True)
             remove_stale_temps(stage.out_dir, below=True, exclude=self.others, any_writer=True)
+            with atomic_write(os.path.join(stage.out_dir, STARTED_FILE), "w") as f:
+                json.dump(started_from(self.inputs, self.definition), f)
         init_from_submitit(env)
         metrics = (self.handler or run_stage)(stage) or {}
         if env.global_rank == 0:
