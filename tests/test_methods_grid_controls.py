@@ -2,6 +2,7 @@
 as plans (no training), the pure weight choice, and the report rows from fabricated records."""
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def test_selection_picks_the_best_validation_ap50_and_never_a_test_metric():
     # a tie goes to the calibrated weight; a diverged (NaN) point never wins
     tie = [_grid_record(0.25, 40.0), _grid_record(1.0, 40.0), _grid_record(4.0, float("nan"))]
     assert select_weight(tie)["chosen"] == 1.0
+    # ... and is listed as its record holds it (NaN), not as the -inf that ranks it last
+    assert math.isnan(select_weight(tie)["points"][2]["AP50"])
 
 
 def test_grid_and_select_handlers_write_the_chosen_config(tmp_path):

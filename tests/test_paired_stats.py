@@ -180,7 +180,8 @@ def test_forest_plot_row_names_fit_in_the_figure(tmp_path):
 
 def test_mean_sd_is_the_sample_standard_deviation_of_the_finite_values():
     # 1, 2, 6: mean 3, sample variance ((-2)^2 + (-1)^2 + 3^2) / 2 = 7
-    assert mean_sd([1.0, 2.0, None, 6.0, float("nan")]) == f"3.0 ± {7 ** 0.5:.1f}"
+    assert mean_sd([1.0, 2.0, None, 6.0, float("nan")]) == \
+        f"3.0 ± {7 ** 0.5:.1f} (1 non-finite left out)"  # (None: no value, not a diverged one)
     assert mean_sd([4.25]) == "4.2" and mean_sd([None]) == mean_sd([]) == "n/a"
 
 
@@ -193,6 +194,15 @@ def test_noise_split_by_hand():
     assert out["sd_total"] == pytest.approx(2.0)
     assert out["sd_train"] == pytest.approx(math.sqrt(3))
     assert out["eval_share"] == pytest.approx(1 / 4)
+
+
+def test_noise_split_leaves_a_seed_with_a_nan_out_as_mean_sd_does():
+    """max(0, nan) is 0: a diverged seed made the training noise a confident 0."""
+    out = noise_split([10.0, float("nan"), 12.0, 14.0], [11.0, 12.0, 12.0, 13.0],
+                      [9.0, 12.0, 12.0, 15.0])
+    assert out == noise_split([10.0, 12.0, 14.0], [11.0, 12.0, 13.0], [9.0, 12.0, 15.0])
+    assert out["n"] == 3 and out["sd_train"] == pytest.approx(math.sqrt(3))
+    assert mean_sd([10.0, float("nan"), 14.0]) == "12.0 ± 2.8 (1 non-finite left out)"
 
 
 def test_a_half_harder_for_every_seed_is_not_evaluation_noise():

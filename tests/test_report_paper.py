@@ -276,6 +276,42 @@ def test_the_capacity_gap_leaves_a_nan_seed_out_as_the_table_does(tmp_path):
     assert f"the plain R-18 student's {plain:.1f}" in gap and "nan" not in gap
 
 
+def test_a_nan_seed_left_out_of_a_cell_is_said_and_a_nan_teacher_has_no_gap(tmp_path):
+    """The cells dropped a diverged seed silently, under a line listing every seed; a NaN
+    teacher fell through to "the task is too easy"."""
+    from nst_det.pipeline.report import write_report
+
+    stages, records = _fabricate(tmp_path, VOC_KEYS)
+    for name in ("det_plain_s1", "det_teacher"):
+        records[name]["metrics"]["bbox"]["AP50"] = float("nan")
+        (tmp_path / name / "stage.json").write_text(json.dumps(records[name]))
+    write_report(stages, str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    plain = [records[f"det_plain_s{s}"]["metrics"]["bbox"]["AP50"] for s in (0, 2)]
+    row = next(r for r in _table(report) if "fine-tune" in r[0] and "Student" in r[0])
+    assert (f"{statistics.mean(plain):.1f} ± {statistics.stdev(plain):.1f} (1 non-finite left "
+            "out)") in row
+    assert "it diverged, so there is no capacity gap to read" in report
+    assert "too easy" not in report
+
+
+@pytest.mark.parametrize("metric", ["AP50", "AP"])
+def test_per_class_bars_read_vocs_ap50_and_cocos_ap_keys(tmp_path, monkeypatch, metric):
+    """COCO's evaluator records AP-<class>: the per-class figure drew no bar for a COCO set."""
+    from matplotlib.axes import Axes
+
+    from nst_det.pipeline import figures
+
+    heights = []
+    real = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda ax, x, h, *a, **k: heights.append(list(h))
+                        or real(ax, x, h, *a, **k))
+    runs = {"teacher": {f"{metric}-cat": 50.0, f"{metric}-dog": 40.0, "AP": 1.0},
+            "student": {f"{metric}-cat": 30.0, f"{metric}-dog": 20.0, "AP": 1.0}}
+    figures.per_class_ap(runs, metric, str(tmp_path), "bars.png")
+    assert heights == [[50.0, 40.0], [30.0, 20.0]]
+
+
 def test_a_teacher_that_learned_nothing_is_not_called_a_too_easy_task(tmp_path):
     """At CI scale every AP is 0: the report called the task 'too easy for a teacher to help'."""
     from nst_det.pipeline.report import write_report
@@ -312,7 +348,7 @@ def test_each_run_of_a_figure_has_a_colour_of_its_own(tmp_path, monkeypatch):
     runs = {f"run_{i}": [{"iteration": 1, "total_loss": 1.0, "bbox/AP50": float(i)}]
             for i in range(13)}
     figures.curves({"cls": runs["run_0"]}, runs, str(tmp_path), "curves.png")
-    figures.per_class_ap({n: {"AP50-cat": 1.0} for n in runs}, str(tmp_path), "bars.png")
+    figures.per_class_ap({n: {"AP50-cat": 1.0} for n in runs}, "AP50", str(tmp_path), "bars.png")
     per_axes = [colours for colours in drawn.values() if len(colours) == 13]
     assert len(per_axes) == 3  # loss, AP50 and the per-class bars
     for colours in per_axes:

@@ -84,20 +84,24 @@ def curves(cls_runs: dict, det_runs: dict, out_dir: str, path: str) -> str:
     return _save(fig, out_dir, path)
 
 
-def per_class_ap(bbox: dict, out_dir: str, path: str) -> str:
-    """Bars of each run's `AP50-<class>` values; bbox: run name -> its bbox metrics."""
-    classes = sorted({k[5:] for b in bbox.values() for k in b if k.startswith("AP50-")})
-    fig, ax = _figure(figsize=(12, 4))
+def per_class_ap(bbox: dict, metric: str, out_dir: str, path: str) -> str:
+    """Bars of each run's `<metric>-<class>` values (VOC: AP50, COCO: AP); bbox: run name -> its
+    bbox metrics. Labels turn upright past 10 classes, and the legend sits beside the axes."""
+    prefix = f"{metric}-"
+    classes = sorted({k[len(prefix):] for b in bbox.values() for k in b if k.startswith(prefix)})
+    fig, ax = _figure(figsize=(max(12.0, 0.35 * len(classes) * max(1, len(bbox)) ** 0.5), 4))
     if classes:
         width, colour = 0.8 / len(bbox), run_colours(bbox)
         for i, (name, b) in enumerate(bbox.items()):
             ax.bar(np.arange(len(classes)) + i * width,
-                   [b.get(f"AP50-{c}", 0.0) for c in classes], width, label=name,
+                   [b.get(f"{prefix}{c}", 0.0) for c in classes], width, label=name,
                    color=colour[name])
-        ax.set_xticks(np.arange(len(classes)) + 0.4, classes)
-    ax.set_ylabel("AP50 (%)")
-    ax.set_title("per-class AP50")
-    ax.legend(fontsize=6, ncol=3)
+        # each group's centre
+        ax.set_xticks(np.arange(len(classes)) + (len(bbox) - 1) * width / 2, classes,
+                      rotation=90 if len(classes) > 10 else 0, fontsize=7)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"per-class {metric}")
     return _save(fig, out_dir, path)
 
 

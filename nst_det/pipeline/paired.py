@@ -99,13 +99,14 @@ def format_interval(p: Paired) -> str:
 
 
 def mean_sd(values: list) -> str:
-    """"mean ± sample standard deviation" of the finite values (one value: itself; none: n/a)."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    """"mean ± sample standard deviation" of the finite values (one value: itself; none: n/a),
+    saying how many non-finite ones (a diverged run's NaN) it left out; None is no value."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    dropped = sum(v is not None for v in values) - len(finite)
+    left_out = f" ({dropped} non-finite left out)" if dropped else ""
+    if len(finite) < 2:
+        return (f"{finite[0]:.1f}" if finite else "n/a") + left_out
+    return f"{statistics.mean(finite):.1f} ± {statistics.stdev(finite):.1f}{left_out}"
 
 
 def noise_split(full: list, half0: list, half1: list) -> dict:
@@ -121,11 +122,14 @@ def noise_split(full: list, half0: list, half1: list) -> dict:
         sd_total = sample sd of `full` over the seeds
         sd_train = sqrt(max(0, sd_total² − sd_eval²))      (what more seeds average out)
     Returns those three and eval_share = sd_eval² / sd_total² (None when sd_total is 0; every
-    figure but n is None below 2 seeds).
+    figure but n, the seeds with finite values, is None below 2 of them).
     """
     if not len(full) == len(half0) == len(half1) or not full:
         raise ValueError(f"one value per seed in each of full, half0, half1: got {len(full)}, "
                          f"{len(half0)}, {len(half1)}")
+    # a seed with a non-finite value is left out, as mean_sd leaves it out
+    kept = [i for i in range(len(full)) if all(math.isfinite(x[i]) for x in (full, half0, half1))]
+    full, half0, half1 = ([x[i] for i in kept] for x in (full, half0, half1))
     out = {"n": len(full), "sd_eval": None, "sd_total": None, "sd_train": None,
            "eval_share": None}
     if len(full) >= 2:

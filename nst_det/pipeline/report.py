@@ -119,12 +119,15 @@ class Report:
         # the main table's runs only: the method and control runs have their own plot, and the
         # weight grid's are scored on the validation split
         dets = [s for s in self.find(stage="det") if s.meta.get("role") in ("teacher", "student")]
+        # VOC's evaluator records AP50-<class>, COCO's AP-<class> (AP at IoU .50:.95)
+        metric = "AP50" if any(k.startswith("AP50-") for s in dets
+                               for k in self.metrics[s.name]["bbox"]) else "AP"
         drawn = [("Loss and AP curves", "loss-and-ap-curves", figures.curves(
             {s.name: describe.metrics_rows(s.out_dir) for s in self.find(stage="cls")},
             {s.name: describe.metrics_rows(s.out_dir) for s in dets}, out,
             f"{FIG_DIR}/curves.png")),
-            ("Per-class AP50", "per-class-ap50", figures.per_class_ap(
-                {s.name: self.metrics[s.name]["bbox"] for s in dets}, out,
+            (f"Per-class {metric}", "per-class-ap50", figures.per_class_ap(
+                {s.name: self.metrics[s.name]["bbox"] for s in dets}, metric, out,
                 f"{FIG_DIR}/per_class_ap50.png"))]
         if not with_weights:
             return drawn, {}
@@ -153,7 +156,10 @@ class Report:
         main, lines = self.columns[0], []
         plain, teacher = numbers.get(PLAIN, {}), numbers["teacher"][main]
         base = [v for v in plain.get(main, []) if math.isfinite(v)]  # as the table's mean_sd
-        if base:
+        if not math.isfinite(teacher):
+            lines.append(f"The teacher detector's {main} is {teacher}: it diverged, so there is "
+                         "no capacity gap to read.")
+        elif base:
             mean = statistics.mean(base)
             lines.append(f"Capacity gap: the teacher detector's {main} is {teacher:.1f}, the plain "
                          f"{self.student_name()} student's {mean:.1f} ({teacher - mean:+.1f}); "

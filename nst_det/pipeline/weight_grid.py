@@ -148,8 +148,7 @@ def _validation_ap50(record: dict) -> float:
         raise ValueError(f"{record.get('name')}: not a {VALIDATION_SPLIT} grid record "
                          f"(role {meta.get('role')!r}, split {meta.get('split')!r}): a weight "
                          "is never chosen on another split")
-    ap = record["metrics"]["bbox"]["AP50"]
-    return ap if math.isfinite(ap) else -math.inf  # a diverged run never wins
+    return record["metrics"]["bbox"]["AP50"]
 
 
 def select_weight(records: list) -> dict:
@@ -164,7 +163,8 @@ def select_weight(records: list) -> dict:
         raise ValueError("no grid records to choose a weight from")
     points = sorted(({"factor": r["meta"]["factor"], "AP50": _validation_ap50(r)}
                      for r in records), key=lambda p: p["factor"])
-    best = max(points, key=lambda p: (p["AP50"], -abs(math.log(p["factor"])), -p["factor"]))
+    best = max(points, key=lambda p: (p["AP50"] if math.isfinite(p["AP50"]) else -math.inf,
+                                      -abs(math.log(p["factor"])), -p["factor"]))  # NaN: diverged
     return {"chosen": best["factor"], "split": VALIDATION_SPLIT,
             "dataset": records[0]["meta"].get("dataset"), "points": points}
 
