@@ -32,11 +32,11 @@ def rank_checks(out: str) -> None:
         check_finite_losses(losses, teacher_finite=torch.tensor(rank == 0), output_dir=out)
     except FloatingPointError as e:
         seen["nan_message"] = str(e)
-    # 3. rank 1 skipped two images, rank 0 none: rank 0 reports both ranks' after a finished run
+    # 3. rank 1 skipped two images, rank 0 one of them (positions go round the ranks, epoch
+    # after epoch): rank 0 reports the images of both after a finished run, each once
     cfg = SimpleNamespace(OUTPUT_DIR=out, NST_DET=SimpleNamespace(SKIP_BAD_IMAGES=True))
-    if rank == 1:
-        with open(os.path.join(out, "skipped_images.rank1.txt"), "w") as f:
-            f.write("a.jpg\terror\nb.jpg\terror\na.jpg\terror\n")
+    with open(os.path.join(out, f"skipped_images.rank{rank}.txt"), "w") as f:
+        f.write("a.jpg\terror\nb.jpg\terror\na.jpg\terror\n" if rank else "b.jpg\terror\n")
     comm.synchronize()
     records = []
     handler = logging.Handler()

@@ -15,15 +15,19 @@ from detectron2.engine import launch
 from nst_det.engine.eval_hook import TrainingEvalHook
 
 
-@pytest.mark.parametrize("iteration, evaluated", [(4, True), (5, True), (3, False)])
-def test_the_final_evaluation_runs_only_after_a_finished_loop(iteration, evaluated):
-    """TrainerBase.train leaves iter == max_iter after its loop (max_iter + 1 when a resume had
-    nothing left to run) and the failing iteration after an error: there detectron2's EvalHook
-    evaluated too, and with several processes the failed rank waited in the evaluation's gathers
-    while the others waited in the step's collective."""
+@pytest.mark.parametrize("iteration, step_done, evaluated", [
+    (4, 3, True), (5, None, True),  # the loop finished (a resume with nothing left: max_iter + 1)
+    (3, 3, True),  # the last step ran, a hook after it failed (rank 0's checkpoint write): the
+    # other ranks finished and evaluate, so this one must take part in the collectives too
+    (3, 2, False)])  # the last step failed: its peers wait in the step's collective
+def test_the_final_evaluation_runs_only_when_the_last_step_ran(iteration, step_done, evaluated):
+    """TrainerBase.train leaves iter == max_iter after its loop and the failing iteration after
+    an error: detectron2's EvalHook evaluated after a failed last step too, and with several
+    processes the failed rank waited in the evaluation's gathers while the others waited in the
+    step's collective."""
     calls = []
     hook = TrainingEvalHook(0, lambda: calls.append(1) or {})
-    hook.trainer = SimpleNamespace(iter=iteration, max_iter=4)
+    hook.trainer = SimpleNamespace(iter=iteration, max_iter=4, last_step_done=step_done)
     hook.after_train()
     assert calls == ([1] if evaluated else [])
 
@@ -38,10 +42,11 @@ def test_two_ranks_share_buffers_name_a_nan_and_report_skipped_images(tmp_path):
     for seen in ranks:
         assert "loss_nst = nan on rank 1" in seen["nan_message"]
         assert "The teacher's output is non-finite" in seen["nan_message"]
-    # rank 0 says what rank 1 skipped (distinct images), rank 1 says nothing more
+    # rank 0 says what both skipped (distinct images), rank 1 says nothing more
     assert ranks[0]["skip_report"] == [
         "Skipped 2 unreadable training images (NST_DET.SKIP_BAD_IMAGES), each met once per "
-        f"epoch and per loading worker: they are listed in {tmp_path}/skipped_images.rank1.txt"]
+        f"epoch and per loading worker: they are listed in {tmp_path}/skipped_images.rank0.txt, "
+        f"{tmp_path}/skipped_images.rank1.txt"]
     assert ranks[1]["skip_report"] == []
 
 

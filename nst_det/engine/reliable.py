@@ -76,21 +76,21 @@ def _skip_log_path(cfg, rank: int | None = None) -> str | None:
 def _report_skipped_images(trainer) -> None:
     """At the end of training, say how many bad images were skipped and where they are listed:
     after a finished run of several processes, rank 0 (the log and console one reads) says it
-    for every rank; after a failure each rank for its own (no collective: the others may not
-    have come this far)."""
+    for every rank, from their lists in OUTPUT_DIR (an image met by two ranks counted once);
+    after a failure, each rank for its own."""
     path = _skip_log_path(trainer.cfg)
     if not path:
         return
-    counts = [len(skipped_images(path)) if os.path.exists(path) else 0]
+    files = [path]
     if comm.get_world_size() > 1 and trainer.iter >= trainer.max_iter:
-        counts = comm.all_gather(counts[0])
         if not comm.is_main_process():
             return
-    files = [_skip_log_path(trainer.cfg, rank) if len(counts) > 1 else path
-             for rank, count in enumerate(counts) if count]
-    if files:
+        files = [_skip_log_path(trainer.cfg, rank) for rank in range(comm.get_world_size())]
+    files = [f for f in files if os.path.exists(f)]
+    images = {name for f in files for name in skipped_images(f)}
+    if images:
         logger.warning(
-            f"Skipped {sum(counts)} unreadable training images (NST_DET.SKIP_BAD_IMAGES), each "
+            f"Skipped {len(images)} unreadable training images (NST_DET.SKIP_BAD_IMAGES), each "
             f"met once per epoch and per loading worker: they are listed in {', '.join(files)}"
         )
 
@@ -318,6 +318,7 @@ class ReliableTrainer(TrainerBase):
     def run_step(self):
         self.step_trainer.iter = self.iter
         self.step_trainer.run_step()
+        self.last_step_done = self.iter  # (TrainingEvalHook: evaluate after a failed hook)
 
     def train(self):
         """Train from start_iter to max_iter; returns the last evaluation's results (or None),
