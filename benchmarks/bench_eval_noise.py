@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             delta = [[by_seed[s][p][metric] - plain[s][p][metric] for s in seeds]
                      for p in ("whole", "even", "odd")]
             table.append([f"{row} − plain (paired Δ)", metric, *_cells(noise_split(*delta))])
-    # "seeds": those with finite values on the whole set and both halves (noise_split)
+    # finite seeds: those with a finite value on the whole set and on both halves (noise_split)
     print(tabulate(table, headers=["row", "metric", "finite seeds", "sd over seeds", "eval sd",
                                    "train sd", "eval share of variance"], tablefmt="github"))
     return 0
