@@ -312,6 +312,24 @@ def test_per_class_bars_read_vocs_ap50_and_cocos_ap_keys(tmp_path, monkeypatch, 
     assert heights == [[50.0, 40.0], [30.0, 20.0]]
 
 
+def test_the_report_draws_per_class_ap_of_cocos_records(tmp_path, monkeypatch):
+    """The report picks the per-class metric the records hold: AP-<class> for COCO."""
+    from nst_det.pipeline import figures
+    from nst_det.pipeline.report import write_report
+
+    stages, records = _fabricate(tmp_path, COCO_KEYS)
+    for name, record in records.items():
+        bbox = record["metrics"].get("bbox", {})
+        for key in [k for k in bbox if k.startswith("AP50-")]:
+            bbox[f"AP-{key[5:]}"] = bbox.pop(key)
+        (tmp_path / name / "stage.json").write_text(json.dumps(record))
+    asked = []
+    monkeypatch.setattr(figures, "per_class_ap", lambda per_run, metric, *args: asked.append(
+        metric) or "figures/per_class_ap50.png")
+    write_report(stages, str(tmp_path))
+    assert asked == ["AP"] and "## Per-class AP\n" in (tmp_path / "report.md").read_text()
+
+
 def test_a_teacher_that_learned_nothing_is_not_called_a_too_easy_task(tmp_path):
     """At CI scale every AP is 0: the report called the task 'too easy for a teacher to help'."""
     from nst_det.pipeline.report import write_report
