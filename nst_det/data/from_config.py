@@ -112,6 +112,13 @@ def _check_all_used(records: list, classes: list, dirname: str, split: str) -> l
     return records
 
 
+def _class_list(classes):
+    """A DATASETS.VOC class list as given: a comma-separated string split into names."""
+    if isinstance(classes, str):
+        return [c.strip() for c in classes.split(",") if c.strip()]
+    return classes
+
+
 def register_voc(name: str, dirname: str, split: str, classes=None, year=None) -> None:
     """Register a VOC-layout split (evaluator_type "pascal_voc") under `name`.
 
@@ -120,8 +127,7 @@ def register_voc(name: str, dirname: str, split: str, classes=None, year=None) -
             found in the folder's annotations (`voc_classes_found`).
         year: the VOC metric year (2007: 11-point AP); None: from the folder name, else 2012.
     """
-    if isinstance(classes, str):
-        classes = [c.strip() for c in classes.split(",") if c.strip()]
+    classes = _class_list(classes)
     if classes and not (isinstance(classes, (list, tuple))
                         and all(isinstance(c, str) for c in classes)):
         raise ValueError(f"VOC set {name!r}: its class list (the 4th item of a DATASETS.VOC "
@@ -182,9 +188,7 @@ def configured_classes(cfg, name: str) -> list[str] | None:
     for entry in _entries(cfg.DATASETS.VOC, "DATASETS.VOC", (3, 4, 5)):
         if entry[0] != name:
             continue
-        classes = entry[3] if len(entry) > 3 else None
-        if isinstance(classes, str):
-            classes = [c.strip() for c in classes.split(",") if c.strip()]
+        classes = _class_list(entry[3] if len(entry) > 3 else None)
         if classes:
             return list(classes)
         try:

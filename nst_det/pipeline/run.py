@@ -139,15 +139,16 @@ class PipelineRunner:
     def _submit(self, stage: Stage, after_ids=()):
         inputs = [self._by_name[n] for n in stage.after]
         started = _read_json(os.path.join(stage.out_dir, STARTED_FILE))
+        finished = stage_result(stage) is not None
         # a finished stage submitted is stale, and so is a training run started from other
         # inputs or another definition: it would resume the previous run's weights (kept aside)
-        if stage.kind == "train" and (stage_result(stage) is not None or started not in (
+        if stage.kind == "train" and (finished or started not in (
                 None, started_from(inputs, definition(stage, self.root)))):
             aside = f"{os.path.normpath(stage.out_dir)}.superseded-{time.strftime('%Y%m%d-%H%M%S')}"
             os.rename(stage.out_dir, aside)
             print(f"{self._labels[stage.name]} redone from scratch (it or what it reads changed); "
                   f"its previous run moved to {aside}", flush=True)
-        elif stage_result(stage) is not None:  # stale: a failed redo must not read as finished
+        elif finished:  # stale: a failed redo must not read as finished
             os.remove(os.path.join(stage.out_dir, STAGE_FILE))
         kind = stage.meta.get("stage", "other") if stage.kind in TRAINING else "other"
         executor, threads = stage_executor(self.settings, kind, self._job_folder(stage),
