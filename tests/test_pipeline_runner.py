@@ -333,6 +333,13 @@ def test_an_empty_plan_or_one_naming_a_stage_twice_is_refused(tmp_path):
         _runner([_stage(tmp_path, "a"), _stage(tmp_path, "b"), _stage(tmp_path / "x", "a")])
 
 
+def test_two_stages_writing_into_one_folder_are_refused(tmp_path):
+    a, b = _stage(tmp_path, "a"), _stage(tmp_path, "b")
+    b.out_dir = a.out_dir + "/"  # the same folder, written another way
+    with pytest.raises(ValueError, match="its own out_dir; shared: .*stages/a"):
+        _runner([a, b])
+
+
 @pytest.mark.slow
 def test_a_stage_is_redone_when_its_definition_changed_not_when_its_root_is_written_otherwise(
         tmp_path, monkeypatch):

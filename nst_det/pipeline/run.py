@@ -88,8 +88,12 @@ class PipelineRunner:
         if not stages or len({s.name for s in stages}) < len(stages):
             raise ValueError("a plan needs stages, each named once; got "
                              f"{[s.name for s in stages]}")
+        folders = [os.path.abspath(s.out_dir) for s in stages]
+        if len(set(folders)) < len(folders):  # each job sweeps and records its own folder
+            raise ValueError("each stage needs its own out_dir; shared: "
+                             f"{sorted({d for d in folders if folders.count(d) > 1})}")
         self.stages, self.handlers = stages, handlers
-        self.root = root or os.path.commonpath([os.path.abspath(s.out_dir) for s in stages])
+        self.root = root or os.path.commonpath(folders)
         self.settings = settings or ClusterSettings()
         self.slurm, self.jobs = self.settings.cluster == "slurm", max(1, self.settings.jobs)
         self._by_name = {s.name: s for s in stages}
