@@ -20,7 +20,7 @@ import pytest
 
 from nst_det.pipeline.cluster import ClusterSettings
 from nst_det.pipeline.plan import Stage
-from nst_det.pipeline.run import STAGE_FILE, PipelineRunner
+from nst_det.pipeline.run import PRIOR_SEC_PER_ITER, SEC_PER_STAGE, STAGE_FILE, PipelineRunner
 from nst_det.utils.atomic import remove_stale_temps
 
 # the stand-in stage functions below travel into the jobs by value (this module is not
@@ -331,6 +331,20 @@ def test_an_empty_plan_or_one_naming_a_stage_twice_is_refused(tmp_path):
         _runner([])
     with pytest.raises(ValueError, match="each named once; got \\['a', 'b', 'a'\\]"):
         _runner([_stage(tmp_path, "a"), _stage(tmp_path, "b"), _stage(tmp_path / "x", "a")])
+
+
+def test_the_eta_is_unknown_until_a_stage_of_unknown_length_reports_it(tmp_path):
+    # paper scale: a training stage runs its config's schedule (iters 0) and says how long
+    # when it runs; 30 s for it would be a made-up figure
+    a, b = _stage(tmp_path, "a"), _stage(tmp_path, "b", after=["a"])
+    b.iters = 0
+    runner = _runner([a, b])
+    runner._waiting = {s.name: s for s in (a, b)}  # as run() holds them before any job starts
+    assert runner._eta() is None
+    os.makedirs(b.out_dir)
+    with open(os.path.join(b.out_dir, "progress.json"), "w") as f:
+        json.dump({"iter": 10, "max_iter": 30, "sec_per_iter": 2.0, "start_iter": 0}, f)
+    assert runner._eta() == 2 * SEC_PER_STAGE + PRIOR_SEC_PER_ITER["det"] + 20 * 2.0
 
 
 def test_two_stages_writing_into_one_folder_are_refused(tmp_path):

@@ -52,7 +52,9 @@ PRIOR_SEC_PER_ITER = {"cls": 0.3, "det": 0.6}
 SEC_PER_STAGE = 30.0
 
 
-def _fmt(seconds: float) -> str:
+def _fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
     seconds = max(0, int(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
 
@@ -348,16 +350,19 @@ class PipelineRunner:
         return _read_json(os.path.join(stage.out_dir, PROGRESS_FILE)) \
             if stage.kind == "train" else None
 
-    def _eta(self) -> float:
+    def _eta(self) -> float | None:
         """Seconds the unfinished stages still need: the training iterations left (at the
         stage's own pace once it reports one, else its kind's latest) and SEC_PER_STAGE each,
-        shared among the slots (`jobs` locally, the running stages on SLURM)."""
+        shared among the slots (`jobs` locally, the running stages on SLURM). None while a
+        training stage of unknown length (paper scale: its config's schedule) has not reported."""
         left = 0.0
         for name in [*self._waiting, *self._started]:
             stage, left = self._by_name[name], left + SEC_PER_STAGE
             progress = self._progress(stage)  # None: not a training stage, or not started
             if progress:
                 left += (progress["max_iter"] - progress["iter"]) * progress["sec_per_iter"]
+            elif stage.kind == "train" and not stage.iters:
+                return None
             elif stage.kind == "train":
                 left += stage.iters * self._pace.get(stage.meta.get("stage"), 1.0)
         return left / (max(1, len(self._started)) if self.slurm else self.jobs)
