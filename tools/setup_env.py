@@ -12,7 +12,9 @@ Steps, each skipped when already satisfied:
 5. byte-compile what was installed, on every core (pip installs with --no-compile).
 
 A stamp file records a hash of every input of these steps, so a second run costs a hash and a stat.
-Run with `--force` to redo everything.
+`--force` ignores the stamp: every step checks its own state again (a venv without pip is
+made again, torch and detectron2 are kept when they import and are up to date) and nst_det is
+reinstalled. To rebuild from nothing, remove `.venv/`.
 """
 
 from __future__ import annotations
@@ -197,7 +199,9 @@ def install_nst_det() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", help="ignore the stamp and redo all steps")
+    parser.add_argument("--force", action="store_true",
+                        help="ignore the stamp: check every step again and reinstall nst_det "
+                        "(remove .venv/ to rebuild everything)")
     args = parser.parse_args()
 
     digest = inputs_hash()
