@@ -3,6 +3,7 @@ LRScheduler hook (v0.6: only some scheduler classes) would otherwise have to sav
 
 import torch
 from _detection_common import R18_FPN_TOY, make_cfg
+from detectron2.utils.env import seed_all_rng
 from torch.nn.parallel import DistributedDataParallel
 
 from nst_det.engine import DetectionTrainer
@@ -20,6 +21,25 @@ def test_data_seed_changes_the_data_order_alone(tmp_path, tiny_voc):
     seed7, order7 = first_files("SEED", "0", "NST_DET.DATA_SEED", "7")
     assert (seed0, seed7) == (0, 7)
     assert order7 == first_files("SEED", "7")[1] != order0  # SEED's order, and not SEED 0's
+
+
+def test_data_seed_leaves_the_initialisation_and_the_steps_random_draws_alone(tmp_path, tiny_voc):
+    # the methods benchmark's A/A control changes NST_DET.DATA_SEED only: its new layers must
+    # start as the plain run's, and its RPN / RoI sampling draw from the same generator state
+    def built(*opts):
+        cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "DATASETS.TEST", "()", "SEED", "0",
+                                     *opts], data=tiny_voc[:2], output_dir=tmp_path)
+        seed_all_rng(cfg.SEED)  # as default_setup does
+        trainer = DetectionTrainer(cfg)
+        return trainer.model.state_dict(), torch.get_rng_state(), trainer.data_loader
+
+    weights, rng, loader = built()
+    weights7, rng7, loader7 = built("NST_DET.DATA_SEED", "7")
+    assert (loader.nst_data_seed, loader7.nst_data_seed) == (0, 7)
+    assert weights.keys() == weights7.keys()
+    for key in weights:
+        torch.testing.assert_close(weights7[key], weights[key], rtol=0, atol=0)
+    assert torch.equal(rng7, rng)
 
 
 def test_checkpoint_restores_optimizer_and_scheduler_state(tmp_path, tiny_voc):
