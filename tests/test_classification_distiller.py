@@ -219,6 +219,7 @@ def test_precise_bn_statistics_of_a_resumed_run_are_an_uninterrupted_runs(
             "MODEL.TRANSFER.NAMES": [], "MODEL.TRANSFER.WEIGHTS": [], "SEED": 0})
         trainer = ClassificationTrainer(cfg)
         trainer.resume_or_load(resume=resume)
+        assert trainer.start_iter == (2 if resume else 0)  # (a fresh start would match too)
         trainer.train()
         return trainer.model.student.state_dict()
 

@@ -145,6 +145,8 @@ def test_a_two_process_run_resumed_ends_as_the_uninterrupted_one(tmp_path, tiny_
         launch(distributed_worker, 2, dist_url="auto",
                args=(str(config_file), prefix, tiny_voc[2], (8, 4), name == "resumed"))
         finals[name] = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    # it did resume (a run started afresh with the same SEED would end the same too)
+    assert "Starting training from iteration 2" in (tmp_path / "resumed" / "log.txt").read_text()
     differ = [k for k in finals["whole"] if not torch.equal(finals["whole"][k],
                                                             finals["resumed"][k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
