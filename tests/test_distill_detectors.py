@@ -13,7 +13,7 @@ from detectron2.modeling import RetinaNet, build_model
 from detectron2.utils.events import EventStorage
 
 from nst_det.modeling import DistillationRCNN, DistillationRetinaNet
-from nst_det.modeling.distill_retinanet import sigmoid_kd_loss
+from nst_det.modeling.distill_retinanet import _per_anchor, sigmoid_kd_loss
 
 RETINA_TEACHER = TOY / "retinanet_R_34_FPN_toy_teacher.yaml"
 RETINA_STUDENT = TOY / "retinanet_R_18_FPN_toy_nst.yaml"
@@ -50,6 +50,34 @@ def test_sigmoid_kd_is_zero_for_equal_logits_and_positive_otherwise():
     assert loss.item() > 0
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_sigmoid_kd_is_t_squared_times_the_bernoulli_kl_summed_over_classes_mean_over_rows():
+    torch.manual_seed(0)
+    zs, zt, T = torch.randn(3, 4), torch.randn(3, 4), 2.0
+    expected = 0.0
+    for r in range(3):  # written out per anchor and class, from the definition of the KL
+        for k in range(4):
+            p = 1 / (1 + math.exp(-zt[r, k].item() / T))  # teacher's, then student's
+            q = 1 / (1 + math.exp(-zs[r, k].item() / T))
+            expected += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    torch.testing.assert_close(sigmoid_kd_loss(zs, zt, T).item(), T * T * expected / 3,
+                               rtol=1e-5, atol=0)  # (float32 against float64)
+
+
+def test_anchor_rows_are_detectron2s_and_a_crop_keeps_each_cells_anchors():
+    from detectron2.modeling.meta_arch.retinanet import permute_to_N_HWA_K
+
+    n, a, k = 2, 3, 4
+    maps = [torch.randn(n, a * k, 5, 6), torch.randn(n, a * k, 3, 2)]
+    rows = _per_anchor(maps, k, [(5, 6), (3, 2)])
+    # detectron2's order of (image, level, cell, anchor) rows is level-major; ours is the same
+    # level-major stack of each level's image-major rows
+    torch.testing.assert_close(rows, torch.cat([permute_to_N_HWA_K(m, k).reshape(-1, k)
+                                                for m in maps]), rtol=0, atol=0)
+    cropped = _per_anchor([maps[0]], k, [(2, 4)])  # e.g. a teacher's larger padded map
+    torch.testing.assert_close(cropped, permute_to_N_HWA_K(maps[0][..., :2, :4].contiguous(),
+                                                           k).reshape(-1, k), rtol=0, atol=0)
 
 
 def test_retinanet_distillation_teacher_inert_gradients_only_in_student(tiny_voc, tmp_path):
