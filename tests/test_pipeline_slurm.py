@@ -169,9 +169,11 @@ def test_scancel_then_resubmission_resumes_to_the_same_weights(slurm, data_root,
     runner = PipelineRunner([stage], {}, _SETTINGS)
     job_id, folder = _started_and_checkpointed(stage), Path(stage.out_dir)
     deadline = time.time() + 600
-    subprocess.run(["scancel", job_id], check=True)
+    with _paused(job_id):  # else an idle machine may finish the 16 iterations before the cancel
+        subprocess.run(["scancel", job_id], check=True)
     while "CANCELLED" not in _slurm_state(job_id) and time.time() < deadline:
         time.sleep(0.5)
+    assert "CANCELLED" in _slurm_state(job_id), _slurm_state(job_id)
     assert runner.states()[stage.name][0] == "failed"
     assert not (folder / STAGE_FILE).exists()  # it did not finish
     assert [p for p in folder.rglob("*") if p.name.endswith(".tmp")] == []
