@@ -66,11 +66,12 @@ def _pkd_reference(s, t):
 
 
 def test_pkd_matches_formula_and_pearson_form():
-    s, t = _rand(2, 3, 4, 5, seed=5), _rand(2, 3, 4, 5, seed=6)
+    # 3 images: the paper's "/ 2" is a constant, not the batch size
+    s, t = _rand(3, 3, 4, 5, seed=5), _rand(3, 3, 4, 5, seed=6)
     got = pkd_loss(s, t).item()
     assert got == pytest.approx(_pkd_reference(s, t), rel=1e-10)
     # MSE/2 of standardised maps = (n-1)/n * (1 - r), r the mean per-channel Pearson correlation
-    n = 2 * 4 * 5
+    n = 3 * 4 * 5
     r = sum(
         float(torch.corrcoef(torch.stack([s[:, c].flatten(), t[:, c].flatten()]))[0, 1])
         for c in range(3)

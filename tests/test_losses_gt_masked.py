@@ -14,9 +14,11 @@ from nst_det.losses import (
     FGDGlobal,
     FGFIAdapter,
     MGDGenerator,
+    cwd_loss,
     defeat_loss,
     fgd_loss,
     fgfi_loss,
+    mgd_loss,
 )
 
 
@@ -179,3 +181,32 @@ def test_fgd_and_mgd_align_channels_only_when_the_widths_differ():
         assert isinstance(module(4, 4).align, torch.nn.Identity)
         conv = module(3, 4).align
         assert (conv.in_channels, conv.out_channels, conv.kernel_size) == (3, 4, (1, 1))
+
+
+# ---------------------------------------------------------------- the batch
+FGFI_BOXES = [torch.tensor([[2.0, 2.0, 10.0, 6.0], [16.0, 16.0, 22.0, 22.0]]), torch.zeros(0, 4)]
+FGFI_KW = dict(level_strides=None, anchor_sizes=(4.0,), aspect_ratios=(1.0,))
+# name: (student and teacher shapes, boxes per image, loss(s, t, boxes)); the value tests above
+# use 2 images, where "/ 2" and "/ batch size" agree
+BATCH_CASES = {
+    "cwd": ((3, 4, 5), (3, 4, 5), None, lambda s, t, b: cwd_loss(s, t, tau=2.0)),
+    "mgd": ((3, 4, 5), (4, 4, 5), None, lambda s, t, b: mgd_loss(
+        s, t, module=_perturb(MGDGenerator(3, 4).double(), seed=40), mask_ratio=0.0)),
+    "fgd": ((3, 6, 8), (4, 6, 8), FGD_BOXES, lambda s, t, b: fgd_loss(
+        s, t, b, 4, module=_perturb(FGDGlobal(3, 4).double(), seed=41), alpha=1, beta=1,
+        gamma=1, lambda_=1)),
+    "defeat": ((3, 8, 8), (5, 8, 8), [b.double() for b in DEFEAT_BOXES],
+               lambda s, t, b: defeat_loss(s, t, b, 4, module=_perturb(
+                   DeFeatAdapter(3, 5).double(), seed=42))),
+    "fgfi": ((3, 5, 5), (4, 5, 5), FGFI_BOXES, lambda s, t, b: fgfi_loss(
+        s, t, b, 4, module=_perturb(FGFIAdapter(3, 4).double(), seed=43), **FGFI_KW)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_CASES))
+def test_each_loss_is_a_mean_over_images_three_copies_of_a_batch_give_its_value(name):
+    s_shape, t_shape, boxes, loss = BATCH_CASES[name]
+    s, t = _rand(2, *s_shape, seed=44), _rand(2, *t_shape, seed=45)
+    one = loss(s, t, boxes).item()
+    three = loss(torch.cat([s] * 3), torch.cat([t] * 3), boxes and boxes * 3).item()
+    assert one > 0 and three == pytest.approx(one, rel=1e-10)
