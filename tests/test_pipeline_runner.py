@@ -34,9 +34,14 @@ def _log_event(stage, what):
 
 
 def quick(stage):
-    """A stand-in stage: records when it ran."""
+    """A stand-in stage: records when it ran; with meta "meets", it ends only once that stage
+    has started (or after 120 s), so two stages run side by side whatever the machine's speed."""
     _log_event(stage, "start")
     time.sleep(float(stage.meta.get("sleep", 0)))
+    partner, deadline = stage.meta.get("meets"), time.time() + 120
+    while partner and ("start", partner) not in _events(Path(stage.out_dir).parents[1]) \
+            and time.time() < deadline:
+        time.sleep(0.05)
     _log_event(stage, "end")
     return {"bbox": {"AP50": 1.0}}
 
@@ -156,7 +161,7 @@ def test_what_reads_a_stage_run_again_is_redone(tmp_path):
 
 @pytest.mark.slow
 def test_jobs_overlap_independent_stages_respect_dependencies_and_limit(tmp_path):
-    a, b = (_stage(tmp_path, n, sleep=4) for n in "ab")
+    a, b = _stage(tmp_path, "a", meets="b"), _stage(tmp_path, "b", meets="a")
     c = _stage(tmp_path, "c", after=["a"], sleep=0)
     d = _stage(tmp_path, "d", "calibrate", sleep=0)  # a calibration: waits for a job slot too
     _runner([a, b, c, d], jobs=2).run()
