@@ -280,14 +280,16 @@ def test_expected_results_are_verified_on_the_first_test_set_and_after_eval_only
     cfg = make_cfg(R18_FPN_TOY, ["MODEL.WEIGHTS", "", "TEST.EXPECTED_RESULTS",
                                  "[['bbox', 'AP50', 99.0, 0.1]]"], data=tiny_voc[:2],
                    output_dir=tmp_path / "out")
-    with pytest.raises(SystemExit):  # a random detector is far from AP50 99
+    with pytest.raises(SystemExit) as verdict:  # a random detector is far from AP50 99
         train_or_evaluate(cfg, eval_only=True)
+    assert verdict.value.code == 1  # detectron2's verify_results: failed (not a clean exit)
     cfg.DATASETS.TEST = (tiny_voc[1], tiny_voc[1] + "_again")
     results = {tiny_voc[1]: {"bbox": {"AP50": 99.05}}, cfg.DATASETS.TEST[1]: {"bbox": {}}}
     DetectionTrainer.verify_expected(cfg, results)  # the first set's: met
     results[tiny_voc[1]]["bbox"]["AP50"] = 50.0
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as verdict:
         DetectionTrainer.verify_expected(cfg, results)
+    assert verdict.value.code == 1
     cfg.TEST.EXPECTED_RESULTS = [["segm", "AP", 1.0, 0.1]]
     with pytest.raises(ValueError, match=r"names tasks \['segm'\].*reports \['bbox'\]"):
         DetectionTrainer.verify_expected(cfg, results)
