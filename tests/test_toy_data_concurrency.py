@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# large enough that writing takes far longer than the processes' start-up jitter after the barrier
-# (~1000 small JPEGs), so both writers are writing at the same time
-PER_CLASS = 200
+PER_CLASS = 200  # ~1000 small JPEGs: the reader checks its files while the second writer works
 
 # toy_data.py (and toy_world.py) alone, as a stand-in package: the writers need neither torch nor
 # the rest of nst_det, and start in a fraction of the time
@@ -28,7 +26,17 @@ from pathlib import Path
 package = types.ModuleType("toy_only")
 package.__path__ = [sys.argv[5]]
 sys.modules["toy_only"] = package
+import toy_only.toy_data as toy_data
 from toy_only.toy_data import make_toy_imagefolder
+
+
+class Announced(toy_data.FileLock):
+    def acquire(self, *args, **kwargs):  # found no finished copy: waits for the writers' lock
+        Path(sys.argv[6]).touch()
+        return super().acquire(*args, **kwargs)
+
+
+toy_data.FileLock = Announced
 root, go, ready = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 ready.touch()
 while not go.exists():
@@ -79,13 +87,20 @@ def _wait_for(paths, procs):
 
 
 def test_racing_writers_leave_one_copy_that_a_reader_keeps_seeing(tmp_path):
+    from filelock import FileLock
+
     root = tmp_path / "data" / "cls"  # the data root is empty: nothing exists yet
+    # the writers' lock, held here until both wait for it: both race for it whatever the
+    # machine's speed, and the second must find the first's copy under the lock
+    held = FileLock(str(root.parent / ".cls.lock"))
+    root.parent.mkdir(parents=True)
+    held.acquire()
     go, done, result = tmp_path / "go", tmp_path / "done", tmp_path / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     writers = [
         subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(go),
                           str(tmp_path / f"ready{i}"), str(PER_CLASS),
-                          str(REPO / "nst_det" / "data")],
+                          str(REPO / "nst_det" / "data"), str(tmp_path / f"waiting{i}")],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
         for i in range(2)
@@ -98,6 +113,8 @@ def test_racing_writers_leave_one_copy_that_a_reader_keeps_seeing(tmp_path):
     try:
         _wait_for([tmp_path / "ready0", tmp_path / "ready1", tmp_path / "ready_reader"], procs)
         go.touch()  # all three start together
+        _wait_for([tmp_path / "waiting0", tmp_path / "waiting1"], procs)
+        held.release()
         for proc in writers:
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err[-3000:]
@@ -105,6 +122,7 @@ def test_racing_writers_leave_one_copy_that_a_reader_keeps_seeing(tmp_path):
         _, err = reader.communicate(timeout=600)
         assert reader.returncode == 0, err[-3000:]
     finally:
+        held.release()
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
