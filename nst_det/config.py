@@ -88,10 +88,10 @@ def add_nst_config(cfg: CN) -> None:
     # MODEL.TRANSFER.NAMES with its weight in MODEL.TRANSFER.WEIGHTS, on the MODEL.DISTILL pairs
     # (list them finest first, e.g. p2..p6). A namespace holds a method's own hyper-parameters
     # (nst_det.distill.core.METHOD_KEYS maps them to the loss); the defaults are the reference
-    # implementations' (read from them: ../shared/research/det_kd_methods.md, docs/
-    # detection_methods.md). Learned modules (MGD generator, FGD context blocks, DeFeat / FGFI
-    # adapters, ReviewKD fusion) are trained with the student, saved in training checkpoints and
-    # dropped from the export. "pkd" (Cao et al. 2022) has no hyper-parameter: no namespace.
+    # implementations' (docs/detection_methods.md names each one's file). Learned modules (MGD
+    # generator, FGD context blocks, DeFeat / FGFI adapters, ReviewKD fusion) are trained with
+    # the student, saved in training checkpoints and dropped from the export. "pkd" (Cao et al.
+    # 2022) has no hyper-parameter: no namespace.
     # Reference weights: cwd 10 (all 5 FPN levels), pkd 6 (Faster R-CNN p2-p5) / 10 (RetinaNet,
     # first 4 levels), mgd 5e-7 (two-stage) / 2e-5 (one-stage), fgd 1 (its weights are inside),
     # defeat 1 (fg/bg weights inside; the reference averages over 5 levels: FEATURE_WEIGHTS 0.2),
@@ -138,8 +138,9 @@ def add_nst_config(cfg: CN) -> None:
 
     # ---- Classification pretraining stage (issue 4) ----
     # The student classifier (a name in nst_det.modeling.classification.CLASSIFIER_REGISTRY:
-    # resnet18 | resnet34 | resnet50 | resnet101 | inception_bn) and its number of classes,
-    # which the classification teacher (MODEL.TEACHER.ARCH) shares.
+    # resnet18 | resnet34 | resnet50 | resnet101 | inception_bn, else any torchvision
+    # classification model name, e.g. mobilenet_v3_large, or "torchvision:<name>") and its
+    # number of classes, which the classification teacher (MODEL.TEACHER.ARCH) shares.
     cfg.MODEL.CLASSIFIER = CN()
     cfg.MODEL.CLASSIFIER.ARCH = "resnet18"
     cfg.MODEL.CLASSIFIER.NUM_CLASSES = 1000
