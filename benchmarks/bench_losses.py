@@ -282,7 +282,8 @@ def fmt_bytes(n):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (at least; the minimum is reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per measurement (at least; the minimum is reported)")
     p.add_argument(
         "--max-broadcast-gb",
         type=float,

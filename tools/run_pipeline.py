@@ -13,9 +13,10 @@ detection-stage NST -> VOC07 evaluation -> export of the best student -> report.
 stages are skipped when the command is run again (same --output), so it can be resumed.
 
 Each stage is a submitit job: on this machine (`--cluster local`, at most --jobs training,
-evaluation or calibration stages at a time) or on SLURM (`--cluster slurm`: the whole plan submitted at once, each stage `afterok`
-the stages it reads; settings from --slurm-* options or a --slurm-config YAML file with the same
-keys, e.g. `{partition: learnfair, time: {cls: 4320, det: 720}, gpus: 8, sbatch: {qos: high}}`).
+evaluation or calibration stages at a time) or on SLURM (`--cluster slurm`: the whole plan
+submitted at once, each stage `afterok` the stages it reads; settings from --slurm-* options or a
+--slurm-config YAML file with the same keys, e.g.
+`{partition: learnfair, time: {cls: 4320, det: 720}, gpus: 8, sbatch: {qos: high}}`).
 """
 
 import argparse
