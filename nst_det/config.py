@@ -120,7 +120,7 @@ def add_nst_config(cfg: CN) -> None:
     cfg.MODEL.DEFEAT.BG_WEIGHT = 12.0
     # FGFI (Wang et al. 2019): imitation-mask threshold psi (anchors with IoU > psi * the GT's
     # best IoU), and the iterations at the start of training with the loss off (reference: 400).
-    # Its anchors are detectron2's R-CNN FPN default (size 8 * stride, ratios 0.5/1/2).
+    # Its anchors are the detector's own (its anchor generator's cell anchors per level).
     cfg.MODEL.FGFI = CN()
     cfg.MODEL.FGFI.PSI = 0.5
     cfg.MODEL.FGFI.WARMUP_ITERS = 400

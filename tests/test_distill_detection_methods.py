@@ -28,7 +28,7 @@ from detectron2.utils.events import EventStorage
 from nst_det.distill import record_first_call
 from nst_det.engine.checkpointer import ReliableCheckpointer
 from nst_det.export.student import student_state_dict
-from nst_det.losses import dkd_loss, fgd_loss
+from nst_det.losses import dkd_loss, fgd_loss, fgfi_loss
 from nst_det.modeling.roi_logits import box_class_logits
 
 RETINA_STUDENT = TOY / "retinanet_R_18_FPN_toy_nst.yaml"
@@ -242,6 +242,40 @@ def test_gt_boxes_reach_the_losses_in_padded_input_pixels(teachers, kind):
     torch.testing.assert_close(losses["loss_fgd"], by_hand(given))
     original = [b * 2 for b in given]  # in the "height"/"width" frame: must not be used
     assert not torch.allclose(losses["loss_fgd"], by_hand(original))
+
+
+@pytest.mark.parametrize("kind", ["rcnn", "retina"])
+def test_fgfi_imitates_where_the_detectors_own_anchors_are(teachers, kind):
+    # the toy detectors' anchors are 3 x stride (RetinaNet: two sizes a cell), not the default
+    # 8 x stride FPN anchors the mask would otherwise assume
+    cfg = _cfg(teachers, kind, ["fgfi"])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    batch, rec = _batch(), {}
+    with record_first_call(model.backbone, rec):
+        losses = _step(model, batch)
+    with torch.no_grad():
+        t_feats = model.teacher.backbone(rec["args"][0])
+    anchors = cfg.MODEL.ANCHOR_GENERATOR
+    in_features = cfg.MODEL.RPN.IN_FEATURES if kind == "rcnn" else cfg.MODEL.RETINANET.IN_FEATURES
+    shapes = model.backbone.output_shape()
+    sizes = {shapes[f].stride: anchors.SIZES[j if len(anchors.SIZES) > 1 else 0]
+             for j, f in enumerate(in_features)}  # from the config, not the model
+    levels = tuple(sorted({p.student_stride for p in model.feature_pairs}))
+    boxes = [x["instances"].gt_boxes.tensor for x in batch]
+
+    def by_hand(own_anchors):
+        return sum(p.weight * fgfi_loss(
+            rec["output"][p.student], t_feats[p.teacher], boxes, p.student_stride,
+            model.distill.regressors[f"fgfi_{i}"], psi=cfg.MODEL.FGFI.PSI, level_strides=levels,
+            anchor_sizes=sizes[p.student_stride] if own_anchors else None,
+            aspect_ratios=anchors.ASPECT_RATIOS[0] if own_anchors else (0.5, 1.0, 2.0),
+            anchor_offset=anchors.OFFSET if own_anchors else 0.0)
+            for i, p in enumerate(model.feature_pairs))
+
+    assert set(levels) <= set(sizes)
+    torch.testing.assert_close(losses["loss_fgfi"], by_hand(True))
+    assert not torch.allclose(losses["loss_fgfi"], by_hand(False))
 
 
 def test_dkd_targets_are_the_sampled_proposals_gt_classes(teachers):

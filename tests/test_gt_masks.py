@@ -74,6 +74,15 @@ def test_grid_anchors_match_detectron2_default_anchor_generator():
         )
         ref = gen([torch.zeros(1, 1, *size)])[0].tensor
         torch.testing.assert_close(grid_anchors(stride, size, (8 * stride,)), ref)
+    # a generator's own cell anchors (two sizes, an offset) in place of sizes and ratios
+    gen = DefaultAnchorGenerator(sizes=[[12, 17]], aspect_ratios=[[0.5, 1.0, 2.0]], strides=[8],
+                                 offset=0.5)
+    ref = gen([torch.zeros(1, 1, 3, 4)])[0].tensor
+    own = grid_anchors(8, (3, 4), (), offset=0.5, cell_anchors=next(iter(gen.cell_anchors)))
+    torch.testing.assert_close(own, ref)
+    torch.testing.assert_close(grid_anchors(8, (3, 4), (12, 17), offset=0.5), ref)
+    with pytest.raises(ValueError, match=r"\[A, 4\] xyxy"):
+        grid_anchors(8, (3, 4), (), cell_anchors=torch.zeros(3, 5))  # rotated anchors
 
 
 def _iou(a, b):

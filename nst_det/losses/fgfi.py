@@ -1,6 +1,6 @@
 """FGFI: fine-grained feature imitation (Wang et al., CVPR 2019, arXiv 1906.03609)."""
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ def fgfi_loss(
     anchor_sizes: Optional[Sequence[float]] = None,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     anchor_offset: float = 0.0,
+    anchor_cells: Optional[Mapping[float, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """FGFI imitation loss on one level: squared error on the near-object positions / (2 N_pos).
 
@@ -76,6 +77,9 @@ def fgfi_loss(
             on this level, the original single-map FGFI).
         anchor_sizes, aspect_ratios, anchor_offset: this level's anchors (default detectron2's
             FPN anchors: size 8 * stride, ratios 0.5 / 1 / 2, offset 0).
+        anchor_cells: {stride: [A, 4] cell anchors} of the detector's anchor generator (a
+            detector supplies it with its ``anchor_offset``): this level's replace anchor_sizes
+            and aspect_ratios, as the reference imitates where the detector's anchors are.
     Returns:
         Scalar loss.
     """
@@ -91,6 +95,7 @@ def fgfi_loss(
         aspect_ratios,
         anchor_offset,
         device=f_s.device,
+        cell_anchors=None if anchor_cells is None else anchor_cells.get(stride),
     ).to(f_s.dtype)[:, None]
     n_pos = mask.sum()
     return ((f_s - f_t).pow(2) * mask).sum() / (2 * n_pos).clamp(min=1.0)

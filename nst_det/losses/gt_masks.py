@@ -171,21 +171,29 @@ def grid_anchors(
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     offset: float = 0.0,
     device=None,
+    cell_anchors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Anchors of one level as detectron2's ``DefaultAnchorGenerator`` makes them.
 
-    Cell anchors: for each size s (outer loop) and ratio r (inner), w = sqrt(s^2 / r), h = r*w,
-    centred at 0; shifted to (x * stride + offset * stride, y * stride + offset * stride) of
-    every cell, row-major. Returns [H * W * A, 4] xyxy, A = len(sizes) * len(aspect_ratios).
+    Cell anchors (unless given as ``cell_anchors`` [A, 4], a generator's own): for each size s
+    (outer loop) and ratio r (inner), w = sqrt(s^2 / r), h = r*w, centred at 0; shifted to
+    (x * stride + offset * stride, y * stride + offset * stride) of every cell, row-major.
+    Returns [H * W * A, 4] xyxy, A = len(sizes) * len(aspect_ratios) or len(cell_anchors).
     """
     h, w = _size(size)
-    base = []
-    for s in sizes:
-        for r in aspect_ratios:
-            aw = math.sqrt(s * s / r)
-            ah = r * aw
-            base.append([-aw / 2.0, -ah / 2.0, aw / 2.0, ah / 2.0])
-    base = torch.tensor(base, dtype=torch.float32, device=device)
+    if cell_anchors is not None:
+        if cell_anchors.dim() != 2 or cell_anchors.shape[1] != 4:
+            raise ValueError(f"cell anchors must be [A, 4] xyxy boxes (axis-aligned); got "
+                             f"{tuple(cell_anchors.shape)}")
+        base = cell_anchors.to(device=device, dtype=torch.float32)
+    else:
+        base = []
+        for s in sizes:
+            for r in aspect_ratios:
+                aw = math.sqrt(s * s / r)
+                ah = r * aw
+                base.append([-aw / 2.0, -ah / 2.0, aw / 2.0, ah / 2.0])
+        base = torch.tensor(base, dtype=torch.float32, device=device)
     sx = torch.arange(w, dtype=torch.float32, device=device) * stride + offset * stride
     sy = torch.arange(h, dtype=torch.float32, device=device) * stride + offset * stride
     yy, xx = torch.meshgrid(sy, sx, indexing="ij")
@@ -204,14 +212,16 @@ def fgfi_mask(
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     offset: float = 0.0,
     device=None,
+    cell_anchors: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """FGFI's imitation mask of one level (Wang et al. 2019; twangnh ``anchor_target_layer``).
 
     For each GT on this level (DeFeat's FPN port assigns GTs to levels, module docstring;
     ``level_strides=None`` keeps all), the IoU with every anchor of the level (those crossing
     the border included) is computed and thresholded at psi * (the GT's largest IoU); a
-    position is imitated when any of its anchors passes for any GT. Anchors default to
-    detectron2's FPN ones: one size 8 * stride, ratios 0.5 / 1 / 2, offset 0.
+    position is imitated when any of its anchors passes for any GT. Anchors: the detector's own
+    (``cell_anchors``), else ``anchor_sizes`` x ``aspect_ratios``, by default detectron2's FPN
+    ones: one size 8 * stride, ratios 0.5 / 1 / 2, offset 0.
 
     Args:
         gt_boxes: B box tensors [Ni, 4], xyxy pixels of the padded input.
@@ -223,6 +233,8 @@ def fgfi_mask(
         aspect_ratios: anchor aspect ratios h / w.
         offset: anchor centre offset in units of the stride (detectron2's ANCHOR_GENERATOR.OFFSET).
         device: device of the mask (default: the boxes').
+        cell_anchors: [A, 4] the level's cell anchors (a detectron2 anchor generator's
+            ``cell_anchors[level]``); replaces anchor_sizes and aspect_ratios.
     Returns:
         [B, H, W] float32 mask of 0 and 1.
     """
@@ -231,7 +243,8 @@ def fgfi_mask(
     h, w = _size(size)
     boxes, dev = _boxes(gt_boxes, device)
     sizes = tuple(anchor_sizes) if anchor_sizes is not None else (8.0 * stride,)
-    anchors = Boxes(grid_anchors(stride, (h, w), sizes, aspect_ratios, offset, device=dev))
+    anchors = Boxes(grid_anchors(stride, (h, w), sizes, aspect_ratios, offset, device=dev,
+                                 cell_anchors=cell_anchors))
     mask = torch.zeros(len(boxes), h, w, device=dev)
     for i, b in enumerate(boxes):
         b = _on_level(b, stride, level_strides)

@@ -18,18 +18,21 @@ from ..distill import DistillationCore, distill_config
 from ..distill.inherit import inherit_neck_head
 from .teacher import build_teacher
 
-__all__ = ["DetectorDistillMixin", "anchor_mismatch", "build_detection_core", "gt_boxes_of",
-           "inherit_teacher_neck_head"]
+__all__ = ["DetectorDistillMixin", "GT_SUPPLIES", "anchor_mismatch", "build_detection_core",
+           "gt_boxes_of", "inherit_teacher_neck_head"]
 
 logger = logging.getLogger(__name__)
 
+# what every distilling detector passes to the GT-aware losses (DetectorDistillMixin.gt_extras)
+GT_SUPPLIES = ("gt_boxes", "anchor_cells", "anchor_offset")
+
 
 def build_detection_core(
-    cfg, student_backbone: nn.Module, context: str, supplies=("gt_boxes",)
+    cfg, student_backbone: nn.Module, context: str, supplies=GT_SUPPLIES
 ) -> DistillationCore:
     """The strict frozen teacher of cfg.MODEL.TEACHER in a core, pairs checked on both backbones.
 
-    `supplies`: what the detector passes to the losses (`gt_boxes`, see `gt_boxes_of`; R-CNN
+    `supplies`: what the detector passes to the losses (GT_SUPPLIES, see `gt_extras`; R-CNN
     also `target`, the gt classes of its sampled proposals).
     """
     # Built on a fork of the random stream: the teacher's throw-away initialisation and the
@@ -118,6 +121,20 @@ class DetectorDistillMixin:
     detectron2 __init__."""
 
     distill: DistillationCore
+
+    def gt_extras(self, batched_inputs: List[dict]) -> dict:
+        """What the enabled GT-aware feature losses take this step: `gt_boxes` (FGD, DeFeat,
+        FGFI; `gt_boxes_of`) and the detector's own anchors (FGFI's imitation mask):
+        `anchor_cells` {stride: [A, 4] cell anchors} and `anchor_offset`, from its anchor
+        generator's public `strides`, `cell_anchors` and `offset`."""
+        extras = {}
+        if self.distill.needs("gt_boxes"):
+            extras["gt_boxes"] = gt_boxes_of(batched_inputs, self.device)
+        if self.distill.needs("anchor_cells"):
+            generator = _anchor_generator(self)
+            extras["anchor_cells"] = dict(zip(generator.strides, generator.cell_anchors))
+            extras["anchor_offset"] = generator.offset
+        return extras
 
     def _init_distill(self, distill: DistillationCore) -> None:
         self.distill = distill

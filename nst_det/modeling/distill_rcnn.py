@@ -20,9 +20,9 @@ from detectron2.modeling.roi_heads import StandardROIHeads
 
 from ..distill import DistillationCore, record_first_call
 from .distill_detection import (
+    GT_SUPPLIES,
     DetectorDistillMixin,
     build_detection_core,
-    gt_boxes_of,
     inherit_teacher_neck_head,
 )
 from .roi_logits import box_class_logits, box_pooler, check_kd_heads
@@ -48,7 +48,8 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
                  teacher's box head run on the student's sampled proposals ([R, K + 1] logits);
       loss_dkd (MODEL.TRANSFER "dkd") on the same logits, target = the sampled proposals'
                  gt_classes (background = K), which StandardROIHeads' training forward returns.
-    GT-aware feature losses (FGD, DeFeat, FGFI) get the batch's `gt_boxes` (`gt_boxes_of`).
+    GT-aware feature losses (FGD, DeFeat, FGFI) get the batch's `gt_boxes` and FGFI the RPN's
+    anchors (`gt_extras`).
     """
 
     @configurable
@@ -75,7 +76,7 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret["distill"] = build_detection_core(cfg, ret["backbone"], "DistillationRCNN",
-                                              supplies=("gt_boxes", "target"))
+                                              supplies=(*GT_SUPPLIES, "target"))
         inherit_teacher_neck_head(cfg, ret, heads=("proposal_generator", "roi_heads"))
         return ret
 
@@ -93,10 +94,8 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
                 stack.enter_context(record_first_call(self.roi_heads, heads))
             losses = super().forward(batched_inputs)
         t_feats = self.teacher_features(batched_inputs, backbone["args"][0])
-        extras = {}
-        if self.distill.needs("gt_boxes"):
-            extras["gt_boxes"] = gt_boxes_of(batched_inputs, self.device)
-        losses.update(self.distill.feature_losses(backbone["output"], t_feats, **extras))
+        losses.update(self.distill.feature_losses(backbone["output"], t_feats,
+                                                  **self.gt_extras(batched_inputs)))
         if kd:
             # the teacher's box head on the student's sampled proposals: [R, K + 1] logits
             with torch.no_grad():

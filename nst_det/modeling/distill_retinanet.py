@@ -23,7 +23,6 @@ from .distill_detection import (
     DetectorDistillMixin,
     anchor_mismatch,
     build_detection_core,
-    gt_boxes_of,
     inherit_teacher_neck_head,
 )
 
@@ -133,10 +132,8 @@ class DistillationRetinaNet(DetectorDistillMixin, RetinaNet):
                 stack.enter_context(record_first_call(self.head, head))
             losses = super().forward(batched_inputs)
         t_feats = self.teacher_features(batched_inputs, backbone["args"][0])
-        extras = {}
-        if self.distill.needs("gt_boxes"):  # GT-aware losses: FGD, DeFeat, FGFI
-            extras["gt_boxes"] = gt_boxes_of(batched_inputs, self.device)
-        losses.update(self.distill.feature_losses(backbone["output"], t_feats, **extras))
+        losses.update(self.distill.feature_losses(backbone["output"], t_feats,
+                                                  **self.gt_extras(batched_inputs)))
         if kd:
             teacher = self.teacher
             with torch.no_grad():
