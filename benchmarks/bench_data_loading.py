@@ -60,6 +60,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     for name, config in CONFIGS.items():
         for workers in args.workers:
             cfg = load_config(str(REPO / config), ["DATALOADER.NUM_WORKERS", str(workers)])

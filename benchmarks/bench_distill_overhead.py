@@ -132,6 +132,8 @@ def main():
                         help="comma-separated transfer methods (nst_det/pipeline/methods.py) or "
                              "'all': overhead and loss share of each, side by side (only this)")
     args = parser.parse_args()
+    if args.iters < 1:
+        parser.error("--iters must be at least 1")
     if args.methods:
         from nst_det.pipeline.methods import METHODS, parse_methods
 

@@ -119,6 +119,8 @@ def time_variants(model, batch, device: str, iters: int) -> dict:
             for amp, layout in variants:
                 model.to(memory_format=torch.channels_last if layout != "NCHW"
                          else torch.contiguous_format)
+                if device.startswith("cuda"):  # the layout copy is not part of the step
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
                 step(amp)
                 times[amp, layout].append(time.perf_counter() - start)
@@ -132,6 +134,8 @@ def main():
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.iters < 1:
+        parser.error("--iters must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     amp_name = "bf16 autocast" if args.device == "cpu" else "fp16 autocast"

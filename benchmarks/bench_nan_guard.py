@@ -78,6 +78,8 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.iters < 1:
+        parser.error("--iters must be at least 1")
 
     cfg = load_config(str(Q / "faster_rcnn_R_18_FPN_toy.yaml"), ["MODEL.DEVICE", args.device])
     plain = build_model(cfg).train()

@@ -42,8 +42,10 @@ def _source(name: str, rev: str, work: str) -> str:
         return REPO
     src = _worktree(rev, work)
     if not os.path.isdir(src):
-        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", src, rev], check=True,
-                       capture_output=True)
+        made = subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", src, rev],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            raise SystemExit(f"--rev {rev}: git worktree add failed: {made.stderr.strip()}")
     return src
 
 
@@ -84,10 +86,13 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="training stages side by side")
     parser.add_argument("--work", default="/tmp/nst_det_bench_pipeline")
     args = parser.parse_args(argv)
+    order = args.order.split(",")
+    if not order or set(order) - {"new", "old"}:  # any other name would run --rev under it
+        parser.error(f"--order takes 'new' and 'old' only (comma-separated); got {args.order!r}")
     os.makedirs(args.work, exist_ok=True)
     rows = []
     try:
-        for name in args.order.split(","):
+        for name in order:
             src = _source(name, args.rev, args.work)
             row = run_once(name, src, args.work, args.scale, args.jobs)
             rows.append(row)

@@ -202,6 +202,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="passes over the images")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
+    if args.images < 1 or args.rounds < 1:
+        parser.error("--images and --rounds must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.configs:

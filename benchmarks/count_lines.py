@@ -29,8 +29,10 @@ GROUPS = {
 
 
 def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", REPO, *args], check=True, capture_output=True,
-                          text=True).stdout
+    done = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"git {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
 def file_lines(rev: str | None) -> dict:
