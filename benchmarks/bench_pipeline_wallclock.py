@@ -13,7 +13,8 @@ packing (wall-clock / (those seconds / jobs)): 1.0 would mean both job slots bus
 all the time, so the packing compares how two schedulers start and overlap the same stages apart
 from how fast the machine happened to be. Against 7e2bd0e (the default) it does so only roughly:
 there a stage's seconds were timed by the runner from the job's spawn to its exit seen (start-up,
-imports and polling included), since f82f4cd inside the job, so the old packing reads better.
+imports and polling included), since the stages became submitit jobs (dddac1a) inside the job,
+so the old packing reads better.
 Run the two revisions back to back, and again in the other order, to see the machine's drift;
 the mean of each revision's runs and their ratio close the output.
 """
