@@ -113,8 +113,8 @@ def _table(entries: dict, images: list, rounds: int, tmp: str, ap50: dict | None
         params[name] = sum(p.numel() for p in model.parameters())
     order = {key: i for i, key in enumerate(runners)}  # eager rows first, then ONNX Runtime
     seconds = _time_interleaved(runners, images, rounds)
-    h, w = images[0].shape[1:]
-    print(f"input {w}x{h} px, {len(images)} images x {rounds} rounds, "
+    sizes_px = sorted({f"{im.shape[2]}x{im.shape[1]}" for im in images})
+    print(f"input {', '.join(sizes_px)} px (W x H), {len(images)} images x {rounds} rounds, "
           f"{torch.get_num_threads()} torch threads, CPU\n")
     print("| detector | runtime | img/s | ms/img | params (M) | ONNX file (MB) | AP50 |")
     print("|---|---|---|---|---|---|---|")
@@ -178,7 +178,10 @@ def configs_mode(args):
     for config in args.student or TOY_STUDENTS:
         s_cfg, student = _build(config, [], args.weights)
         _check_same_input(t_cfg, {config: s_cfg})
-        entries[f"student {_backbone_name(s_cfg)}"] = (s_cfg, student, None)
+        label = f"student {_backbone_name(s_cfg)}"
+        if label in entries:  # two configs of one backbone: name the row by its file too
+            label = f"{label} ({os.path.basename(config)})"
+        entries[label] = (s_cfg, student, None)
     images = sample_images(t_cfg, args.images)
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         _table(entries, images, args.rounds, tmp)
