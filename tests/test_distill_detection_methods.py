@@ -28,7 +28,7 @@ from detectron2.utils.events import EventStorage
 from nst_det.distill import record_first_call
 from nst_det.engine.checkpointer import ReliableCheckpointer
 from nst_det.export.student import student_state_dict
-from nst_det.losses import dkd_loss, fgd_loss, fgfi_loss
+from nst_det.losses import FGFIAdapter, dkd_loss, fgd_loss, fgfi_loss
 from nst_det.modeling.roi_logits import box_class_logits
 
 RETINA_STUDENT = TOY / "retinanet_R_18_FPN_toy_nst.yaml"
@@ -244,11 +244,11 @@ def test_gt_boxes_reach_the_losses_in_padded_input_pixels(teachers, kind):
     assert not torch.allclose(losses["loss_fgd"], by_hand(original))
 
 
-@pytest.mark.parametrize("kind", ["rcnn", "retina"])
-def test_fgfi_imitates_where_the_detectors_own_anchors_are(teachers, kind):
-    # the toy detectors' anchors are 3 x stride (RetinaNet: two sizes a cell), not the default
-    # 8 x stride FPN anchors the mask would otherwise assume
-    cfg = _cfg(teachers, kind, ["fgfi"])
+@pytest.mark.parametrize("kind,offset", [("rcnn", 0.0), ("rcnn", 0.5), ("retina", 0.0)])
+def test_fgfi_imitates_where_the_detectors_own_anchors_are(teachers, kind, offset):
+    # the toy R-CNN's anchors are 3 x stride, the toy RetinaNet's two sizes of 1.5 and ~2.1 x
+    # stride a cell: not the default 8 x stride FPN anchors the mask assumed until 2026-12-06
+    cfg = _cfg(teachers, kind, ["fgfi"], ["MODEL.ANCHOR_GENERATOR.OFFSET", str(offset)])
     torch.manual_seed(0)
     model = build_model(cfg).train()
     batch, rec = _batch(), {}
@@ -273,9 +273,30 @@ def test_fgfi_imitates_where_the_detectors_own_anchors_are(teachers, kind):
             anchor_offset=anchors.OFFSET if own_anchors else 0.0)
             for i, p in enumerate(model.feature_pairs))
 
-    assert set(levels) <= set(sizes)
+    assert set(levels) <= set(sizes) and anchors.OFFSET == offset
     torch.testing.assert_close(losses["loss_fgfi"], by_hand(True))
     assert not torch.allclose(losses["loss_fgfi"], by_hand(False))
+
+
+def test_fgfi_refuses_distilled_levels_without_anchors(teachers):
+    # the toy R-CNN's RPN reads p2-p6: p2-p5 alone is fine, a level without anchors is not
+    assert build_model(_cfg(teachers, "rcnn", ["fgfi"], [
+        "MODEL.RPN.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']",
+        "MODEL.ANCHOR_GENERATOR.SIZES", "[[12], [24], [48], [96]]",
+        "MODEL.DISTILL.STUDENT_FEATURES", "['p2', 'p3']",
+        "MODEL.DISTILL.TEACHER_FEATURES", "['p2', 'p3']",
+        "MODEL.DISTILL.FEATURE_WEIGHTS", "[1.0, 1.0]"]))
+    with pytest.raises(ValueError, match=r"strides \[4, 64\] are not all anchor levels of the "
+                                         r"student \(\[4, 8, 16, 32\]\)"):
+        build_model(_cfg(teachers, "rcnn", ["fgfi"], [
+            "MODEL.RPN.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']",
+            "MODEL.ANCHOR_GENERATOR.SIZES", "[[12], [24], [48], [96]]",
+            "MODEL.DISTILL.STUDENT_FEATURES", "['p2', 'p6']",
+            "MODEL.DISTILL.TEACHER_FEATURES", "['p2', 'p6']",
+            "MODEL.DISTILL.FEATURE_WEIGHTS", "[1.0, 1.0]"]))
+    with pytest.raises(ValueError, match="no anchors at stride 64"):
+        fgfi_loss(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), [torch.zeros(0, 4)], 64,
+                  FGFIAdapter(2, 2), level_strides=None, anchor_cells={4: torch.zeros(3, 4)})
 
 
 def test_dkd_targets_are_the_sampled_proposals_gt_classes(teachers):

@@ -22,7 +22,8 @@ How each argument of a MODEL.TRANSFER loss ``fn(f_s, f_t, ...)`` is supplied (on
   ``stride``                  the pair's stride after alignment (the coarser of the two);
   ``level_strides``           the strides of all pairs, finest first (GT-to-level assignment);
   names in ``supplies``       passed by the owning model per step (``labels`` of a classifier,
-                              ``gt_boxes`` of a detector, ``target`` = RoI gt classes of R-CNN);
+                              ``gt_boxes`` and its anchors ``anchor_cells`` / ``anchor_offset``
+                              of a detector, ``target`` = RoI gt classes of R-CNN);
   other keywords              the method's hyper-parameters (``transfer_args``), bound now.
 
 Attributes a loss may carry: ``over_all_pairs`` (it takes the lists of all pairs' aligned maps,
@@ -183,8 +184,8 @@ class DistillationCore(nn.Module):
         warmup_iters: {name: N}: that loss is 0 (times 0) before iteration N.
         kd_weight, kd_temperature: weight and T of loss_kd (0: off).
         supplies: names of the extra arguments the owning model passes to `feature_losses` /
-            `kd` (e.g. ("labels",), ("gt_boxes", "target")); a loss that requires anything
-            else is an error now.
+            `kd` (e.g. ("labels",), ("gt_boxes", "anchor_cells", "anchor_offset", "target"));
+            a loss that requires anything else is an error now.
         context: how the owner is named in error messages.
     """
 

@@ -95,10 +95,17 @@ def fgfi_loss(
         aspect_ratios,
         anchor_offset,
         device=f_s.device,
-        cell_anchors=None if anchor_cells is None else anchor_cells.get(stride),
+        cell_anchors=None if anchor_cells is None else _cells_of(anchor_cells, stride),
     ).to(f_s.dtype)[:, None]
     n_pos = mask.sum()
     return ((f_s - f_t).pow(2) * mask).sum() / (2 * n_pos).clamp(min=1.0)
 
 
 fgfi_loss.build_module = FGFIAdapter
+
+
+def _cells_of(anchor_cells: Mapping[float, torch.Tensor], stride: float) -> torch.Tensor:
+    if stride not in anchor_cells:  # a silent fallback would imitate at other anchors
+        raise ValueError(f"fgfi_loss: the detector has no anchors at stride {stride} (its anchor "
+                         f"levels: {sorted(anchor_cells)})")
+    return anchor_cells[stride]

@@ -130,9 +130,10 @@ class DetectorDistillMixin:
         extras = {}
         if self.distill.needs("gt_boxes"):
             extras["gt_boxes"] = gt_boxes_of(batched_inputs, self.device)
+        generator = _anchor_generator(self)  # (checked by _init_distill when needed)
         if self.distill.needs("anchor_cells"):
-            generator = _anchor_generator(self)
             extras["anchor_cells"] = dict(zip(generator.strides, generator.cell_anchors))
+        if self.distill.needs("anchor_offset"):
             extras["anchor_offset"] = generator.offset
         return extras
 
@@ -140,6 +141,17 @@ class DetectorDistillMixin:
         self.distill = distill
         self.flip_teacher_channels = self._channel_flip(distill.teacher)
         self._share_input = self._same_preprocessing(distill.teacher)
+        if distill.needs("anchor_cells") or distill.needs("anchor_offset"):
+            generator = _anchor_generator(self)
+            levels = sorted({max(p.student_stride, p.teacher_stride)
+                             for p in distill.feature_pairs})
+            anchored = list(getattr(generator, "strides", []))
+            if not set(levels) <= set(anchored):  # FGFI's mask is where the anchors are
+                raise ValueError(
+                    f"MODEL.TRANSFER.NAMES has a loss on the detector's anchors (fgfi), but the "
+                    f"distilled levels' strides {levels} are not all anchor levels of the "
+                    f"student ({anchored or 'it has no anchor generator'}): distil the "
+                    "features its RPN / RetinaNet head uses (MODEL.DISTILL.STUDENT_FEATURES)")
 
     def _channel_flip(self, teacher: nn.Module) -> bool:
         """Whether the teacher's images are the student's with RGB <-> BGR swapped.

@@ -100,9 +100,10 @@ class DistillationRCNN(DetectorDistillMixin, GeneralizedRCNN):
             # the teacher's box head on the student's sampled proposals: [R, K + 1] logits
             with torch.no_grad():
                 t_logits = box_class_logits(self.teacher.roi_heads, t_feats, pooler["args"][1])
+            extras = {}
             if self.distill.needs("target"):
                 # training StandardROIHeads returns (sampled proposals, losses); their order is
                 # the pooler's, so row r of the logits has gt class target[r]
-                extras = {"target": torch.cat([p.gt_classes for p in heads["output"][0]])}
+                extras["target"] = torch.cat([p.gt_classes for p in heads["output"][0]])
             losses.update(self.distill.kd(predictor["output"][0], t_logits, **extras))
         return losses
