@@ -269,7 +269,8 @@ class DistillationCore(nn.Module):
             else:
                 for i, (cs, ct) in enumerate(zip(s_ch, t_ch)):
                     self.regressors[f"{t.name}_{i}"] = build(cs, ct, **kwargs)
-        self._strides = [max(p.student_stride, p.teacher_stride) for p in self.feature_pairs]
+        # each pair's stride after alignment (the coarser of the two), in pair order
+        self.pair_strides = [max(p.student_stride, p.teacher_stride) for p in self.feature_pairs]
         unknown = set(module_args) - {t.name for t in self._transfer if t.module_arg}
         if unknown:
             raise ValueError(f"module arguments for {sorted(unknown)}, which have no learned "
@@ -382,8 +383,8 @@ class DistillationCore(nn.Module):
             else:
                 total = 0.0
                 for i, (w, s, f) in enumerate(pairs):
-                    pair_values = {"stride": self._strides[i],
-                                   "level_strides": tuple(sorted(set(self._strides)))}
+                    pair_values = {"stride": self.pair_strides[i],
+                                   "level_strides": tuple(sorted(set(self.pair_strides)))}
                     kwargs.update({k: pair_values[k] for k in t.pair_args})
                     if t.module_arg:
                         kwargs[t.module_arg] = self.regressors[f"{t.name}_{i}"]

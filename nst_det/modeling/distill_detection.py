@@ -143,8 +143,7 @@ class DetectorDistillMixin:
         self._share_input = self._same_preprocessing(distill.teacher)
         if distill.needs("anchor_cells") or distill.needs("anchor_offset"):
             generator = _anchor_generator(self)
-            levels = sorted({max(p.student_stride, p.teacher_stride)
-                             for p in distill.feature_pairs})
+            levels = sorted(set(distill.pair_strides))
             anchored = list(getattr(generator, "strides", []))
             if not set(levels) <= set(anchored):  # FGFI's mask is where the anchors are
                 raise ValueError(
