@@ -290,6 +290,47 @@ def test_detections_are_compared_one_to_one_whatever_their_order():
     assert compare_detections(empty, empty)["classes_equal"]
 
 
+def test_an_export_that_detects_nothing_is_verified_on_the_whole_small_test_set(
+        toy_detector, tmp_path, capsys):
+    """A score threshold nothing passes: after the one image asked for, the tool goes on with
+    the test set's 3 others (up to MORE_IMAGES), and still warns that no box was compared."""
+    export_model = _load_tool("export_model")
+    assert export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
+                              "--num-images", "1", "--output", str(tmp_path / "out"),
+                              *toy_detector, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "verified on 4 images (0 detections)" in out and "checked no box" in out
+
+
+def test_a_verification_that_saw_no_detection_goes_on_with_more_images():
+    """Empty outputs compare no box: the verification asks for more images, once, and only
+    then; a mismatch found there fails it."""
+    from nst_det.export.verify import verify
+
+    def detections(n, shift=0.0):
+        return {"boxes": np.tile([[1.0 + shift, 2.0, 8.0, 9.0]], (n, 1)),
+                "scores": np.full(n, 0.7), "classes": np.zeros(n, int)}
+
+    def runner(shift=0.0):  # image i -> i detections (image 0: none)
+        return lambda img: detections(int(img), shift)
+
+    asked = []
+
+    def more():
+        asked.append(1)
+        return [0, 2]
+
+    seen = verify(runner(), runner(), [0, 0], more_images=more)
+    assert asked == [1] and len(seen["images"]) == 4 and seen["total_detections"] == 2
+    assert seen["passed"]
+    assert not verify(runner(), runner(1.0), [0], more_images=lambda: [3])["passed"]
+    asked.clear()
+    assert len(verify(runner(), runner(), [1, 0], more_images=more)["images"]) == 2
+    assert not asked  # a detection was compared: no more images
+    nothing = verify(runner(), runner(), [0], more_images=lambda: [0, 0])
+    assert nothing["passed"] and nothing["total_detections"] == 0 and len(nothing["images"]) == 3
+
+
 def test_the_parts_an_export_needs_nst_det_for_are_named():
     """export_info.json's needs_nst_det: an R-18/34 C4 student's BasicRes5ROIHeads and the
     torchvision / Inception-BN backbones are nst_det's; an R-18 FPN student is stock."""

@@ -24,11 +24,12 @@ from .tracing import export_onnx, export_torchscript
 from .verify import verify
 
 
-def sample_images(cfg, count):
-    """The first `count` images of the first test set, preprocessed like at test time."""
+def sample_images(cfg, count, start=0):
+    """`count` images of the first test set from its `start`-th, preprocessed like at test
+    time."""
     if not cfg.DATASETS.TEST:
         raise ValueError("DATASETS.TEST is empty: the export is verified on test images")
-    records = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:count]
+    records = DatasetCatalog.get(cfg.DATASETS.TEST[0])[start:start + count]
     return [
         preprocess(read_image(r["file_name"], format=cfg.INPUT.FORMAT),
                    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
@@ -45,6 +46,8 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+# test images the verification goes on with when the first ones gave no detection to compare
+MORE_IMAGES = 16
 MARKER = "verification.json"  # written last: an export folder without it holds no export
 TRAINING_RUN_FILES = ("last_checkpoint", "metrics.json")  # what detectron2 training writes
 
@@ -94,7 +97,8 @@ def _check_out_dir(out_dir: str) -> None:
 def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
     """Write one export ("checkpoint" | "torchscript" | "onnx") of cfg's student into out_dir.
 
-    The export is compared with the eager model on the first `num_images` test images;
+    The export is compared with the eager model on the first `num_images` test images (and
+    `MORE_IMAGES` more when those gave no detection: empty outputs compare no box);
     `export_info.json` and `verification.json` are written next to it. Everything is written
     into a temporary folder inside out_dir and moved into place only once verified,
     `verification.json` last (`atomic_file_set`): an interrupted export leaves either the
@@ -138,12 +142,13 @@ def export_and_verify(cfg, fmt: str, out_dir: str, num_images: int = 3) -> dict:
             path = os.path.join(staging, "model.onnx")
             export_onnx(model, images[0], path)
             candidate = onnx_runner(path)
-        summary = verify(eager_runner(model), candidate, images)
+        summary = verify(eager_runner(model), candidate, images, more_images=lambda: sample_images(
+            cfg, MORE_IMAGES, start=len(images)))
         if not summary["passed"]:  # leaving the block removes the staging folder, nothing else
             raise ExportVerificationError(
                 f"the {fmt} export of {cfg.MODEL.WEIGHTS} does not match the eager model on "
-                f"{len(images)} test images ({_mismatch(summary)}). Nothing was written to "
-                f"{out_dir}; its previous export, if any, is kept", summary)
+                f"{len(summary['images'])} test images ({_mismatch(summary)}). Nothing was written "
+                f"to {out_dir}; its previous export, if any, is kept", summary)
         digest = file_sha256(path)  # binds both records to these very bytes
         summary.update(format=fmt, file=os.path.basename(path), size_bytes=os.path.getsize(path),
                        sha256=digest)
