@@ -71,7 +71,7 @@ def test_toy_generator_is_deterministic(tmp_path):
     b = make_toy_voc(tmp_path / "b", seed=3, **kwargs)
     c = make_toy_voc(tmp_path / "c", seed=4, **kwargs)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 2 * (4 + 2) + 2 + 1  # jpg+xml per image, 2 split files, the spec
+    assert len(files) == 2 * (4 + 2) + 2 + 2  # jpg+xml per image, 2 split files, spec, file list
     for rel in files:
         assert filecmp.cmp(a / rel, b / rel, shallow=False), rel
     jpgs = [rel for rel in files if rel.suffix == ".jpg"]

@@ -160,6 +160,38 @@ def test_a_different_spec_replaces_the_set_and_leftovers_are_removed(tmp_path):
                                                                           "cls"]
 
 
+@pytest.mark.parametrize("damage", ["deleted", "cut short", "file list lost"])
+def test_a_damaged_set_is_written_again_whole(tmp_path, caplog, damage):
+    """A finished set missing a file, or holding one cut short, is rewritten (the same bytes as
+    a fresh copy) with a warning naming what was wrong; a file added to it is no damage."""
+    from nst_det.data.toy_data import FILES_FILE, SPEC_FILE, make_toy_voc
+
+    kwargs = dict(seed=2, num_trainval=3, num_test=2)
+    fresh = make_toy_voc(tmp_path / "fresh", **kwargs)
+    root = make_toy_voc(tmp_path / "voc", **kwargs)
+    (root / "coco_test.json").write_text("{}")  # e.g. a COCO copy written beside it later
+    make_toy_voc(root, **kwargs)
+    spec_inode = (root / SPEC_FILE).stat().st_ino
+    assert (root / "coco_test.json").is_file()  # reused as is
+    image = root / "JPEGImages" / "100001.jpg"
+    if damage == "deleted":
+        image.unlink()
+    elif damage == "cut short":
+        image.write_bytes(image.read_bytes()[:100])
+    else:
+        (root / FILES_FILE).unlink()
+    with caplog.at_level("WARNING", logger="nst_det.data.toy_data"):
+        make_toy_voc(root, **kwargs)
+    assert (root / SPEC_FILE).stat().st_ino != spec_inode
+    said = {"deleted": "JPEGImages/100001.jpg is missing",
+            "cut short": "JPEGImages/100001.jpg has 100 bytes",
+            "file list lost": "its file list toy_files.json is unreadable"}[damage]
+    assert f"is damaged ({said}" in caplog.text
+    files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == files
+    assert all((root / f).read_bytes() == (fresh / f).read_bytes() for f in files)
+
+
 def test_a_folder_that_is_not_a_toy_set_is_never_replaced(tmp_path):
     from nst_det.data.toy_data import make_toy_imagefolder
 

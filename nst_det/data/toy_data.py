@@ -10,6 +10,7 @@ several ask for the same set at once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,7 +24,11 @@ from PIL import Image
 
 from .toy_world import TOY_CLASSES, ToyObject, draw_clutter, draw_object, textured_background
 
+logger = logging.getLogger(__name__)
 SPEC_FILE = "toy_spec.json"
+# every file of a finished set with its size: a set damaged since (an image deleted or cut
+# short, an annotation emptied) is written again instead of failing later in a loader
+FILES_FILE = "toy_files.json"
 # "train" / "val": the classification set's splits; "minival": the detection set's validation
 # split, disjoint from trainval and test (own generator stream, own id prefix). The id is also the
 # first digit of a detection image's file id, so the splits' image ids never collide.
@@ -144,6 +149,23 @@ def _read_spec(spec_path: Path):
         return None
 
 
+def _damage(final: Path) -> str | None:
+    """What is wrong with a finished set's files (one stat each), or None when each file it was
+    written with is there with its size. Files added since (e.g. a COCO copy) are no damage."""
+    try:
+        sizes = json.loads((final / FILES_FILE).read_text())
+    except (OSError, ValueError) as e:
+        return f"its file list {FILES_FILE} is unreadable ({type(e).__name__})"
+    for name, size in sizes.items():
+        try:
+            found = (final / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if found != size:
+            return f"{name} has {found} bytes, not the {size} written"
+    return None
+
+
 def _remove_leftovers(final: Path) -> None:
     """Remove temp folders a killed writer left beside `final` (called with the lock held):
     exactly the names `_materialise`'s mkdtemp gives, not another set's (`.VOC2007.v2.x.tmp`
@@ -160,17 +182,21 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
     Safe under any concurrency (pipeline stages side by side, DDP ranks, two users of one data
     root): writers take an inter-process file lock beside `final`, and whoever holds it re-reads
     the spec first, so exactly one process writes and every other one reuses its copy. A finished
-    set with the same spec is never moved or deleted, so no file a reader saw disappears. A set
-    with a different spec is replaced only once the new one is whole.
+    set with the same spec and all its files (`_damage`) is never moved or deleted, so no file a
+    reader saw disappears. A set with a different spec, or damaged, is replaced only once the new
+    one is whole.
     """
     spec_path = final / SPEC_FILE
-    if _read_spec(spec_path) == spec:
+    if _read_spec(spec_path) == spec and _damage(final) is None:
         return final  # the common case: no lock, no write access needed
     final.parent.mkdir(parents=True, exist_ok=True)
     # mode 0o666: another user sharing the data root can take the lock too
     with FileLock(str(final.parent / f".{final.name}.lock"), mode=0o666):
         if _read_spec(spec_path) == spec:  # another process wrote it while we waited
-            return final
+            damage = _damage(final)
+            if damage is None:
+                return final
+            logger.warning("toy data set %s is damaged (%s): writing it again", final, damage)
         _remove_leftovers(final)  # what a hard kill of an earlier writer left behind
         if final.exists() and not spec_path.exists():
             raise FileExistsError(
@@ -180,6 +206,9 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         try:
             writer(tmp)
+            files = {str(p.relative_to(tmp)): p.stat().st_size
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / FILES_FILE).write_text(json.dumps(files))
             (tmp / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
             umask = os.umask(0)  # mkdtemp made it 0700: give the set the usual folder mode,
             os.umask(umask)  # so other users of the data root can read it
