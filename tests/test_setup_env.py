@@ -67,3 +67,51 @@ def test_a_venv_without_pip_is_made_again(setup_env, monkeypatch):
     monkeypatch.setenv("NST_DET_SYSTEM_SITE_PACKAGES", "1")  # asked for later: applied
     setup_env.create_venv()
     assert "include-system-site-packages = true" in (setup_env.VENV / "pyvenv.cfg").read_text()
+
+
+def test_setuptools_is_installed_before_the_sdist_is_fetched(setup_env, monkeypatch):
+    """`pip download --no-build-isolation` runs the sdist's setup.py for its metadata: a venv of
+    Python 3.12 or later has no setuptools, so a first set-up failed before it was installed."""
+    calls = []
+    monkeypatch.setattr(setup_env, "imports_ok", lambda module: False)
+    monkeypatch.setattr(setup_env, "read_pinned_sdist", lambda: ("pb1-detectron2==0.6", "ab"))
+    monkeypatch.setattr(setup_env, "pip", lambda *args: calls.append(("pip", *args)))
+
+    def fetch(requirement, sha256):
+        calls.append(("fetch", requirement))
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(setup_env, "fetch_sdist", fetch)
+    with pytest.raises(SystemExit, match="stop here"):
+        setup_env.install_detectron2()
+    assert calls == [("pip", "install", "setuptools", "wheel"), ("fetch", "pb1-detectron2==0.6")]
+
+
+def test_the_upstream_build_leaves_a_source_folder_and_its_digest_as_they_were(tmp_path):
+    """pip builds in the tree it is given (build/, *.egg-info): built in the folder itself, the
+    folder's digest changed after every build, so each run rebuilt the venv from nothing."""
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("setup_upstream_under_test",
+                                                  REPO / "tools" / "setup_upstream_env.py")
+    upstream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upstream)
+    src = tmp_path / "clone"
+    (src / "detectron2").mkdir(parents=True)
+    (src / "setup.py").write_text("# detectron2's\n")
+    (src / "detectron2" / "__init__.py").write_text("")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref\n")
+    digest = upstream.source_digest(src)
+    (tmp_path / "a").mkdir()
+    root = upstream.build_tree(src, tmp_path / "a")
+    assert root.parent == tmp_path / "a" and (root / "detectron2" / "__init__.py").is_file()
+    assert not (root / ".git").exists()
+    (root / "build").mkdir()  # what pip writes where it builds
+    (root / "d2.egg-info").write_text("")
+    assert upstream.source_digest(src) == digest and not (src / "build").exists()
+    archive = tmp_path / "d2.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="detectron2-main")
+    (tmp_path / "b").mkdir()
+    assert upstream.build_tree(archive, tmp_path / "b") == tmp_path / "b" / "detectron2-main"

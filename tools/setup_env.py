@@ -13,8 +13,8 @@ Steps, each skipped when already satisfied:
 
 A stamp file records a hash of every input of these steps, so a second run costs a hash and a stat.
 `--force` ignores the stamp: every step checks its own state again (a venv without pip is
-made again, torch and detectron2 are kept when they import and are up to date) and nst_det is
-reinstalled. To rebuild from nothing, remove `.venv/`.
+made again, torch is kept when it imports, detectron2 when it imports and its patches are
+unchanged) and nst_det is reinstalled. To rebuild from nothing, remove `.venv/`.
 """
 
 from __future__ import annotations
@@ -179,9 +179,10 @@ def install_detectron2() -> None:
         log("patched detectron2 v0.6 is up to date")
         return
     requirement, sha256 = read_pinned_sdist()
-    sdist = fetch_sdist(requirement, sha256)
-    # the sdist's build needs these in the venv because we build without isolation
+    # the sdist's metadata (pip download) and build need these in the venv: both run its
+    # setup.py without isolation, and a venv of Python 3.12 or later has no setuptools
     pip("install", "setuptools", "wheel")
+    sdist = fetch_sdist(requirement, sha256)
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")

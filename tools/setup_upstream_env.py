@@ -7,9 +7,10 @@ This is what `make test-upstream D2_SRC=...` runs before the test suite: the sec
 nst_det is tested against (upstream main built from source, as GPU users install it), beside the
 patched v0.6 of `.venv/` (tools/setup_env.py). Steps, each skipped when already done:
 1. create the venv (default `.venv-upstream/`) with torch/torchvision at setup_env's pins;
-2. `pip install --no-build-isolation <source>`: detectron2's setup.py compiles its C++ ops (and
-   CUDA ops where nvcc is found), which takes minutes; the archive's sha256 (or, for a folder, a
-   hash of its files' names, sizes and modification times) is recorded in `.upstream_stamp`;
+2. `pip install --no-build-isolation` of a copy of the source (the folder is left as it is):
+   detectron2's setup.py compiles its C++ ops (and CUDA ops where nvcc is found), which takes
+   minutes; the archive's sha256 (or, for a folder, a hash of its files' names, sizes and
+   modification times) is recorded in `.upstream_stamp`;
 3. nst_det in editable mode with its dev extras, redone whenever pyproject.toml changes.
 """
 
@@ -66,12 +67,19 @@ def find_setup_root(folder: Path) -> Path:
     return children[0]
 
 
-def extract(archive: Path, into: Path) -> Path:
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
+def build_tree(src: Path, into: Path) -> Path:
+    """The tree to build: the archive extracted into `into`, or a copy there of the folder
+    (without .git). pip builds in the tree it is given, writing build/ and *.egg-info into it,
+    which would change a folder's digest and rebuild the venv on every run."""
+    if src.is_dir():
+        root = find_setup_root(src)
+        return shutil.copytree(root, into / root.name, symlinks=True,
+                               ignore=shutil.ignore_patterns(".git"))
+    if zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as z:
             z.extractall(into)
     else:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(src) as tar:
             tar.extractall(into, filter="data")
     return find_setup_root(into)
 
@@ -83,8 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     src, venv = args.src.resolve(), args.venv.resolve()
     if not src.exists():
-        raise SystemExit(f"D2_SRC={args.src} does not exist: give a detectron2 source folder "
-                         "(a git clone) or an archive of one")
+        raise SystemExit(f"{args.src} does not exist: give a detectron2 source folder (a git "
+                         "clone) or an archive of one")
     py = venv / "bin" / "python"
     d2_stamp, deps_stamp = venv / ".upstream_stamp", venv / ".nst_det_deps_stamp"
 
@@ -98,7 +106,7 @@ def main() -> None:
         run([sys.executable, "-m", "venv", venv])
         pip("install", *TORCH_PINS, "setuptools", "wheel")
         with tempfile.TemporaryDirectory() as tmp:
-            root = find_setup_root(src) if src.is_dir() else extract(src, Path(tmp))
+            root = build_tree(src, Path(tmp))
             # no build isolation: setup.py imports the venv's torch to compile against it
             env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)))
             pip("install", "--no-build-isolation", root, env=env)
