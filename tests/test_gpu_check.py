@@ -31,7 +31,7 @@ FAKE_PARTS = '''
 import os, threading
 
 def blocking(ctx):
-    with open(ctx["pid_file"], "w") as f:
+    with open(ctx.get("pid_file") or os.path.join(ctx["work_dir"], "blocking.pid"), "w") as f:
         f.write(str(os.getpid()))
     threading.Event().wait()  # never set: only the time limit ends this part
 
@@ -56,7 +56,7 @@ def test_part_over_its_limit_is_stopped_and_reported_not_run(tmp_path):
     (tmp_path / "fake_parts.py").write_text(FAKE_PARTS)
     pid_file = tmp_path / "blocking.pid"
     parts = [Part("quick", "fake_parts:quick", 60, 60),
-             Part("slow", "fake_parts:blocking", 60, 1),
+             Part("slow", "fake_parts:blocking", 60, 3),
              Part("after_slow", "fake_parts:quick", 60, 60),
              Part("needs_slow", "fake_parts:quick", 60, 60, needs=("slow",)),
              Part("broken", "fake_parts:broken", 60, 60),
@@ -87,8 +87,82 @@ def test_parts_after_the_budget_are_not_started(tmp_path):
     report = run_check(parts, {"repo": str(tmp_path)}, tiny=False, budget_s=3,
                        json_path=tmp_path / "r.json", log_dir=tmp_path / "logs",
                        echo=lambda *_: None)
-    assert report["parts"][0]["status"] == "not run: total budget of 3 s spent"
+    assert report["parts"][0]["status"] == ("not run: 3 s of the 3 s budget left, under half "
+                                            "its 60 s limit with 10 s to stop it")
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_part_s_limit_leaves_the_budget_time_to_stop_it(tmp_path):
+    """Budget GRACE_S + 3 s: the blocking part (own limit 4 s) gets what is left less the time
+    stopping it may take, so the check ends within its budget; the next part is not started."""
+    from gpu_check_lib.runner import GRACE_S
+
+    (tmp_path / "fake_parts.py").write_text(FAKE_PARTS)
+    parts = [Part("slow", "fake_parts:blocking", 4, 4), Part("next", "fake_parts:quick", 4, 4)]
+    budget = GRACE_S + 3
+    report = run_check(parts, {"repo": str(tmp_path), "pid_file": str(tmp_path / "pid")},
+                       tiny=True, budget_s=budget, json_path=tmp_path / "r.json",
+                       log_dir=tmp_path / "logs", env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                       echo=lambda *_: None)
+    slow, after = report["parts"]
+    assert slow["status"].startswith("not run: timeout") and slow["limit_s"] <= 3.0
+    assert after["status"].startswith("not run: ") and "budget left" in after["status"]
+    assert report["seconds"] <= budget
+
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from gpu_check_lib import check
+from gpu_check_lib.runner import Part
+check.PARTS = [Part(*p[:4], needs=tuple(p[4]), optional=p[5]) for p in json.loads(sys.argv[2])]
+sys.exit(check.main(sys.argv[3:]))
+"""
+
+
+def _check_with(parts, tmp_path, *argv):
+    """tools/gpu_check.py's main on the fake `parts` [(name, target, limit, tiny limit, needs,
+    optional)], in a process of its own."""
+    (tmp_path / "fake_parts.py").write_text(FAKE_PARTS)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(REPO / "tools"), json.dumps(parts), "--device", "cpu",
+         "--work-dir", str(tmp_path / "work"), "--json", str(tmp_path / "r.json"), *argv],
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+
+def test_stopping_the_check_stops_its_running_part(tmp_path):
+    """A part runs in a session of its own (so its limit can stop its whole group): a check
+    stopped by SIGTERM left it running."""
+    import signal
+    import time
+
+    pid_file = tmp_path / "work" / "blocking.pid"  # the blocking part writes it once running
+    check = _check_with([("slow", "fake_parts:blocking", 600, 600, [], False)], tmp_path,
+                        "--budget", "900")
+    deadline = time.time() + 120
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    try:
+        check.send_signal(signal.SIGTERM)
+        assert check.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not _alive(pid)
+    finally:  # (a failure must not leave it running)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_an_optional_part_named_in_only_runs(tmp_path):
+    check = _check_with([("base", "fake_parts:quick", 60, 60, [], False),
+                         ("extra", "fake_parts:quick", 60, 60, ["base"], True),
+                         ("other", "fake_parts:quick", 60, 60, [], False)],
+                        tmp_path, "--only", "extra")
+    out, _ = check.communicate(timeout=120)
+    assert check.returncode == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())
+    status = {p["name"]: p["status"] for p in report["parts"]}
+    assert status == {"base": "ok", "extra": "ok", "other": "not run: not in --only"}
 
 
 # ---- --prepare and install --------------------------------------------------------------------
@@ -177,6 +251,38 @@ def test_size_limit_counts_the_bundle_and_the_working_tree(tmp_path, wheelhouse)
     assert prepare(limit - size - 512)["command"].endswith("--json $OUT/gpu_check.json")
     with pytest.raises(bundle.BundleError, match="over the 64 MiB"):
         prepare(limit - size + 512)
+
+
+def test_a_wheel_for_another_python_in_the_bundle_is_fetched_again(tmp_path):
+    """An earlier --prepare for another --python-version left its binary wheels: reused, they
+    passed the checksum and failed to import on the GPU machine."""
+    wheels = tmp_path / "bundle" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "nstdet_fake_bin-1.0-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"311")
+    fetched = []
+
+    def fetch(requirement, dest, python_version, pip_args):
+        fetched.append((requirement, python_version))
+        wheel = dest / "nstdet_fake_bin-1.0-cp312-cp312-manylinux_2_28_x86_64.whl"
+        wheel.write_bytes(b"312")
+        return wheel
+
+    manifest = bundle.prepare(tmp_path / "bundle", python_version="3.12", with_detectron2=False,
+                              packages=[("nstdet-fake-bin", "test")], tree_bytes=0, fetch=fetch)
+    assert fetched == [("nstdet-fake-bin", "3.12")]
+    assert [e["wheel"] for e in manifest["wheels"]] == [
+        "nstdet_fake_bin-1.0-cp312-cp312-manylinux_2_28_x86_64.whl"]
+    assert [p.name for p in wheels.iterdir()] == [manifest["wheels"][0]["wheel"]]
+
+
+def test_the_upstream_part_finds_what_it_imports(tmp_path):
+    """The optional upstream_ops part runs only on a lent GPU: its imports are checked here (it
+    once imported a function renamed since). A bundle without the archive: not run."""
+    from gpu_check_lib.parts import upstream_ops
+
+    (tmp_path / "bundle.json").write_text(json.dumps({"upstream_archive": None}))
+    got = upstream_ops({"repo": str(REPO), "bundle": str(tmp_path), "work_dir": str(tmp_path)})
+    assert got == {"status": "not run: the bundle has no upstream archive (--with-upstream)"}
 
 
 def test_install_into_a_target_and_a_damaged_wheel_is_named(tmp_path, wheelhouse):

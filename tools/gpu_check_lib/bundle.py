@@ -230,7 +230,9 @@ def prepare(out: Path, *, python_version: str = "3.12", with_upstream: bool = Fa
         requirement = pinned(name)
         wheel = _wheel_of(wheels, name)
         version = requirement.split("==")[1] if "==" in requirement else None
-        if wheel is not None and version and wheel.name.split("-")[1] != version:
+        # a wheel of another version, or for another Python (an earlier --python-version)
+        if wheel is not None and ((version and wheel.name.split("-")[1] != version)
+                                  or not wheel_fits(wheel.name, python_version)):
             wheel.unlink()
             wheel = None
         if wheel is None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .bundle import LIMIT_MIB, MIB, ROOT, BundleError, prepare
-from .runner import Part, run_check, table
+from .runner import Part, run_check, table, write_atomically
 
 P = "gpu_check_lib.parts:"
 # Order: the measurements the project has never had first, the long CI pipeline after them, so
@@ -104,6 +105,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.prepare:
         return run_prepare(args)
+    # `kill` stops the check like Ctrl-C: the running part's process group is stopped with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     json_path = (args.json or work / "gpu_check.json").resolve()
@@ -136,15 +139,17 @@ def main(argv=None) -> int:
     ctx = {"repo": str(ROOT), "device": args.device, "tiny": args.tiny, "work_dir": str(work),
            "bundle": str(args.bundle.resolve()) if args.bundle else None,
            "site": str(site) if site else None}
-    requested = {"upstream_ops"} if args.upstream_ops else set()
+    # an optional part runs when asked for by its flag or by name in --only
+    requested = ({"upstream_ops"} if args.upstream_ops else set()) | set(
+        filter(None, args.only.split(",")))
     report = run_check(PARTS, ctx, tiny=args.tiny, budget_s=args.budget, json_path=json_path,
                        log_dir=log_dir, env=env, requested=requested, skip_reasons=skip)
     text = table(report)
     print(text)
-    json_path.with_suffix(".md").write_text(
-        f"GPU check {time.strftime('%Y-%m-%d %H:%M')}, device {args.device}"
-        f"{' (tiny)' if args.tiny else ''}, {report['seconds']:.0f} s of a {args.budget:.0f} s "
-        f"budget\n\n{text}\n")
+    heading = (f"GPU check {time.strftime('%Y-%m-%d %H:%M')}, device {args.device}"
+               f"{' (tiny)' if args.tiny else ''}, {report['seconds']:.0f} s of a "
+               f"{args.budget:.0f} s budget")
+    write_atomically(json_path.with_suffix(".md"), f"{heading}\n\n{text}\n")
     print(f"[gpu_check] report: {json_path} (table: {json_path.with_suffix('.md')}, logs: "
           f"{log_dir})")
     failed = [p["name"] for p in report["parts"]

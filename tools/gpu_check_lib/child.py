@@ -12,6 +12,9 @@ import json
 import signal
 import sys
 import traceback
+from pathlib import Path
+
+from .runner import write_atomically
 
 
 def main(target: str, ctx_file: str, out_file: str) -> int:
@@ -31,8 +34,7 @@ def main(target: str, ctx_file: str, out_file: str) -> int:
         message = str(e).strip().splitlines()
         result = {"status": f"failed: {type(e).__name__}: {message[0] if message else ''}"[:400]}
         code = 1
-    with open(out_file, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    write_atomically(Path(out_file), json.dumps(result, indent=1, default=str))
     return code
 
 

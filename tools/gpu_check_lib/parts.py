@@ -374,14 +374,20 @@ def upstream_ops(ctx) -> dict:
     import torch
 
     sys.path.insert(0, str(_repo(ctx) / "tools"))
-    from setup_upstream_env import extract
+    from setup_upstream_env import build_tree
 
     manifest = json.loads((Path(ctx["bundle"]) / "bundle.json").read_text())
     if not manifest.get("upstream_archive"):
         return {"status": "not run: the bundle has no upstream archive (--with-upstream)"}
     work = _fresh(Path(ctx["work_dir"]) / "upstream")
-    root = extract(Path(ctx["bundle"]) / manifest["upstream_archive"], work / "src")
+    (work / "src").mkdir()
+    root = build_tree(Path(ctx["bundle"]) / manifest["upstream_archive"], work / "src")
     env = dict(os.environ, MAX_JOBS=str(os.cpu_count() or 2))
+    # --no-build-isolation: setuptools and wheel come from the bundle's build-only folder, as
+    # for the detectron2 tree (bundle._pip_install); the GPU machine may have neither
+    build_site = [ctx["site"] + "-build"] if ctx.get("site") else []
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*build_site, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     if ctx["device"].startswith("cuda"):
         major, minor = torch.cuda.get_device_capability(0)
         env.update(FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=f"{major}.{minor}")

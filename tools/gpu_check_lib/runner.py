@@ -5,9 +5,12 @@ A part is a function `f(ctx) -> dict` named as "module:function"; it runs in a c
 NCCL peer, a stuck data loader) is stopped with its whole process group when its limit is
 reached and reported as "not run: timeout after N s"; the next part then runs. A part that
 raises is "failed: <error>", one whose prerequisite did not succeed is "not run: needs <part>",
-and one that would start after the total budget is spent is "not run: total budget spent".
-Each part's output goes to its own log file; results are written as JSON after every part, so
-a check stopped from outside still leaves what it measured.
+and one that would start with less than half its own limit left of the total budget is "not
+run: N s of the budget left": a part cut shorter would report a slow part as a hang. A part's
+limit leaves GRACE_S of the budget for stopping it, so the check ends within its budget. A check
+stopped from outside (Ctrl-C, SIGTERM) stops the running part's process group too. Each part's
+output goes to its own log file; results are written as JSON (atomically) after every part, so a
+check stopped from outside still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 LIB_PARENT = Path(__file__).resolve().parents[1]  # tools/: where gpu_check_lib imports from
 GRACE_S = 10.0  # after SIGTERM, before SIGKILL: time for a pipeline to stop its jobs
-MIN_LEFT_S = 5.0  # less budget than this left: the next parts are not started
+MIN_SHARE = 0.5  # a part is started only with at least this share of its own limit left
 
 
 @dataclass
@@ -87,11 +90,11 @@ def run_part(part: Part, ctx: dict, limit: float, log_dir: Path, env: dict,
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc.pid, signal.SIGTERM)  # a pipeline stops its jobs on SIGTERM
-            try:
-                proc.wait(timeout=GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
+        except BaseException:  # the check itself stopped: its part (own session) stops too
+            _stop_group(proc)
+            raise
+        if timed_out:
+            _stop_group(proc)
         # whatever the part left running (workers, stage jobs) goes with it
         _kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -101,12 +104,37 @@ def run_part(part: Part, ctx: dict, limit: float, log_dir: Path, env: dict,
     if timed_out:
         return PartResult(status=f"not run: timeout after {limit:.0f} s", **common,
                           summary=_last_line(log_file))
-    if result_file.is_file():
+    try:
         data = json.loads(result_file.read_text())
+    except FileNotFoundError:
+        data = None
+    except ValueError as e:  # (written atomically by the child: damaged from outside)
+        return PartResult(status=f"failed: its result {result_file} is not JSON ({e})",
+                          **common)
+    if data is not None:
         return PartResult(status=data.get("status", "ok"), summary=data.get("summary", ""),
                           metrics=data.get("metrics", {}), rows=data.get("rows", []), **common)
     return PartResult(status=f"failed: exit code {proc.returncode} without a result",
                       summary=_last_line(log_file), **common)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the part's process group (a pipeline stops its jobs on it), SIGKILL after
+    GRACE_S."""
+    _kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc.pid, signal.SIGKILL)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it: a kill leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _last_line(path: Path) -> str:
@@ -134,7 +162,8 @@ def run_check(parts: list, ctx: dict, *, tiny: bool, budget_s: float, json_path:
     ok = set()
     for part in parts:
         left = budget_s - (time.perf_counter() - t0)
-        limit = min(part.tiny_limit_s if tiny else part.limit_s, left)
+        own = part.tiny_limit_s if tiny else part.limit_s
+        limit = min(own, left - GRACE_S)  # what stopping it takes stays within the budget
         missing = [n for n in part.needs if n not in ok]
         if part.optional and part.name not in requested:
             result = PartResult(part.name, "not run: not requested")
@@ -142,8 +171,10 @@ def run_check(parts: list, ctx: dict, *, tiny: bool, budget_s: float, json_path:
             result = PartResult(part.name, f"not run: {skip_reasons[part.name]}")
         elif missing:
             result = PartResult(part.name, f"not run: needs {', '.join(missing)}")
-        elif left < MIN_LEFT_S:
-            result = PartResult(part.name, f"not run: total budget of {budget_s:.0f} s spent")
+        elif limit < MIN_SHARE * own:
+            result = PartResult(part.name, f"not run: {max(0.0, left):.0f} s of the "
+                                f"{budget_s:.0f} s budget left, under half its {own:.0f} s limit "
+                                f"with {GRACE_S:.0f} s to stop it")
         else:
             echo(f"[gpu_check] {part.name}: running (limit {limit:.0f} s)")
             result = run_part(part, ctx, limit, log_dir, env, python)
@@ -154,8 +185,7 @@ def run_check(parts: list, ctx: dict, *, tiny: bool, budget_s: float, json_path:
              f"{result.summary}".rstrip())
         report["parts"].append(asdict(result))
         report["seconds"] = round(time.perf_counter() - t0, 1)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        write_atomically(json_path, json.dumps(report, indent=1, default=str) + "\n")
     return report
 
 
