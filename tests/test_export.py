@@ -290,16 +290,22 @@ def test_detections_are_compared_one_to_one_whatever_their_order():
     assert compare_detections(empty, empty)["classes_equal"]
 
 
-def test_an_export_that_detects_nothing_is_verified_on_the_whole_small_test_set(
-        toy_detector, tmp_path, capsys):
+@pytest.mark.parametrize("more, seen", [(None, 4), (2, 3)])
+def test_an_export_that_detects_nothing_is_verified_on_more_test_images(
+        toy_detector, tmp_path, capsys, monkeypatch, more, seen):
     """A score threshold nothing passes: after the one image asked for, the tool goes on with
-    the test set's 3 others (up to MORE_IMAGES), and still warns that no box was compared."""
+    up to MORE_IMAGES more (the tiny test set has 4), and still warns that no box was
+    compared."""
+    from nst_det.export import api
+
+    if more is not None:
+        monkeypatch.setattr(api, "MORE_IMAGES", more)
     export_model = _load_tool("export_model")
     assert export_model.main(["--config-file", str(R18_TOY), "--format", "checkpoint",
                               "--num-images", "1", "--output", str(tmp_path / "out"),
                               *toy_detector, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "1.0"]) == 0
     out = capsys.readouterr().out
-    assert "verified on 4 images (0 detections)" in out and "checked no box" in out
+    assert f"verified on {seen} images (0 detections)" in out and "checked no box" in out
 
 
 def test_a_verification_that_saw_no_detection_goes_on_with_more_images():

@@ -31,9 +31,17 @@ FAKE_PARTS = '''
 import os, threading
 
 def blocking(ctx):
-    with open(ctx.get("pid_file") or os.path.join(ctx["work_dir"], "blocking.pid"), "w") as f:
+    pid_file = ctx.get("pid_file") or os.path.join(ctx["work_dir"], "blocking.pid")
+    with open(pid_file + ".tmp", "w") as f:  # whole when it appears
         f.write(str(os.getpid()))
+    os.replace(pid_file + ".tmp", pid_file)
     threading.Event().wait()  # never set: only the time limit ends this part
+
+def stubborn(ctx):  # slow to stop: notes the SIGTERM and goes on
+    import signal
+    work = ctx["work_dir"]
+    signal.signal(signal.SIGTERM, lambda *_: open(os.path.join(work, "termed"), "w").close())
+    blocking(ctx)
 
 def quick(ctx):
     return {"summary": "fine", "metrics": {"seen": sorted(ctx["results"])}}
@@ -87,8 +95,8 @@ def test_parts_after_the_budget_are_not_started(tmp_path):
     report = run_check(parts, {"repo": str(tmp_path)}, tiny=False, budget_s=3,
                        json_path=tmp_path / "r.json", log_dir=tmp_path / "logs",
                        echo=lambda *_: None)
-    assert report["parts"][0]["status"] == ("not run: 3 s of the 3 s budget left, under half "
-                                            "its 60 s limit with 10 s to stop it")
+    assert report["parts"][0]["status"] == ("not run: 3 s of the 3 s budget left, under a "
+                                            "quarter of its 60 s limit with 10 s to stop it")
     assert not (tmp_path / "logs").exists()
 
 
@@ -140,16 +148,44 @@ def test_stopping_the_check_stops_its_running_part(tmp_path):
     pid_file = tmp_path / "work" / "blocking.pid"  # the blocking part writes it once running
     check = _check_with([("slow", "fake_parts:blocking", 600, 600, [], False)], tmp_path,
                         "--budget", "900")
-    deadline = time.time() + 120
-    while not pid_file.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    pid = int(pid_file.read_text())
+    pid = None
     try:
+        deadline = time.time() + 120
+        while not pid_file.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
         check.send_signal(signal.SIGTERM)
         assert check.wait(timeout=60) == 128 + signal.SIGTERM
         assert not _alive(pid)
-    finally:  # (a failure must not leave it running)
-        if _alive(pid):
+    finally:  # (a failure must leave nothing running)
+        check.kill()
+        check.wait()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_stopping_the_check_while_a_part_is_being_stopped_still_kills_it(tmp_path):
+    """A part over its limit gets SIGTERM, then GRACE_S before SIGKILL: a check stopped during
+    that wait skipped the SIGKILL, and the part (its own session) outlived it."""
+    import signal
+    import time
+
+    work = tmp_path / "work"
+    check = _check_with([("stubborn", "fake_parts:stubborn", 3, 3, [], False)], tmp_path,
+                        "--budget", "900")
+    pid = None
+    try:
+        deadline = time.time() + 120
+        while not (work / "termed").exists() and time.time() < deadline:  # in the grace wait
+            time.sleep(0.05)
+        pid = int((work / "blocking.pid").read_text())
+        check.send_signal(signal.SIGTERM)
+        assert check.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not _alive(pid)
+    finally:
+        check.kill()
+        check.wait()
+        if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -160,7 +160,7 @@ def test_a_different_spec_replaces_the_set_and_leftovers_are_removed(tmp_path):
                                                                           "cls"]
 
 
-@pytest.mark.parametrize("damage", ["deleted", "cut short", "file list lost"])
+@pytest.mark.parametrize("damage", ["deleted", "cut short", "file list damaged"])
 def test_a_damaged_set_is_written_again_whole(tmp_path, caplog, damage):
     """A finished set missing a file, or holding one cut short, is rewritten (the same bytes as
     a fresh copy) with a warning naming what was wrong; a file added to it is no damage."""
@@ -179,17 +179,33 @@ def test_a_damaged_set_is_written_again_whole(tmp_path, caplog, damage):
     elif damage == "cut short":
         image.write_bytes(image.read_bytes()[:100])
     else:
-        (root / FILES_FILE).unlink()
+        (root / FILES_FILE).write_text("[1]")
     with caplog.at_level("WARNING", logger="nst_det.data.toy_data"):
         make_toy_voc(root, **kwargs)
     assert (root / SPEC_FILE).stat().st_ino != spec_inode
     said = {"deleted": "JPEGImages/100001.jpg is missing",
             "cut short": "JPEGImages/100001.jpg has 100 bytes",
-            "file list lost": "its file list toy_files.json is unreadable"}[damage]
+            "file list damaged": "its file list toy_files.json holds no file list"}[damage]
     assert f"is damaged ({said}" in caplog.text
     files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file())
     assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == files
     assert all((root / f).read_bytes() == (fresh / f).read_bytes() for f in files)
+
+
+def test_a_set_written_before_file_lists_is_kept_and_given_one(tmp_path):
+    """An older set (no toy_files.json) is whole as far as we know: used as it is, not rewritten
+    (other processes may be reading it), and its file list written for later checks."""
+    from nst_det.data.toy_data import FILES_FILE, SPEC_FILE, make_toy_voc
+
+    kwargs = dict(seed=2, num_trainval=3, num_test=2)
+    root = make_toy_voc(tmp_path / "voc", **kwargs)
+    written = json.loads((root / FILES_FILE).read_text())
+    (root / FILES_FILE).unlink()
+    spec_inode = (root / SPEC_FILE).stat().st_ino
+    make_toy_voc(root, **kwargs)
+    assert (root / SPEC_FILE).stat().st_ino == spec_inode
+    assert json.loads((root / FILES_FILE).read_text()) == written
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_folder_that_is_not_a_toy_set_is_never_replaced(tmp_path):

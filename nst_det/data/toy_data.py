@@ -9,6 +9,7 @@ several ask for the same set at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -149,13 +150,32 @@ def _read_spec(spec_path: Path):
         return None
 
 
+def _file_sizes(folder: Path) -> dict:
+    """relative path -> size of each file of a set, its spec and file list aside."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != SPEC_FILE
+            and not p.name.lstrip(".").startswith(FILES_FILE)}
+
+
+def _record_files(folder: Path) -> None:
+    """Write `FILES_FILE` of a set (through a temporary file: readers see a whole list)."""
+    tmp = folder / f".{FILES_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(_file_sizes(folder)))
+    os.replace(tmp, folder / FILES_FILE)
+
+
 def _damage(final: Path) -> str | None:
     """What is wrong with a finished set's files (one stat each), or None when each file it was
-    written with is there with its size. Files added since (e.g. a COCO copy) are no damage."""
+    written with is there with its size. Files added since (e.g. a COCO copy) are no damage, and
+    a set written before file lists were (no FILES_FILE) is taken as whole."""
     try:
         sizes = json.loads((final / FILES_FILE).read_text())
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as e:
         return f"its file list {FILES_FILE} is unreadable ({type(e).__name__})"
+    if not isinstance(sizes, dict):
+        return f"its file list {FILES_FILE} holds no file list"
     for name, size in sizes.items():
         try:
             found = (final / name).stat().st_size
@@ -188,6 +208,9 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
     """
     spec_path = final / SPEC_FILE
     if _read_spec(spec_path) == spec and _damage(final) is None:
+        if not (final / FILES_FILE).exists():  # written before file lists: give it one
+            with contextlib.suppress(OSError):  # (a data root we cannot write: used as before)
+                _record_files(final)
         return final  # the common case: no lock, no write access needed
     final.parent.mkdir(parents=True, exist_ok=True)
     # mode 0o666: another user sharing the data root can take the lock too
@@ -206,9 +229,7 @@ def _materialise(final: Path, spec: dict, writer) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
         try:
             writer(tmp)
-            files = {str(p.relative_to(tmp)): p.stat().st_size
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / FILES_FILE).write_text(json.dumps(files))
+            _record_files(tmp)
             (tmp / SPEC_FILE).write_text(json.dumps(spec, sort_keys=True))
             umask = os.umask(0)  # mkdtemp made it 0700: give the set the usual folder mode,
             os.umask(umask)  # so other users of the data root can read it

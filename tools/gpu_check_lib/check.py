@@ -70,7 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/nst_det_gpu_check"),
                         help="scratch folder: toy data, runs, exports")
     parser.add_argument("--budget", type=float, default=480.0,
-                        help="total seconds; a part starting later gets what is left")
+                        help="total seconds: a part gets at most what is left, less 10 s to stop "
+                             "it, and is not started with under a quarter of its own limit")
     parser.add_argument("--only", default="", help="run only these parts (a,b), e.g. a rerun")
     parser.add_argument("--upstream-ops", action="store_true",
                         help="also build the bundle's upstream detectron2 with compiled ops")

@@ -5,7 +5,7 @@ A part is a function `f(ctx) -> dict` named as "module:function"; it runs in a c
 NCCL peer, a stuck data loader) is stopped with its whole process group when its limit is
 reached and reported as "not run: timeout after N s"; the next part then runs. A part that
 raises is "failed: <error>", one whose prerequisite did not succeed is "not run: needs <part>",
-and one that would start with less than half its own limit left of the total budget is "not
+and one that would start with less than a quarter of its own limit left of the budget is "not
 run: N s of the budget left": a part cut shorter would report a slow part as a hang. A part's
 limit leaves GRACE_S of the budget for stopping it, so the check ends within its budget. A check
 stopped from outside (Ctrl-C, SIGTERM) stops the running part's process group too. Each part's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 LIB_PARENT = Path(__file__).resolve().parents[1]  # tools/: where gpu_check_lib imports from
 GRACE_S = 10.0  # after SIGTERM, before SIGKILL: time for a pipeline to stop its jobs
-MIN_SHARE = 0.5  # a part is started only with at least this share of its own limit left
+MIN_SHARE = 0.25  # a part is started only with at least this share of its own limit left
 
 
 @dataclass
@@ -126,7 +126,8 @@ def _stop_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=GRACE_S)
     except subprocess.TimeoutExpired:
         pass
-    _kill_group(proc.pid, signal.SIGKILL)
+    finally:  # also when the check itself is stopped during the wait
+        _kill_group(proc.pid, signal.SIGKILL)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -173,8 +174,8 @@ def run_check(parts: list, ctx: dict, *, tiny: bool, budget_s: float, json_path:
             result = PartResult(part.name, f"not run: needs {', '.join(missing)}")
         elif limit < MIN_SHARE * own:
             result = PartResult(part.name, f"not run: {max(0.0, left):.0f} s of the "
-                                f"{budget_s:.0f} s budget left, under half its {own:.0f} s limit "
-                                f"with {GRACE_S:.0f} s to stop it")
+                                f"{budget_s:.0f} s budget left, under a quarter of its "
+                                f"{own:.0f} s limit with {GRACE_S:.0f} s to stop it")
         else:
             echo(f"[gpu_check] {part.name}: running (limit {limit:.0f} s)")
             result = run_part(part, ctx, limit, log_dir, env, python)
