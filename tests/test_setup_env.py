@@ -115,3 +115,25 @@ def test_the_upstream_build_leaves_a_source_folder_and_its_digest_as_they_were(t
         tar.add(src, arcname="detectron2-main")
     (tmp_path / "b").mkdir()
     assert upstream.build_tree(archive, tmp_path / "b") == tmp_path / "b" / "detectron2-main"
+
+
+def test_the_sdist_unpacks_on_a_python_without_tar_filters(setup_env, tmp_path, monkeypatch):
+    """Debian 12's own Python (3.11.2) has no `filter` argument to `extractall`: the set-up
+    ended in a TypeError there, right after installing torch."""
+    import tarfile
+
+    src = tmp_path / "detectron2-0.6"
+    (src / "detectron2").mkdir(parents=True)
+    (src / "detectron2" / "x.py").write_text("old\n")
+    archive = tmp_path / "d2.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    unfiltered = tarfile.TarFile.extractall
+
+    def extractall_of_3_11_2(self, path=".", members=None, *, numeric_owner=False):
+        return unfiltered(self, path, members, numeric_owner=numeric_owner)
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall_of_3_11_2)
+    setup_env.extract_tar(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "detectron2-0.6" / "detectron2" / "x.py").read_text() == "old\n"

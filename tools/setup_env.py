@@ -143,6 +143,17 @@ def fetch_sdist(requirement: str, sha256: str) -> Path:
         return target
 
 
+def extract_tar(archive: Path, into) -> None:
+    """Extract a tar archive into `into`, with tarfile's "data" filter (no absolute paths, no
+    links out of `into`, no devices) where this Python has it: 3.11.4 / 3.10.12 on, and not
+    Debian 12's own 3.11.2, whose `extractall` has no `filter`."""
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(into, filter="data")
+        else:
+            tar.extractall(into)
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -184,8 +195,7 @@ def install_detectron2() -> None:
     pip("install", "setuptools", "wheel")
     sdist = fetch_sdist(requirement, sha256)
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
+        extract_tar(sdist, tmp)
         (src,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
         apply_patches(src)
         pip("install", "--no-build-isolation", str(src))

@@ -22,14 +22,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from setup_env import TORCH_PINS  # noqa: E402  (one place for the torch pins)
+from setup_env import TORCH_PINS, extract_tar  # noqa: E402  (one place for pins and untarring)
 
 
 def log(msg: str) -> None:
@@ -79,8 +78,7 @@ def build_tree(src: Path, into: Path) -> Path:
         with zipfile.ZipFile(src) as z:
             z.extractall(into)
     else:
-        with tarfile.open(src) as tar:
-            tar.extractall(into, filter="data")
+        extract_tar(src, into)
     return find_setup_root(into)
 
 

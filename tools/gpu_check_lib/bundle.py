@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -178,8 +177,7 @@ def build_detectron2_tree(dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        with tarfile.open(sdist) as tar:
-            tar.extractall(tmp, filter="data")
+        setup_env.extract_tar(sdist, tmp)
         (src,) = [p for p in Path(tmp).iterdir() if p.is_dir()]
         setup_env.apply_patches(src)  # (dest may lie in a git work tree: checked applied)
         shutil.move(str(src), dest)
