@@ -39,19 +39,23 @@ class SlurmCluster:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.host = socket.gethostname()
+        # slurmd finds its node by the short host name; the daemons talk over the loopback, so
+        # a host name that does not resolve (many containers) does not matter
+        self.host = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self._pidfiles = []
 
     def _write_conf(self) -> None:
-        cpus = os.cpu_count() or 1
+        cpus = len(os.sched_getaffinity(0))  # what slurmd sees (a container may have fewer)
+        # more than the machine has would leave the node invalid (drained)
+        memory_mb = min(4000, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20)
         r = self.root
         for sub in ("state", "spool", "munge"):
             (r / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(f"""\
 ClusterName=nstdettest
-SlurmctldHost={self.host}
+SlurmctldHost={self.host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -79,7 +83,7 @@ KillWait=10
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
-NodeName={self.host} CPUs={cpus} RealMemory=4000 State=UNKNOWN
+NodeName={self.host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
 

@@ -11,6 +11,11 @@ import pytest
 # heaviest end-to-end files: 235 s -> 220 s of wall-clock on 2 cores). Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# The tests' HTTP servers (downloads) listen on the loopback: never through a proxy the machine
+# sets for the outside
+for _name in ("no_proxy", "NO_PROXY"):
+    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
+
 _counter = itertools.count()
 
 
