@@ -51,7 +51,7 @@ def test_ci_installs_what_the_set_up_needs_when_it_is_missing(tmp_path):
         ("apt-get", f'echo "$*" >> {calls}')])
     if os.geteuid() == 0:
         assert "installing python3-venv" in out.stdout
-        assert "install -y -qq python3-venv" in calls.read_text()
+        assert "python3-venv" in calls.read_text().splitlines()[-1]
         assert "make" in out.stderr  # went on to the set-up
     else:
-        assert out.returncode == 1 and "apt-get install python3-venv" in out.stderr
+        assert out.returncode == 1 and "python3-venv: install them" in out.stderr

@@ -137,3 +137,12 @@ def test_the_sdist_unpacks_on_a_python_without_tar_filters(setup_env, tmp_path, 
     monkeypatch.setattr(tarfile.TarFile, "extractall", extractall_of_3_11_2)
     setup_env.extract_tar(archive, tmp_path / "out")
     assert (tmp_path / "out" / "detectron2-0.6" / "detectron2" / "x.py").read_text() == "old\n"
+
+
+def test_an_older_python_is_refused_before_anything_is_installed(setup_env, monkeypatch):
+    """requires-python refused a 3.10 only at the last step, after torch and detectron2."""
+    monkeypatch.setattr(setup_env.sys, "version_info", (3, 10, 12))
+    monkeypatch.setattr(setup_env.sys, "argv", ["setup_env.py"])
+    monkeypatch.setattr(setup_env, "create_venv", lambda: pytest.fail("went on to set up"))
+    with pytest.raises(SystemExit, match=r"nst_det needs Python >= 3.11"):
+        setup_env.main()

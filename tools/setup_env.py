@@ -214,6 +214,9 @@ def main() -> None:
                         help="ignore the stamp: check every step again and reinstall nst_det "
                         "(remove .venv/ to rebuild everything)")
     args = parser.parse_args()
+    if sys.version_info < (3, 11):  # before gigabytes of torch: pyproject.toml's requires-python
+        raise SystemExit(f"nst_det needs Python >= 3.11; {sys.executable} is "
+                         f"{sys.version.split()[0]}: run with PYTHON=python3.11 (or newer)")
 
     digest = inputs_hash()
     if not args.force and STAMP.exists() and STAMP.read_text() == digest and VENV_PY.exists():
