@@ -145,7 +145,7 @@ def parse_args(argv=None):
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="SOLVER.AMP.ENABLED for every training stage; auto: on, with "
                              "NST_DET.CHANNELS_LAST, for toy runs on a CPU with native bfloat16 "
-                             "(1.4-1.7x faster steps there, benchmarks/bench_mixed_precision.py), "
+                             "(1.1-1.8x faster steps there, benchmarks/bench_mixed_precision.py), "
                              "else as configured")
     args = parser.parse_args(argv)
     # default_argument_parser also has tools/train_net.py's own options: a stage's config and
@@ -231,8 +231,9 @@ def cluster_settings(args) -> ClusterSettings:
 def amp_opts(choice: str, paper: bool) -> list:
     """Config overrides for --amp."""
     if choice == "auto":
-        # with channels_last: 1.43x (classification) / 1.67x (detection) the fp32 NCHW step
-        # speed on the CPU measured, against 1.36x / 1.47x for bfloat16 alone
+        # with channels_last: 1.13-1.26x (classification) / 1.71-1.76x (detection) the fp32 NCHW
+        # step speed on the CPU measured (benchmarks/README.md), 1.24-1.31x / 1.48-1.52x for
+        # bfloat16 alone
         on = not paper and cpu_has_native_bfloat16()
         return ["SOLVER.AMP.ENABLED", "True", "NST_DET.CHANNELS_LAST", "True"] if on else []
     return ["SOLVER.AMP.ENABLED", str(choice == "on")]
