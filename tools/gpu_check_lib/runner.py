@@ -90,11 +90,10 @@ def run_part(part: Part, ctx: dict, limit: float, log_dir: Path, env: dict,
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
+            _stop_group(proc)
         except BaseException:  # the check itself stopped: its part (own session) stops too
             _stop_group(proc)
             raise
-        if timed_out:
-            _stop_group(proc)
         # whatever the part left running (workers, stage jobs) goes with it
         _kill_group(proc.pid, signal.SIGKILL)
         proc.wait()
